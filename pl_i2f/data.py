@@ -310,7 +310,7 @@ class TorchvisionDataModule(ImageDataModule):
         cls = getattr(torchvision.datasets, self._class_name)
         try:
             return cls(self.root, train=train, download=self.download, transform=transform)
-        except Exception as exc:  # noqa: BLE001 — missing files and failed downloads both end here
+        except Exception as exc:
             how = (
                 "the download failed" if self.download else "download is off (data.download=false)"
             )

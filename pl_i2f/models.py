@@ -161,7 +161,7 @@ def _resnet(
     if pretrained:
         try:
             model = factory(weights=weights_enum.DEFAULT)
-        except Exception as exc:  # noqa: BLE001 — any download/cache failure gets one clear line
+        except Exception as exc:
             raise ConfigError(
                 f"resnet{depth} pretrained weights are neither in the torch hub cache "
                 f"({torch.hub.get_dir()}) nor downloadable ({type(exc).__name__}: {exc}); "

@@ -1,0 +1,66 @@
+"""Shared fixtures: compose the Hydra config like ``train.py`` does, with outputs in a temp dir."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+sys.path.insert(0, str(ROOT))  # train.py lives at the repository root
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+# Overrides that keep a test run small and quiet; tests add their own after these.
+FAST = [
+    "trainer.max_epochs=1",
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_checkpointing=false",
+    "callbacks=none",
+    "logger=none",
+]
+
+
+def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
+    """The ``train`` config with ``overrides``, its outputs under ``output_dir``; sets HydraConfig
+    so ``${hydra:...}`` interpolations resolve as they do under ``@hydra.main``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.log_dir = str(output_dir / "logs")
+        cfg.paths.data_dir = str(output_dir / "data")
+        cfg.paths.root_dir = str(ROOT)
+        del cfg.hydra
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path):
+    """``make_cfg(["model=mlp", ...], fast=True)`` → a composed config writing under ``tmp_path``."""
+
+    def factory(overrides: list[str] | None = None, fast: bool = True) -> DictConfig:
+        return compose_config([*(FAST if fast else []), *(overrides or [])], tmp_path)
+
+    return factory
+
+
+@pytest.fixture
+def run_training(make_cfg):
+    """``run_training([...overrides])`` → metrics dict from ``train.run``."""
+    import train
+
+    def runner(overrides: list[str] | None = None, fast: bool = True) -> dict[str, float]:
+        return train.run(make_cfg(overrides, fast=fast))
+
+    return runner
