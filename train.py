@@ -19,6 +19,7 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 
 from pl_i2f import defenses
 from pl_i2f.data import build_datamodule
@@ -48,6 +49,12 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, ClassifierModule, pl
     defense = defenses.build(**_plain(cfg.defense))
     module = ClassifierModule(model, datamodule.num_classes, defense=defense, **_plain(cfg.optim))
     callbacks = _instantiate_group(cfg.get("callbacks"))
+    # `trainer.enable_progress_bar=false` / `enable_checkpointing=false` switch the configured ones off
+    # instead of failing on the conflict with the callbacks group
+    if not cfg.trainer.get("enable_progress_bar", True):
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    if not cfg.trainer.get("enable_checkpointing", True):
+        callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
     loggers = _instantiate_group(cfg.get("logger"))
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return datamodule, module, trainer

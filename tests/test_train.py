@@ -1,0 +1,82 @@
+"""End to end: ``python train.py`` as a user runs it, and its one-line errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+from wandb_offline import offline_runs, read_offline_run
+
+
+def train_cli(tmp_path: Path, *overrides: str, timeout: int = 300, multirun: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, "train.py", *(["-m"] if multirun else []), f"paths.log_dir={tmp_path}", *overrides],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def test_default_run_reaches_95_percent_and_writes_an_offline_wandb_run(tmp_path):
+    start = time.perf_counter()
+    result = train_cli(tmp_path, "trainer.enable_progress_bar=false")
+    seconds = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = offline_runs(tmp_path)
+    assert len(runs) == 1
+    run = read_offline_run(runs[0])
+    assert run.summary["val/acc"] >= 0.95, run.summary
+    assert {"train/loss_step", "train/acc", "val/loss", "test/acc"} <= run.history_keys
+    assert run.config["threat_model"]["labels_known"] is True
+    assert run.config["derived"]["data"]["train_size"] == 1257
+    assert "pl_i2f run summary" in result.stdout and "wandb sync" in result.stdout
+    assert seconds < 240, f"default run took {seconds:.0f}s"  # README promises < 2 min on an idle machine
+
+
+def test_fake_data_mlp_one_epoch_from_the_command_line(tmp_path):
+    result = train_cli(tmp_path, "data=fake", "model=mlp", "trainer.max_epochs=1", "logger=csv")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list(tmp_path.rglob("metrics.csv"))
+
+
+def test_multirun_gives_each_job_its_own_wandb_run(tmp_path):
+    result = train_cli(
+        tmp_path, "data=fake", "model=mlp", "trainer.max_epochs=1", "callbacks=none",
+        "trainer.enable_progress_bar=false", "optim.lr=0.01,0.001", multirun=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = offline_runs(tmp_path)
+    assert len(runs) == 2
+    assert {read_offline_run(r).config["optim"]["lr"] for r in runs} == {0.01, 0.001}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.name=vgg"], "unknown model 'vgg'; valid: convnet, lenet5, lenet_zhu, mlp, resnet152, resnet18"),
+        (["data.name=imagenet"], "unknown dataset 'imagenet'; valid:"),
+        (["model.init=he"], "unknown init scheme 'he'; valid: default, kaiming_normal"),
+        (["optim.lr=-0.1"], "optim.lr must be > 0, got -0.1"),
+        (["optim.lr=0"], "optim.lr must be > 0, got 0"),
+        (["data.batch_size=4096"], "data.batch_size=4096 is larger than the digits train split (1257 samples)"),
+        (["data=mnist", "data.download=false"], "mnist files not found under"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, overrides, message):
+    result = train_cli(tmp_path, "logger=none", *overrides, timeout=120)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1
+
+
+def test_unknown_config_group_option_lists_the_choices(tmp_path):
+    result = train_cli(tmp_path, "model=vgg", timeout=120)
+    assert result.returncode != 0
+    assert "Could not find 'model/vgg'" in result.stderr
+    assert "lenet_zhu" in result.stderr and "Traceback" not in result.stderr
