@@ -13,7 +13,9 @@ from conftest import ROOT
 from wandb_offline import offline_runs, read_offline_run
 
 
-def train_cli(tmp_path: Path, *overrides: str, timeout: int = 300, multirun: bool = False) -> subprocess.CompletedProcess:
+def train_cli(
+    tmp_path: Path, *overrides: str, timeout: int = 300, multirun: bool = False
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
     return subprocess.run(
         [sys.executable, "train.py", *(["-m"] if multirun else []), f"paths.log_dir={tmp_path}", *overrides],
