@@ -110,8 +110,14 @@ class ImageDataModule(pl.LightningDataModule):
 
     @property
     def sample_rate(self) -> float:
-        """Probability that a sample is in a given batch (DP-SGD's q)."""
+        """Probability that a sample is in a given batch (DP-SGD's q).
+
+        Under Poisson sampling this is the rate Opacus' ``DPDataLoader`` (and so its accountant) uses,
+        1 / ⌈N / batch_size⌉ — slightly below batch_size / N when N is not a multiple of the batch size.
+        """
         self.setup("fit")
+        if self.poisson_sampling:
+            return 1.0 / math.ceil(len(self.train_set) / self.batch_size)
         return self.batch_size / len(self.train_set)
 
     # -- analysis helpers ----------------------------------------------------------------------

@@ -88,15 +88,30 @@ class ClassifierModule(pl.LightningModule):
 
     # -- the defense's hook points -------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        # May replace self.model (DP-SGD's ModuleValidator.fix), so it runs before optimizers and restores.
         self.defense.setup(self, getattr(self.trainer, "datamodule", None))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # global_step = index of the step about to be taken: the defense's noise level for this update.
         self.defense.perturb_gradients_(self.model, self.global_step)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        metrics = self.defense.metrics(self.global_step)
+        metrics = self.defense.metrics(max(self.global_step - 1, 0))  # the step just taken
         if metrics:
             self.log_dict(metrics, on_step=True, on_epoch=False)
+
+    def on_train_epoch_end(self) -> None:
+        metrics = self.defense.epoch_metrics()
+        if metrics:
+            self.log_dict(metrics, on_step=False, on_epoch=True)
+
+    def on_train_end(self) -> None:
+        # self.log is not allowed here: write the final values (ε after the last step) to the loggers.
+        metrics = self.defense.epoch_metrics()
+        if metrics:
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=self.global_step)
+            self.trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["defense"] = self.defense.state_dict()
