@@ -414,6 +414,28 @@ def _converged(theta: Tensor, resid: Tensor, theta_max: Tensor, tol: float, n: i
     return resid <= torch.maximum(tol * theta.abs(), floor)
 
 
+def _last_block_converged(lz: _Lanczos, which: str, tol: float, theta_max: Tensor) -> bool:
+    """After a breakdown the Krylov space is (numerically) invariant, but rounding can have dropped a weak
+    eigen-component from it — typically a small eigenvalue of a cluster. So the wanted end is trusted only
+    once the block started from the fresh random vector (which sees the whole orthogonal complement) has
+    converged at that end too: then the complement holds nothing more extreme. Unbatched runs only."""
+    m = lz.steps
+    if m >= lz.n:
+        return True
+    if float(lz.beta[m - 1]) == 0.0:  # broke down on the last step: the complement is still unexplored
+        return False
+    zeros = (lz.beta[: m - 1] == 0).nonzero()
+    start = int(zeros[-1]) + 1 if zeros.numel() else 0
+    if start == 0:
+        return True
+    a = lz.alpha[start:m]
+    off = lz.beta[start : m - 1]
+    theta, S = torch.linalg.eigh(torch.diag(a) + torch.diag(off, 1) + torch.diag(off, -1))
+    i = 0 if which == "smallest" else -1
+    resid = lz.beta[m - 1].abs() * S[-1, i].abs()
+    return bool(_converged(theta[i], resid, theta_max, tol, lz.n))
+
+
 def _select(theta: Tensor, k: int, which: str) -> Tensor:
     m = theta.shape[-1]
     idx = torch.arange(m - 1, m - 1 - k, -1) if which == "largest" else torch.arange(k)
@@ -540,6 +562,35 @@ def _slq_weights(lz: _Lanczos) -> tuple[Tensor, Tensor]:
     return theta, S[..., 0, :] ** 2
 
 
+def _deflated_trace(lz: _Lanczos, n: int) -> Tensor:
+    """tr(A) from p ≥ 2 independent Lanczos chains per problem (lz batch (..., p)), Hutch++-style, with no
+    product beyond those Lanczos already made.
+
+    Chain c's Krylov basis Q_c (m vectors, QᵀAQ = T_c) deflates the top of the spectrum exactly:
+    tr(A) = tr(T_c) + tr(P_c A P_c), P_c = I − Q_cQ_cᵀ. The remainder is estimated with the other chains'
+    start vectors b_s (Rademacher, independent of Q_c): b_sᵀP_cAP_cb_s = b_sᵀAb_s − 2 (Ab_s)ᵀQ_c a + aᵀT_c a
+    with a = Q_cᵀb_s, where Ab_s = ‖b_s‖(α₁q₁ + β₁q₂) is chain s's first step. Averaged over c and s ≠ c it
+    is unbiased, and its variance is that of the *deflated* spectrum, far below plain Hutchinson's when a
+    few eigenvalues carry much of the trace (as for J_iJ_iᵀ)."""
+    m = lz.steps
+    Q = lz.Q[..., :m, :]  # (..., p, m, n)
+    p = Q.shape[-3]
+    a1 = lz.alpha[..., 0]
+    rn = math.sqrt(n)
+    ab = rn * (a1.unsqueeze(-1) * lz.Q[..., 0, :] + lz.beta[..., 0].unsqueeze(-1) * lz.Q[..., 1, :])
+    b = rn * lz.Q[..., 0, :]
+    off = lz.beta[..., : m - 1]
+    T = torch.diag_embed(lz.alpha[..., :m]) + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
+    a = torch.einsum("...cmn,...sn->...csm", Q, b)
+    g = torch.einsum("...cmn,...sn->...csm", Q, ab)
+    quad = torch.einsum("...csm,...cmk,...csk->...cs", a, T, a)
+    rest = (n * a1).unsqueeze(-2) - 2 * (g * a).sum(-1) + quad  # (..., c, s)
+    mask = ~torch.eye(p, dtype=torch.bool, device=Q.device)
+    rest_mean = (rest * mask).sum(-1) / (p - 1)
+    trT = lz.alpha[..., :m].sum(-1)  # (..., c)
+    return (trT + rest_mean).mean(-1)
+
+
 def _f_damped(theta: Tensor, damping: float, floor: float) -> Tensor:
     """f(λ) = λ / (λ + ε)²: E‖I²F‖² = σ² tr f(JJᵀ). Nodes below ``floor`` count as zero eigenvalues
     (they receive nothing from Jδ), which keeps 1/λ finite in the undamped case."""
@@ -575,6 +626,11 @@ def spectrum(
     relative error of λ by tol, and in practice the error is ~ residual²/gap, far smaller). ``maxiter`` caps
     the JJᵀ products (default min(d_x, max(300, 20k))); at d_x steps the result is exact. Not meeting the
     tolerance gives a :class:`ConvergenceWarning` (unless ``warn=False``) and ``converged=False``.
+
+    Limitation of single-vector Lanczos: a Krylov space holds one copy of each distinct eigenvalue, so a
+    repeated eigenvalue is found as many times as the run breaks down and restarts (exact for d_x steps);
+    before that, multiplicities can be under-counted — e.g. the (d_x − d_θ)-fold zero eigenvalue of a
+    rank-deficient JJᵀ shows up once among the smallest. Extreme *values* are unaffected.
     """
     _check_op(op)
     if which not in ("largest", "smallest"):
@@ -595,12 +651,17 @@ def spectrum(
             continue
         theta, S, resid = lz.ritz()
         idx = _select(theta, k, which)
-        if bool(_converged(theta[idx], resid[idx], theta[-1], tol, n).all()):
+        if bool(_converged(theta[idx], resid[idx], theta[-1], tol, n).all()) and _last_block_converged(
+            lz, which, tol, theta[-1]
+        ):
             converged = True
             break
     theta, S, resid = lz.ritz()
     idx = _select(theta, k, which)
-    converged = converged or bool(_converged(theta[idx], resid[idx], theta[-1], tol, n).all())
+    converged = converged or (
+        bool(_converged(theta[idx], resid[idx], theta[-1], tol, n).all())
+        and _last_block_converged(lz, which, tol, theta[-1])
+    )
     vecs = lz.vectors(S[:, idx])
     if not converged and warn:
         warnings.warn(
@@ -1052,6 +1113,8 @@ def per_sample_leakage(
     like = torch.empty(0, dtype=ref.dtype, device=ref.device)
     want_noise = noise_std is not None or noise_sampler is not None
 
+    # The defense's draws come first from the generator, so they are the same whatever the method.
+    deltas = _draw(noise_sampler, params, d_theta, samples, like, gen) if noise_sampler is not None else None
     with eval_mode(model):
         op = _PerSampleGram(model, xs, ys, loss_fn, chunk_size)
         lam_min = None
@@ -1083,7 +1146,8 @@ def per_sample_leakage(
 
             lz, lam_max, converged = _top_lanczos(op.gram, v0, tol, maxiter, gen, min_steps=2, extra_stop=quad_stable)
             theta, weights = _slq_weights(lz)  # (N, p, m)
-            trace = n * (weights * theta).sum(-1).mean(-1)
+            # tr(J_iJ_iᵀ): deflated (Hutch++-style) from the chains when there are two or more, else Hutchinson.
+            trace = _deflated_trace(lz, n) if probes > 1 and lz.steps < n else n * (weights * theta).sum(-1).mean(-1)
             iterations = lz.steps
             if not bool(converged.all()):
                 warnings.warn(
@@ -1099,8 +1163,7 @@ def per_sample_leakage(
             if noise_std is not None:
                 expected_jdelta = noise_std * trace.clamp_min(0).sqrt()
             else:
-                assert noise_sampler is not None
-                deltas = _draw(noise_sampler, params, d_theta, samples, like, gen)
+                assert deltas is not None
                 jd = op.matvec_shared(deltas)  # (N, s, n)
                 expected_jdelta = jd.pow(2).sum(-1).mean(-1).sqrt()
             if eps == 0:
