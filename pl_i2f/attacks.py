@@ -382,10 +382,12 @@ def invert(
     if use_bn and any(m.running_mean is None for m in bn_layers):
         raise ConfigError("attack bn prior needs BatchNorm layers that track running statistics")
 
+    # keys follow conf/train.yaml's threat_model (labels_known, bn_statistics_known, model_mode, batch_size)
     threat_model = {
         "preset": preset,
+        "labels_known": label_mode == "known",
         "labels": {"known": "known", "idlg": "recovered (iDLG)", "optimize": "optimized (DLG)"}[label_mode],
-        "bn_statistics": use_bn,
+        "bn_statistics_known": use_bn,
         "batch_size": batch,
         "input_shape": list(shape),
         "model_mode": "eval",
@@ -617,6 +619,7 @@ class _Attack:
                 bar.update(1)
                 if cfg.history_every and iteration % cfg.history_every == 0:
                     history.append((done + iteration, float(total)))
+                    bar.set_postfix_str(f"objective {float(total):.3g}", refresh=False)
             else:
                 iteration = cfg.iterations
             # the last step's result has not been evaluated yet

@@ -58,7 +58,7 @@ def test_dlg_recovers_one_digit(digits):
     assert not result.failed
     assert result.seconds < 60
     assert psnr_of(result, x0, dm) >= 40.0
-    assert result.threat_model["labels"] == "known"
+    assert result.threat_model["labels"] == "known" and result.threat_model["labels_known"] is True
     assert result.threat_model["model_mode"] == "eval"
 
 
@@ -86,7 +86,7 @@ def test_idlg_recovers_labels_of_50_digits(digits):
         result = invert(model, flat_gradient(model, x[i : i + 1], y[i : i + 1]), None, x.shape[1:],
                         iterations=0, progress=False)
         assert result.labels.tolist() == [int(y[i])]
-        assert result.threat_model["labels"] == "recovered (iDLG)"
+        assert result.threat_model["labels"] == "recovered (iDLG)" and result.threat_model["labels_known"] is False
 
 
 def test_batch_of_four_matched_metrics_ignore_order(digits):
@@ -148,7 +148,7 @@ def test_attack_leaves_model_and_global_rng_untouched(digits):
     rng = torch.get_rng_state()
     result = invert(model, target, y[:2], x.shape[1:], preset="gradinversion", iterations=5, box=False,
                     progress=False)
-    assert result.threat_model["bn_statistics"] is True
+    assert result.threat_model["bn_statistics_known"] is True
     assert torch.equal(torch.get_rng_state(), rng)
     assert [m.training for m in model.modules()] == flags
     assert all(p.grad is None for p in model.parameters())
