@@ -278,11 +278,14 @@ def test_expected_i2f_exact_matches_formula_and_trace(case, damping):
         assert abs(float(res.value) - sigma * math.sqrt(float((1 / lam).sum()))) < 1e-6 * formula
 
 
-def test_expected_i2f_slq_and_monte_carlo(case):
-    if case["name"] not in ("mlp_tanh", "cnn_batchnorm"):
-        pytest.skip("stochastic estimators: two models are enough")
-    op = GradientJacobian(case["model"], case["x"], case["y"])
-    J, A, lam = case["J"], case["A"], case["lam"]
+@pytest.mark.parametrize("name", ["mlp_tanh", "cnn_batchnorm"])  # stochastic estimators: two models suffice
+def test_expected_i2f_slq_and_monte_carlo(name):
+    model = MODELS[name]()
+    x, y = batch()
+    op = GradientJacobian(model, x, y)
+    J = dense_jacobian(model, x, y)
+    A = J @ J.T
+    lam = torch.linalg.eigvalsh(A)
     sigma, eps = 0.05, 0.1
     exact = sigma * math.sqrt(float((lam / (lam + eps) ** 2).sum()))
     slq = expected_i2f(op, noise_std=sigma, damping=eps, method="slq", probes=64,
