@@ -1,0 +1,7 @@
+"""Lightning callbacks that watch leakage while training (thin: scheduling and logging; math in pl_i2f)."""
+
+from callbacks.audit import AttackAudit
+from callbacks.leakage import I2FMonitor
+from callbacks.tradeoff import TradeoffTracker
+
+__all__ = ["AttackAudit", "I2FMonitor", "TradeoffTracker"]

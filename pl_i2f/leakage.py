@@ -1,0 +1,143 @@
+"""What the leakage monitor and the attack audit measure: I²F under a defense's own noise, per sample.
+
+Each probe sample is its own private input x₀ (batch size 1, the attacker's best case and the paper's
+per-sample analysis), so the numbers compare directly with an attack on one sample's released gradient.
+The noise is the defense's at the given step:
+
+* isotropic Gaussian (``defense.noise_std(step)``: Gaussian, DP-SGD's σC/B after clipping) → the exact
+  isotropic formula E‖I²F‖² = σ² Σ λᵢ/(λᵢ+ε)²;
+* any other noise (``defense.noise_sampler(step)``: anisotropic …) → Monte Carlo over its draws;
+* no noise (``none``, ``pruning``) → σ = 1: leakage **per unit of noise**, so runs stay comparable.
+
+Scales: ``expected_i2f`` is ‖I²F‖ in the model's (normalised) input space; ``…_rmse`` divides by √d_x;
+``…_pixel_rmse`` multiplies that by the datamodule's std, the [0, 1]-pixel RMSE an attack's metrics report
+(exact for one channel or equal channel stds; the mean std otherwise).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from pl_i2f.defenses import Defense
+from pl_i2f.defenses.base import analysis_model
+from pl_i2f.influence import PerSampleLeakage, per_sample_leakage
+
+
+@dataclass
+class NoiseModel:
+    """The perturbation the estimator assumes: isotropic ``std`` or a ``sampler``; ``per_unit`` when the
+    defense adds no noise and σ = 1 stands in."""
+
+    std: float | None
+    sampler: object | None
+    per_unit: bool
+
+    @classmethod
+    def of(cls, defense: Defense, step: int, model: nn.Module) -> NoiseModel:
+        std = defense.noise_std(step)
+        if std is not None and std > 0:
+            return cls(std=float(std), sampler=None, per_unit=False)
+        sampler = defense.noise_sampler(step, model)
+        if sampler is not None and (std is None or std > 0):
+            return cls(std=None, sampler=sampler, per_unit=False)
+        return cls(std=1.0, sampler=None, per_unit=True)
+
+
+@dataclass
+class LeakageReport:
+    """Per-sample leakage of a probe batch and its summaries (see the module docstring for scales)."""
+
+    per_sample: PerSampleLeakage
+    labels: Tensor
+    pixel_std: float
+    noise: NoiseModel
+    step: int
+    scalars: dict[str, float] = field(default_factory=dict)
+    per_class: dict[int, float] = field(default_factory=dict)
+    worst: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def pixel_rmse(self) -> Tensor:
+        """Per-sample expected reconstruction RMSE on the [0, 1] pixel scale."""
+        return self.per_sample.expected_i2f_rmse * self.pixel_std
+
+
+def unfairness(values: Tensor) -> dict[str, float]:
+    """How unequally a noise level protects samples: the 90th/10th percentile ratio and the coefficient of
+    variation of their expected reconstruction errors (1 and 0 for perfectly equal protection)."""
+    v = values.double()
+    p10, p90 = torch.quantile(v, 0.1), torch.quantile(v, 0.9)
+    mean = v.mean()
+    return {
+        "unfairness_p90_p10": float(p90 / p10) if p10 > 0 else math.inf,
+        "unfairness_cv": float(v.std() / mean) if len(v) > 1 and mean > 0 else 0.0,
+    }
+
+
+def measure_leakage(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    defense: Defense,
+    step: int,
+    *,
+    pixel_std: float = 1.0,
+    damping: float = 0.0,
+    method: str = "auto",
+    exact_max_dim: int = 1024,
+    worst_k: int = 5,
+    samples: int = 32,
+    generator: torch.Generator | None = None,
+) -> LeakageReport:
+    """Per-sample I²F leakage of ``(x, y)`` under ``defense``'s noise at ``step``.
+
+    ``method="auto"`` forms each sample's JJᵀ exactly (λ_min and the condition number included) when
+    d_x ≤ ``exact_max_dim``, and uses stochastic Lanczos quadrature otherwise. Never changes ``model``.
+    """
+    model = analysis_model(model)
+    noise = NoiseModel.of(defense, step, model)
+    d_x = x[0].numel()
+    if method == "auto":
+        method = "exact" if d_x <= exact_max_dim else "slq"
+    result = per_sample_leakage(
+        model, x, y,
+        noise_std=noise.std, noise_sampler=noise.sampler, damping=damping,
+        method=method, samples=samples, generator=generator,
+    )
+    report = LeakageReport(per_sample=result, labels=y.detach().cpu(), pixel_std=pixel_std, noise=noise, step=step)
+    pixel = report.pixel_rmse.detach().double().cpu()
+    scalars = {
+        "expected_i2f": float(result.expected_i2f.mean()),
+        "expected_i2f_rmse": float(result.expected_i2f_rmse.mean()),
+        "expected_i2f_pixel_rmse": float(pixel.mean()),
+        "lower_bound": float(result.lower_bound.mean()),
+        "lambda_max": float(result.lambda_max.mean()),
+        "noise_std": noise.std if noise.std is not None else float("nan"),
+        "per_unit_noise": float(noise.per_unit),
+        "converged_fraction": float(result.converged.double().mean()),
+    }
+    if result.lambda_min is not None:
+        lam_min = result.lambda_min.double().clamp_min(0)
+        scalars["lambda_min"] = float(lam_min.mean())
+        condition = result.lambda_max.double() / lam_min
+        scalars["condition_number"] = float(condition.median())
+    scalars.update(unfairness(pixel))
+    order = torch.argsort(pixel, descending=True)[: max(0, worst_k)]
+    report.worst = [(int(i), float(pixel[i])) for i in order]
+    if report.worst:
+        scalars["worst_k_pixel_rmse"] = float(pixel[order].mean())
+    report.per_class = {
+        int(c): float(pixel[report.labels == c].mean()) for c in torch.unique(report.labels).tolist()
+    }
+    report.scalars = scalars
+    return report
+
+
+def mean_pixel_std(datamodule: object) -> float:
+    """The datamodule's per-channel std averaged (1.0 when it has none): normalised → pixel scale."""
+    std = getattr(datamodule, "std", None)
+    return float(sum(std) / len(std)) if std else 1.0

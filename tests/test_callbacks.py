@@ -1,0 +1,138 @@
+"""Leakage callbacks: non-interference, offline W&B content, resume, DP-SGD noise."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import train
+from callbacks import AttackAudit, I2FMonitor, TradeoffTracker
+from wandb_offline import offline_runs, read_offline_run
+
+# A short digits run (8x8 inputs keep every analysis cheap) with every callback firing at least twice.
+SMALL = [
+    "data.size=8",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=6",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "trainer.deterministic=true",
+]
+CALLBACKS = [
+    "callbacks=audit",
+    "~callbacks.progress_bar",
+    "~callbacks.model_checkpoint",
+    "callbacks.i2f_monitor.every_n_steps=3",
+    "callbacks.i2f_monitor.max_overhead=null",
+    "callbacks.attack_audit.every_n_epochs=1",
+    "callbacks.attack_audit.n_samples=2",
+    "attack.iterations=15",
+]
+
+
+def final_weights(cfg) -> list[torch.Tensor]:
+    datamodule, module, trainer = train.build(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    return [p.detach().clone() for p in module.model.parameters()], trainer
+
+
+def test_callbacks_do_not_change_training(make_cfg):
+    """Same seed, with and without all three callbacks: bitwise identical final weights."""
+    import pytorch_lightning as pl
+
+    pl.seed_everything(7)
+    plain, _ = final_weights(make_cfg([*SMALL, "seed=7"]))
+    pl.seed_everything(7)
+    watched, trainer = final_weights(make_cfg([*SMALL, *CALLBACKS, "seed=7"]))
+    kinds = {type(cb) for cb in trainer.callbacks}
+    assert {I2FMonitor, AttackAudit, TradeoffTracker} <= kinds
+    monitor = next(cb for cb in trainer.callbacks if isinstance(cb, I2FMonitor))
+    audit = next(cb for cb in trainer.callbacks if isinstance(cb, AttackAudit))
+    assert monitor.evaluations == 4 and audit.audits == 2  # steps 0, 3, 6, 9; epochs 0, 1
+    assert all(torch.equal(a, b) for a, b in zip(plain, watched))
+
+
+def test_offline_wandb_run_holds_leakage_audit_and_media(make_cfg, tmp_path):
+    cfg = make_cfg([*SMALL, *CALLBACKS, "logger=wandb"])
+    train.run(cfg)
+    (run_dir,) = offline_runs(tmp_path)
+    run = read_offline_run(run_dir)
+    for key in ("leakage/expected_i2f", "leakage/expected_i2f_pixel_rmse", "leakage/lower_bound",
+                "leakage/lambda_max", "leakage/lambda_min", "leakage/condition_number",
+                "leakage/unfairness_p90_p10", "leakage/unfairness_cv",
+                "audit/rmse", "audit/psnr", "audit/ssim", "audit/predicted_pixel_rmse", "audit/rank_correlation"):
+        assert key in run.history_keys, key
+    # media are nested records in the log: <key>/_type
+    assert run.summary["leakage/per_sample_histogram/_type"] == "histogram"
+    assert run.summary["leakage/per_class/_type"] == "table-file"
+    assert run.summary["leakage/worst_samples/_type"] == "images/separated"
+    assert run.summary["audit/reconstructions/_type"] == "image-file"
+    files = " ".join(run.files)
+    assert "media/images/audit/reconstructions" in files and "media/table/leakage/per_class" in files
+    assert "media/table/tradeoff/points" in files
+    # leakage rows share the trainer's step axis, starting at the initialisation (step 0)
+    steps = [row["trainer/global_step"] for row in run.history if "leakage/lambda_max" in row]
+    assert steps[0] == 0 and steps == sorted(steps)
+    assert run.config["threat_model"]["labels_known"] is True
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {"val/acc", "test/acc", "leakage/expected_i2f_pixel_rmse", "audit/rmse"} <= set(summary["final"])
+    assert summary["run_config"]["threat_model"]["batch_size"] == cfg.data.batch_size
+    assert len(summary["points"]) == 2 and summary["points"][1]["audit_rmse"] is not None
+
+
+def test_callback_state_survives_checkpoint_resume(make_cfg, tmp_path):
+    first = make_cfg([*SMALL, *CALLBACKS])
+    datamodule, module, trainer = train.build(first)
+    trainer.fit(module, datamodule=datamodule)
+    ckpt = tmp_path / "two_epochs.ckpt"
+    trainer.save_checkpoint(ckpt)
+    audit = next(cb for cb in trainer.callbacks if isinstance(cb, AttackAudit))
+    tracker = next(cb for cb in trainer.callbacks if isinstance(cb, TradeoffTracker))
+    pairs, points = list(audit.pairs), list(tracker.points)
+    assert len(pairs) == 4 and len(points) == 2
+
+    resumed_cfg = make_cfg([*SMALL, *CALLBACKS, "trainer.max_epochs=3"])
+    datamodule, module, trainer = train.build(resumed_cfg)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt))
+    audit = next(cb for cb in trainer.callbacks if isinstance(cb, AttackAudit))
+    tracker = next(cb for cb in trainer.callbacks if isinstance(cb, TradeoffTracker))
+    monitor = next(cb for cb in trainer.callbacks if isinstance(cb, I2FMonitor))
+    assert audit.pairs[:4] == pairs and len(audit.pairs) == 6  # continued, not restarted
+    assert tracker.points[:2] == points and [p["epoch"] for p in tracker.points] == [0, 1, 2]
+    assert monitor.evaluations == 6  # 4 before the checkpoint, then steps 12 and 15
+
+
+@pytest.mark.parametrize("sigmas", [(0.5, 2.0)])
+def test_monitor_uses_dpsgd_noise_at_the_current_sigma(make_cfg, sigmas):
+    """Under DP-SGD the monitor's noise is σC/B per coordinate, and more σ means more expected error."""
+    logged = []
+    for sigma in sigmas:
+        cfg = make_cfg([*SMALL, *CALLBACKS, "defense=dpsgd", f"defense.noise_multiplier={sigma}",
+                        "defense.max_grad_norm=1.0", "trainer.max_epochs=1"])
+        datamodule, module, trainer = train.build(cfg)
+        trainer.fit(module, datamodule=datamodule)
+        monitor = next(cb for cb in trainer.callbacks if isinstance(cb, I2FMonitor))
+        report = monitor.last_report
+        # Opacus' DPDataLoader samples at rate 1/len(loader); its expected batch is ⌊N · rate⌋
+        n_train = len(datamodule.train_set)
+        expected_batch = int(n_train * (1 / math.ceil(n_train / datamodule.batch_size)))
+        expected_std = sigma * 1.0 / expected_batch
+        assert report.noise.std == pytest.approx(expected_std, rel=1e-6)
+        assert report.noise.per_unit is False
+        assert float(trainer.callback_metrics["leakage/noise_std"]) == pytest.approx(expected_std, rel=1e-6)
+        logged.append(float(trainer.callback_metrics["leakage/expected_i2f"]))
+    assert logged[1] > logged[0]
+
+
+def test_bad_callback_settings_fail_clearly(make_cfg):
+    from pl_i2f.errors import ConfigError
+
+    cfg = make_cfg([*SMALL, *CALLBACKS, "callbacks.i2f_monitor.every_n_steps=0"])
+    with pytest.raises(ConfigError, match="every_n_steps must be >= 1"):
+        final_weights(cfg)
+    cfg = make_cfg([*SMALL, *CALLBACKS, "attack=gradinversion"])
+    with pytest.raises(ConfigError, match="bn_statistics_known is false"):
+        final_weights(cfg)
