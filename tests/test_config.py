@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from conftest import CONF
 
 GROUPS = ["data", "model", "optim", "trainer", "logger", "callbacks", "defense", "noise_schedule", "attack"]

@@ -34,7 +34,7 @@ def test_digits_splits_are_stratified_disjoint_and_complete():
 def test_digits_shapes_and_normalisation():
     dm = build_datamodule("digits", size=12)
     dm.setup()
-    x, y = next(iter(dm.train_dataloader()))
+    x, _ = next(iter(dm.train_dataloader()))
     assert x.shape == (dm.batch_size, 1, 12, 12)
     assert dm.input_shape == (1, 12, 12) and dm.num_classes == 10
     train_x = dm.train_set.tensors[0]
@@ -107,7 +107,7 @@ def test_bad_digits_options(kwargs, message):
 
 
 def test_unknown_dataset_lists_valid_names():
-    with pytest.raises(ConfigError, match="unknown dataset 'imagenet'; valid: .*cifar10.*digits"):
+    with pytest.raises(ConfigError, match=r"unknown dataset 'imagenet'; valid: .*cifar10.*digits"):
         build_datamodule("imagenet")
 
 
@@ -143,7 +143,7 @@ def test_torchvision_datamodule_reads_local_files(tmp_path):
     dm = build_datamodule("mnist", root=str(tmp_path), download=False, val_size=20, batch_size=16, probe_size=8)
     dm.setup()
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (100, 20, 30)
-    x, y = next(iter(dm.train_dataloader()))
+    x, _ = next(iter(dm.train_dataloader()))
     assert x.shape == (16, 1, 28, 28)
     assert dm.probe_batch()[0].shape == (8, 1, 28, 28)
 

@@ -72,7 +72,7 @@ def test_pretrained_without_weights_fails_clearly(monkeypatch, tmp_path):
         raise RuntimeError("no network")
 
     monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", offline)
-    with pytest.raises(ConfigError, match="pretrained weights .* model.pretrained=false"):
+    with pytest.raises(ConfigError, match=r"pretrained weights .* model.pretrained=false"):
         build_model("resnet18", (3, 32, 32), 10, pretrained=True)
 
 
@@ -142,9 +142,9 @@ def test_init_is_reproducible_with_a_generator():
 
 
 def test_bad_names_and_options_list_what_is_valid():
-    with pytest.raises(ConfigError, match="unknown model 'vgg'; valid: .*lenet_zhu.*resnet18"):
+    with pytest.raises(ConfigError, match=r"unknown model 'vgg'; valid: .*lenet_zhu.*resnet18"):
         build_model("vgg", (1, 8, 8), 10)
-    with pytest.raises(ConfigError, match="unknown init scheme 'he'; valid: .*orthogonal"):
+    with pytest.raises(ConfigError, match=r"unknown init scheme 'he'; valid: .*orthogonal"):
         build_model("mlp", (1, 8, 8), 10, init="he")
     with pytest.raises(ConfigError, match="uniform init bound"):
         build_model("mlp", (1, 8, 8), 10, init="uniform", init_kwargs={"a": -1})

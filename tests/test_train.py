@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import ROOT
 from wandb_offline import offline_runs, read_offline_run
 
