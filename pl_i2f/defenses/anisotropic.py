@@ -54,7 +54,7 @@ WHICH = ("smallest", "largest")
 
 
 def reference_row_space(model: nn.Module, x: Tensor, y: Tensor, *, dense_max_dim: int = 2048,
-                        k: int | None = None, which: str = "smallest", rcond: float = 1e-6,
+                        k: int | None = None, which: str = "smallest", rcond: float = 1e-10,
                         generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Eigenvalues λᵢ of JJᵀ (ascending) and the θ-space right singular vectors vᵢ = Jᵀuᵢ/√λᵢ (rows) of the
     reference batch's J, keeping λᵢ > rcond·λ_max, then the k ``which`` ones.
@@ -101,14 +101,15 @@ class AnisotropicNoise:
         self,
         directions: int | None = None,
         which: str = "smallest",
-        power: float = 0.5,
+        power: float = 1.0,
         damping: float = 0.0,
+        relative_damping: float | None = None,
         span_fraction: float = 1.0,
         refresh_every: int = 100,
         reference_size: int = 8,
         reference: str = "val",
         dense_max_dim: int = 2048,
-        rcond: float = 1e-6,
+        rcond: float = 1e-10,
         dp_extra_energy: float = 1.0,
     ):
         if directions is not None and directions < 1:
@@ -119,6 +120,8 @@ class AnisotropicNoise:
             raise ConfigError(f"anisotropic.power must be a finite number >= 0, got {power}")
         if not (damping >= 0 and math.isfinite(damping)):
             raise ConfigError(f"anisotropic.damping must be a finite number >= 0, got {damping}")
+        if relative_damping is not None and not (relative_damping >= 0 and math.isfinite(relative_damping)):
+            raise ConfigError(f"anisotropic.relative_damping must be a finite number >= 0, got {relative_damping}")
         if not (0 <= span_fraction <= 1):
             raise ConfigError(f"anisotropic.span_fraction must be in [0, 1], got {span_fraction}")
         if refresh_every < 1:
@@ -133,6 +136,7 @@ class AnisotropicNoise:
         self.which = which
         self.power = float(power)
         self.damping = float(damping)
+        self.relative_damping = None if relative_damping is None else float(relative_damping)
         self.span_fraction = float(span_fraction)
         self.refresh_every = int(refresh_every)
         self.reference_size = int(reference_size)
@@ -173,15 +177,22 @@ class AnisotropicNoise:
                                      dense_max_dim=self.dense_max_dim, k=self.directions, which=self.which,
                                      rcond=self.rcond)
         self.eigenvalues, self.vectors = lam, v
-        self.weights = self._weights(lam)
+        eps = self.effective_damping(float(lam.max()), self.x_ref.numel(), v.dtype)
+        self.weights = self._weights(lam, eps)
         self.refreshed_at = int(step)
 
-    def _weights(self, lam: Tensor) -> Tensor:
-        """wᵢ ∝ gᵢ^power with gᵢ = λᵢ / (λᵢ + ε)² the reference batch's I²F gain per unit noise energy along vᵢ
-        (1/λᵢ undamped), normalised to sum 1 (in float64: λ spans many decades)."""
+    def effective_damping(self, lam_max: float, d_x: int, dtype: torch.dtype) -> float:
+        """ε used in the weights: ``damping`` + ``relative_damping``·λ_max, where ``relative_damping=None`` means
+        the I²F engine's own undamped fallback d_x·eps(dtype) (numpy's rank threshold), so that "undamped"
+        means the same thing here and in ``influence.expected_i2f``."""
+        rel = self.relative_damping if self.relative_damping is not None else d_x * torch.finfo(dtype).eps
+        return self.damping + rel * lam_max
+
+    def _weights(self, lam: Tensor, eps: float) -> Tensor:
+        """wᵢ ∝ gᵢ^power, gᵢ = λᵢ / (λᵢ + ε)² — the reference batch's expected I²F per unit noise energy along vᵢ
+        (1/λᵢ undamped) — normalised to sum 1 (in float64: λ spans many decades)."""
         lam = lam.double()
-        gain = lam / (lam + self.damping).pow(2)
-        w = gain.pow(self.power)
+        w = (lam / (lam + eps).pow(2)).pow(self.power)
         return (w / w.sum()).float()
 
     def maybe_refresh(self, model: nn.Module, step: int) -> None:
@@ -219,6 +230,7 @@ class AnisotropicNoise:
 
     def describe(self) -> dict[str, Any]:
         return {"directions": self.directions, "which": self.which, "power": self.power, "damping": self.damping,
+                "relative_damping": self.relative_damping,
                 "span_fraction": self.span_fraction, "refresh_every": self.refresh_every,
                 "reference_size": self.reference_size, "reference": self.reference,
                 "dp_extra_energy": self.dp_extra_energy,
