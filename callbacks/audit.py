@@ -50,6 +50,7 @@ class AttackAudit(Callback):
         n_samples: int = 4,
         threat_model: Mapping[str, Any] | None = None,
         damping: float = 0.0,
+        relative_damping: float = 0.01,
         seed: int = 0,
     ):
         super().__init__()
@@ -60,6 +61,7 @@ class AttackAudit(Callback):
         self.n_samples = n_samples
         self.threat_model = dict(threat_model or {"labels_known": True, "bn_statistics_known": False})
         self.damping = damping
+        self.relative_damping = relative_damping
         self.seed = seed
         self.pairs: list[dict[str, float]] = []
         self.audits = 0
@@ -112,8 +114,10 @@ class AttackAudit(Callback):
         recon = torch.cat(recons)
         # batch size 1 per attack: each reconstruction belongs to its own sample, no matching needed
         per = per_image_metrics(recon, x, denormalize=datamodule.denormalize, matched=False)
-        predicted = measure_leakage(model, x, y, pl_module.defense, step, pixel_std=mean_pixel_std(datamodule),
-                                    damping=self.damping, worst_k=0, generator=generator).pixel_rmse
+        predicted = measure_leakage(
+            model, x, y, pl_module.defense, step, pixel_std=mean_pixel_std(datamodule), damping=self.damping,
+            relative_damping=self.relative_damping, worst_k=0, generator=generator,
+        ).pixel_rmse
         actual = per["rmse"]
         for i in range(len(y)):
             self.pairs.append({"epoch": epoch, "step": step, "sample": i, "label": int(y[i]),

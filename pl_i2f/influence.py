@@ -1059,6 +1059,7 @@ def per_sample_leakage(
     noise_sampler: NoiseSampler | None = None,
     damping: float = 0.0,
     *,
+    relative_damping: float = 0.0,
     loss_fn: LossFn | None = None,
     method: str = "slq",
     expected: bool = True,
@@ -1085,6 +1086,11 @@ def per_sample_leakage(
     δ ~ N(0, σ²I_θ), where E‖J_iδ‖² = σ² tr(J_iJ_iᵀ) and E‖I²F_i‖² = σ² Σ λ/(λ+ε)²; or ``noise_sampler``
     (Monte Carlo over ``samples`` draws; the expected I²F then needs one batched CG per draw and sample).
     ``lower_bound`` = √E‖J_iδ‖² / (λ_max + ε). ``expected=False`` skips the expected I²F.
+
+    ``relative_damping`` = ρ adds ρ·median_i λ_max,i to ε: a damping on the spectrum's own scale, for models
+    whose λ are far from 1 (a sigmoid LeNet at initialisation has λ_max ~ 1e-5, where ε = 1 would swamp
+    everything); it also removes the low bias of undamped SLQ, whose quadrature misses the smallest λ.
+    One ε serves the whole batch (reported in ``damping``).
     """
     if method not in ("slq", "exact"):
         raise ValueError(f"method must be 'slq' or 'exact', got {method!r}")
@@ -1094,6 +1100,8 @@ def per_sample_leakage(
         raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std}")
     if damping < 0 or not math.isfinite(damping):
         raise ValueError(f"damping must be a finite number >= 0, got {damping}")
+    if relative_damping < 0 or not math.isfinite(relative_damping):
+        raise ValueError(f"relative_damping must be a finite number >= 0, got {relative_damping}")
     if probes < 1 or samples < 1:
         raise ValueError("probes and samples must be >= 1")
     params = trainable_parameters(model)
@@ -1140,7 +1148,8 @@ def per_sample_leakage(
                 if not (expected and noise_std is not None):
                     return True
                 th, w = _slq_weights(lz)
-                est = (w * _f_damped(th, float(damping), -1.0 if damping > 0 else 0.0)).sum(-1)
+                eps_now = float(damping) + relative_damping * float(th.amax(dim=(-1, -2)).median())
+                est = (w * _f_damped(th, eps_now, -1.0 if eps_now > 0 else 0.0)).sum(-1)
                 prev, state["prev"] = state["prev"], est
                 return prev is not None and bool(((est - prev).abs() <= slq_tol * est.abs()).all())
 
@@ -1158,7 +1167,7 @@ def per_sample_leakage(
                 )
 
         expected_jdelta = lower = exp_i2f = None
-        eps = float(damping)
+        eps = float(damping) + relative_damping * float(lam_max.median())
         if want_noise:
             if noise_std is not None:
                 expected_jdelta = noise_std * trace.clamp_min(0).sqrt()

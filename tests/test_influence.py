@@ -569,3 +569,17 @@ def test_bad_inputs_raise_clear_errors():
         GradientJacobian(model, x, y[:1])
     with pytest.raises(ValueError, match="method"):
         per_sample_leakage(model, x, y, method="power")
+
+
+def test_relative_damping_is_damping_on_the_spectrum_scale():
+    """ρ·median λ_max added to ε gives exactly the absolute-damping answer with that ε."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(5, 1, 4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    rel = per_sample_leakage(model, x, y, noise_std=0.1, relative_damping=0.01, method="exact")
+    eps = 0.01 * float(rel.lambda_max.median())
+    assert rel.damping == pytest.approx(eps, rel=1e-12)
+    absolute = per_sample_leakage(model, x, y, noise_std=0.1, damping=eps, method="exact")
+    torch.testing.assert_close(rel.expected_i2f, absolute.expected_i2f, rtol=1e-10, atol=0)
+    with pytest.raises(ValueError, match="relative_damping"):
+        per_sample_leakage(model, x, y, noise_std=0.1, relative_damping=-1.0)
