@@ -1,0 +1,39 @@
+"""Sweep reports from run summaries."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pl_i2f.report import load_runs, main
+
+
+def write_summary(directory, defense, val_acc, leakage, epsilon=None):
+    directory.mkdir(parents=True)
+    final = {"val/acc": val_acc, "test/acc": val_acc - 0.01, "leakage/expected_i2f_pixel_rmse": leakage}
+    if epsilon is not None:
+        final["privacy/epsilon"] = epsilon
+    (directory / "summary.json").write_text(json.dumps({"final": final, "defense": defense, "points": []}))
+
+
+def test_report_collects_every_run_and_draws_the_curves(tmp_path, capsys):
+    write_summary(tmp_path / "0", {"name": "dpsgd", "noise_multiplier": 0.5}, 0.9, 0.05, epsilon=8.0)
+    write_summary(tmp_path / "1", {"name": "dpsgd", "noise_multiplier": 2.0}, 0.7, 0.30, epsilon=1.0)
+    write_summary(tmp_path / "2", {"name": "gaussian", "sigma": 0.01}, 0.85, 0.1)
+    runs = load_runs(tmp_path)
+    assert [r.label for r in runs] == ["dpsgd σ=0.5", "dpsgd σ=2", "gaussian σ=0.01"]
+    assert runs[1].epsilon == 1.0 and runs[2].epsilon is None
+    main([str(tmp_path)])
+    table = (tmp_path / "tradeoff.md").read_text()
+    assert table.count("\n") == 5 and "| 1 | dpsgd σ=2 | 0.7 | 0.69 | 0.3 | 1 | — |" in table
+    png = (tmp_path / "tradeoff.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_report_without_summaries_is_one_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "no summary.json below" in capsys.readouterr().err
