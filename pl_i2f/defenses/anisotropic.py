@@ -20,13 +20,19 @@ Choices (options) and rationale:
 
 * ``span_fraction`` f (default 1.0): the share of the energy placed in the reference row space. A held-out
   sample's row space overlaps the reference one only partly; whatever stays isotropic still protects
-  directions the reference batch does not span. 1.0 maximises the measured gain (see the README table);
-  lower it for robustness when the reference batch is small or unlike the private data.
-* weights wᵢ ∝ (λᵢ + damping)^(−power) over the k kept directions. ``power`` = 0 is uniform over the span;
-  ``power`` = 0.5 (default) weights ∝ 1/sᵢ — toward small eigenvalues, as I²F prescribes, but only as the
-  square root of the reference batch's own optimum (∝ 1/λᵢ puts nearly all energy on a handful of
-  near-null directions that are specific to the reference images and transfer poorly to held-out ones).
-  ``damping`` (as a fraction of λ_max, like the estimator's ε) caps the weight of numerically tiny λᵢ.
+  directions the reference batch does not span. 1.0 maximises the measured gain; lower it for robustness
+  when the reference batch is small or unlike the private data.
+* weights wᵢ ∝ gᵢ^``power``, gᵢ = λᵢ/(λᵢ + ε)²: the reference batch's expected I²F per unit noise energy
+  along vᵢ (1/λᵢ undamped — "toward small eigenvalues"). ``power`` = 1 (default) spends energy in
+  proportion to that gain rather than all of it on the argmax (optimal for the reference batch alone, but
+  those few near-null directions are specific to the reference images and transfer poorly); ``power`` = 0
+  is uniform over the span. ε must match the damping of the estimator/attacker being defended against: it
+  is ``damping`` (absolute, the estimator's ε) + ``relative_damping``·λ_max, and ``relative_damping=null``
+  means the I²F engine's own "undamped" fallback d_x·eps(dtype)·λ_max. Measured on lenet_zhu, 16x16 digits,
+  8 reference / 8 held-out samples, undamped estimator: uniform-over-span 2.1x, power 0.5 ≈ 2.7x, gain-
+  matched power 1 ≈ 4x the Gaussian expected I²F at equal energy; with the paper's ε = 1 and
+  ``damping=1`` the matched weights favour the *large* directions (gᵢ ≈ λᵢ/ε²) and gain more still
+  (``benchmarks/results/defenses.md``). Mismatched damping can do worse than uniform: match it.
 * ``directions`` k: keep the k smallest (``which=smallest``) or largest eigen-directions; ``null`` keeps
   every numerically nonzero one (λᵢ > ``rcond``·λ_max). Dense (explicit Jᵀ, d_x products) when the
   reference batch has d_x ≤ ``dense_max_dim``, else Lanczos (``influence.right_singular_vectors``).

@@ -204,13 +204,14 @@ class DPSGDDefense(Defense):
         self.schedule = NoiseSchedule.from_config(schedule)
         self.expected_batch_size = expected_batch_size
         self.sample_rate: float | None = None
-        # extra noise energy along the directions, relative to the isotropic part's σ²C²d_θ
         self.anisotropic = AnisotropicNoise(**(anisotropic or {})) if noise_shape == "anisotropic" else None
         self.engine = _Engine(accountant, self.anisotropic)
         self._hooks: Any = None
         self._optimizer: Any = None
         self._datamodule: Any = None
         self._shapes: list[torch.Size] | None = None
+        self._calibrated: float | None = None  # σ₀ found for target_epsilon (saved in checkpoints)
+        self._validated = False  # ModuleValidator ran (setup is called once per stage)
 
     # -- training ----------------------------------------------------------------------------------
     def setup(self, module: Any, datamodule: Any | None) -> None:
@@ -224,7 +225,7 @@ class DPSGDDefense(Defense):
                 raise ConfigError("defense=dpsgd does not support trainer.accumulate_grad_batches > 1 (Opacus "
                                   "accounts one Poisson batch per step); raise data.batch_size instead")
         model = getattr(module, "model", None)
-        if isinstance(model, nn.Module) and not getattr(self, "_validated", False):
+        if isinstance(model, nn.Module) and not self._validated:
             module.model = self._validate(model)
             self._validated = True
         super().setup(module, datamodule)
@@ -294,7 +295,7 @@ class DPSGDDefense(Defense):
         """σ₀: the configured noise multiplier, or the one calibrated (once) for ``target_epsilon``."""
         if self.noise_multiplier is not None and self.target_epsilon is None:
             return self.noise_multiplier
-        if getattr(self, "_calibrated", None) is None:
+        if self._calibrated is None:
             q = sample_rate if sample_rate is not None else self.sample_rate
             if q is None or self.total_steps is None:
                 raise ConfigError("defense.target_epsilon needs a run of known length (trainer.max_epochs or "
@@ -390,7 +391,7 @@ class DPSGDDefense(Defense):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["accountant"] = dict(self.engine.accountant.state_dict())
-        state["calibrated_noise_multiplier"] = getattr(self, "_calibrated", None)
+        state["calibrated_noise_multiplier"] = self._calibrated
         if self.anisotropic is not None:
             state["anisotropic"] = self.anisotropic.state_dict()
         return state
