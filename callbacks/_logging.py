@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.utilities import rank_zero_only
+
+from pl_i2f.module import log_at_step
 
 
 def wandb_run(trainer: pl.Trainer) -> Any | None:
@@ -36,18 +37,6 @@ def log_scalars(pl_module: pl.LightningModule, scalars: dict[str, float], prefix
 
 
 def log_scalars_at_step(trainer: pl.Trainer, scalars: dict[str, float], prefix: str) -> None:
-    """Scalars of a sparse, step-scheduled event (every N steps, step 0 included), at exactly that step.
-
-    ``pl_module.log(on_step=True)`` is throttled to ``log_every_n_steps`` and would file an evaluation
-    made at step 0 under a later step (or drop it), so these go to every logger directly, and into
-    ``trainer.callback_metrics`` so that other callbacks (tracker, checkpointing) see them too.
-    """
-    metrics = {f"{prefix}/{k}": float(v) for k, v in scalars.items()}
-    trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
-    _to_loggers(trainer, metrics)
-
-
-@rank_zero_only
-def _to_loggers(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
-    for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=trainer.global_step)
+    """Scalars of a sparse, step-scheduled event (every N steps, step 0 included), filed at exactly that step
+    (see :func:`pl_i2f.module.log_at_step` for why not ``pl_module.log``)."""
+    log_at_step(trainer, {f"{prefix}/{k}": float(v) for k, v in scalars.items()})

@@ -23,6 +23,19 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "cosine", "step", "multistep")
 
 
+def log_at_step(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    """Send scalars to every logger at the current ``global_step``, now, and into ``callback_metrics``.
+
+    For sparse events (an evaluation every N steps, step 0 included; values at the end of training):
+    ``LightningModule.log(on_step=True)`` only reaches the loggers every ``log_every_n_steps`` and would
+    file such a value under a later step, and it is not allowed at all in ``on_train_end``.
+    """
+    trainer.callback_metrics.update({k: torch.tensor(float(v)) for k, v in metrics.items()})
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=trainer.global_step)
+
+
 class ClassifierModule(pl.LightningModule):
     """Cross-entropy classifier with accuracy metrics, a configurable optimizer/LR schedule and a defense.
 
@@ -109,9 +122,7 @@ class ClassifierModule(pl.LightningModule):
         # self.log is not allowed here: write the final values (ε after the last step) to the loggers.
         metrics = self.defense.epoch_metrics()
         if metrics:
-            for logger in self.loggers:
-                logger.log_metrics(metrics, step=self.global_step)
-            self.trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+            log_at_step(self.trainer, metrics)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["defense"] = self.defense.state_dict()
