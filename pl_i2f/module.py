@@ -81,6 +81,10 @@ class ClassifierModule(pl.LightningModule):
     def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str, accuracy: MulticlassAccuracy) -> Tensor:
         x, y = batch
         logits = self.model(x)
+        if len(y) == 0:
+            # Poisson sampling (DP-SGD) can draw an empty batch. It still takes a step: zero gradient plus the
+            # defense's noise, as the privacy accountant assumes. (A mean over nothing would be NaN.)
+            return logits.sum() * 0.0
         loss = F.cross_entropy(logits, y)
         accuracy(logits.detach(), y)
         on_step = stage == "train"
@@ -88,9 +92,7 @@ class ClassifierModule(pl.LightningModule):
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=stage != "train")
         return loss
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
-        if len(batch[1]) == 0:  # Poisson sampling can draw an empty batch: nothing to learn from
-            return None
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._shared_step(batch, "train", self.train_acc)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
