@@ -65,7 +65,8 @@ class ImageDataModule(pl.LightningDataModule):
 
     # -- subclasses fill the three splits --------------------------------------------------------
     def _build_splits(self) -> tuple[Dataset, Dataset, Dataset]:
-        raise NotImplementedError  # abstract: each datamodule defines its splits
+        """(train, val, test) datasets; every concrete datamodule defines it."""
+        raise TypeError(f"{type(self).__name__} must define _build_splits() returning (train, val, test)")
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
