@@ -28,8 +28,10 @@ def _metric(trainer: pl.Trainer, key: str) -> float | None:
 class TradeoffTracker(Callback):
     """After each training epoch (validation included) record ``(epoch, step, val_acc, epsilon, leakage,
     audit_rmse)`` — ε when the defense is DP-SGD, the leakage monitor's latest estimate, the audit's RMSE
-    when an audit ran this epoch — and log the points so far as a W&B table with utility-vs-epoch,
-    utility-vs-leakage and utility-vs-ε plots. At the end of fit (and again after test) write
+    when an audit ran this epoch — and log the points as a W&B table with utility-vs-epoch,
+    utility-vs-leakage and utility-vs-ε plots at the end of training (and every ``log_every_n_epochs``
+    epochs when set: each logged table is a file, so the default keeps a run's media small). At the end of fit
+    (and again after test) write
     ``summary.json`` into ``dirpath`` (default: the trainer's ``default_root_dir``, the run directory):
     final utility, leakage, ε, the points, and ``run_config`` (model, data, defense, threat model …).
     """
@@ -42,6 +44,7 @@ class TradeoffTracker(Callback):
         epsilon_key: str = "privacy/epsilon",
         audit_key: str = "audit/rmse",
         dirpath: str | None = None,
+        log_every_n_epochs: int | None = None,
     ):
         super().__init__()
         self.run_config = dict(run_config or {})
@@ -50,6 +53,7 @@ class TradeoffTracker(Callback):
         self.epsilon_key = epsilon_key
         self.audit_key = audit_key
         self.dirpath = dirpath
+        self.log_every_n_epochs = log_every_n_epochs
         self.points: list[dict[str, Any]] = []
         self.summary_path: Path | None = None
         self._fit_final: dict[str, float] = {}
@@ -69,7 +73,8 @@ class TradeoffTracker(Callback):
             "audit_rmse": _metric(trainer, self.audit_key) if audit_fresh else None,
         }
         self.points = [p for p in self.points if p["epoch"] != epoch] + [point]
-        self._log_table(trainer)
+        if self.log_every_n_epochs and (epoch + 1) % self.log_every_n_epochs == 0:
+            self._log_table(trainer)
 
     @rank_zero_only
     def _log_table(self, trainer: pl.Trainer) -> None:
@@ -116,6 +121,7 @@ class TradeoffTracker(Callback):
         self.summary_path.write_text(json.dumps(self.summary(trainer, pl_module), indent=2, default=str))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_table(trainer)
         self._write(trainer, pl_module)
         self._fit_final = self.summary(trainer, pl_module)["final"]
 

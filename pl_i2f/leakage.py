@@ -90,6 +90,7 @@ def measure_leakage(
     relative_damping: float = 0.01,
     method: str = "slq",
     spectrum_samples: int = 4,
+    exact_max_dim: int = 1024,
     worst_k: int = 5,
     samples: int = 32,
     generator: torch.Generator | None = None,
@@ -99,7 +100,8 @@ def measure_leakage(
     ``method="slq"`` (default): λ_max by Lanczos and the traces by stochastic Lanczos quadrature, ~7x cheaper
     than ``"exact"``, which forms every sample's JJᵀ (d_x products each). λ_min and the condition number
     need the exact spectrum: with ``"slq"`` they come from the first ``spectrum_samples`` samples only
-    (0: skip them). The damping is ε = ``damping`` + ``relative_damping``·median λ_max (scale-free; see
+    (0: skip them), and only for inputs of at most ``exact_max_dim`` values (d_x products per sample). The
+    damping is ε = ``damping`` + ``relative_damping``·median λ_max (scale-free; see
     :func:`pl_i2f.influence.per_sample_leakage`); the ε used is logged as ``damping``.
     """
     model = analysis_model(model)
@@ -123,7 +125,8 @@ def measure_leakage(
         "damping": float(result.damping),
     }
     spectra = result
-    if result.lambda_min is None and spectrum_samples > 0:
+    # an exact spectrum costs d_x products per sample: affordable for digits (256), not for CIFAR (3,072)
+    if result.lambda_min is None and spectrum_samples > 0 and x[0].numel() <= exact_max_dim:
         k = min(spectrum_samples, len(y))
         spectra = per_sample_leakage(model, x[:k], y[:k], method="exact", expected=False, generator=generator)
     if spectra.lambda_min is not None:
