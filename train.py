@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 
+from callbacks._logging import wandb_run
 from pl_i2f import defenses
 from pl_i2f.data import build_datamodule
 from pl_i2f.errors import ConfigError, DataUnavailableError
@@ -103,18 +104,18 @@ def _print_summary(cfg: DictConfig, metrics: dict[str, float], trainer: pl.Train
     console = Console(stderr=False)
     console.print(table)
     console.print(f"outputs: {cfg.paths.output_dir}")
-    for logger in trainer.loggers:
-        if type(logger).__name__ == "WandbLogger":
-            run_dir = Path(logger.experiment.dir).parent
-            if cfg.logger.wandb.get("offline", True):
-                console.print(f"offline W&B run: {run_dir}  (upload: wandb sync {run_dir})")
-            else:
-                console.print(f"W&B run: {getattr(logger.experiment, 'url', run_dir)}")
+    run = wandb_run(trainer)
+    if run is not None:
+        run_dir = Path(run.dir).parent
+        if cfg.logger.wandb.get("offline", True):
+            console.print(f"offline W&B run: {run_dir}  (upload: wandb sync {run_dir})")
+        else:
+            console.print(f"W&B run: {getattr(run, 'url', run_dir)}")
 
 
 def _finish_wandb(trainer: pl.Trainer) -> None:
     """Close this job's W&B run so the next multirun job starts its own."""
-    if any(type(logger).__name__ == "WandbLogger" for logger in trainer.loggers):
+    if wandb_run(trainer) is not None:
         import wandb
 
         wandb.finish()

@@ -13,6 +13,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_only
 
 from callbacks._logging import log_media, wandb_run
+from callbacks.audit import AttackAudit
 
 SUMMARY_FILE = "summary.json"
 
@@ -62,8 +63,7 @@ class TradeoffTracker(Callback):
         if trainer.sanity_checking:
             return
         epoch = trainer.current_epoch
-        audit_fresh = any(getattr(cb, "last_epoch", None) == epoch and type(cb).__name__ == "AttackAudit"
-                          for cb in trainer.callbacks)
+        audit_fresh = any(isinstance(cb, AttackAudit) and cb.last_epoch == epoch for cb in trainer.callbacks)
         point = {
             "epoch": epoch,
             "step": trainer.global_step,

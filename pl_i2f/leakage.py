@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from pl_i2f.defenses import Defense
+from pl_i2f.defenses import Defense, NoiseSampler
 from pl_i2f.defenses.base import analysis_model
 from pl_i2f.influence import PerSampleLeakage, per_sample_leakage
 
@@ -33,7 +33,7 @@ class NoiseModel:
     defense adds no noise and σ = 1 stands in."""
 
     std: float | None
-    sampler: object | None
+    sampler: NoiseSampler | None
     per_unit: bool
 
     @classmethod
