@@ -666,10 +666,12 @@ def _top_lanczos(
     generator: torch.Generator,
     min_steps: int = 1,
     extra_stop: Callable[[_Lanczos], bool] | None = None,
+    stop: str = "residual",
 ) -> tuple[_Lanczos, Tensor, Tensor]:
     """Run Lanczos until λ_max of every chain's group converges. ``v0`` is (..., p, n): p independent chains
     per problem; a problem's λ_max is the largest Ritz value over its chains (every Ritz value is a lower
-    bound on λ_max, so the maximum is the best one). Returns the run, λ_max (...) and converged (...)."""
+    bound on λ_max, so the maximum is the best one). ``stop`` as in :func:`spectrum`. Returns the run,
+    λ_max (...) and converged (...)."""
     lz = _Lanczos(apply, v0, maxiter, generator)
     lam = conv = None
     while not lz.done:
@@ -677,6 +679,8 @@ def _top_lanczos(
         if lz.steps < min_steps or not (_check_schedule(lz.steps) or lz.done):
             continue
         theta, _, resid = lz.ritz()
+        if stop == "eigenvalue":
+            resid = _value_error(theta, resid)
         top, top_res = theta[..., -1], resid[..., -1]  # (..., p)
         best = top.argmax(-1, keepdim=True)
         lam = top.gather(-1, best).squeeze(-1)
@@ -1214,6 +1218,7 @@ def per_sample_leakage(
     probes: int = 4,
     samples: int = 32,
     tol: float = 1e-4,
+    stop: str = "eigenvalue",
     slq_tol: float = 1e-2,
     maxiter: int = 64,
     chunk_size: int | None = None,
@@ -1225,7 +1230,8 @@ def per_sample_leakage(
 
     ``method="slq"`` (default, fast; what the training-time monitor uses): ``probes`` Lanczos chains per
     sample from Rademacher vectors, all samples and chains batched in one run, until every sample's
-    λ_max has relative residual ≤ ``tol`` and (when ``expected``) the quadratures change by < ``slq_tol``
+    λ_max has an estimated relative error ≤ ``tol`` (``stop="eigenvalue"``, see :func:`spectrum`; or relative
+    residual ≤ ``tol`` with ``stop="residual"``) and (when ``expected``) the quadratures change by < ``slq_tol``
     (at most ``maxiter`` steps). λ_max is the best Ritz value over the chains; tr(J_iJ_iᵀ) and
     tr f(J_iJ_iᵀ), f(λ) = λ/(λ+ε)², are the chains' Gauss quadratures averaged (Hutchinson over ``probes``).
     ``method="exact"``: form each J_iJ_iᵀ (d_x products per sample) and use its eigenvalues (gives λ_min).
@@ -1252,6 +1258,8 @@ def per_sample_leakage(
         raise ValueError(f"relative_damping must be a finite number >= 0, got {relative_damping}")
     if probes < 1 or samples < 1:
         raise ValueError("probes and samples must be >= 1")
+    if stop not in ("residual", "eigenvalue"):
+        raise ValueError(f"stop must be 'residual' or 'eigenvalue', got {stop!r}")
     params = trainable_parameters(model)
     if not params:
         raise ValueError("the model has no trainable parameters")
@@ -1301,7 +1309,8 @@ def per_sample_leakage(
                 prev, state["prev"] = state["prev"], est
                 return prev is not None and bool(((est - prev).abs() <= slq_tol * est.abs()).all())
 
-            lz, lam_max, converged = _top_lanczos(op.gram, v0, tol, maxiter, gen, min_steps=2, extra_stop=quad_stable)
+            lz, lam_max, converged = _top_lanczos(op.gram, v0, tol, maxiter, gen, min_steps=2, extra_stop=quad_stable,
+                                                  stop=stop)
             theta, weights = _slq_weights(lz)  # (N, p, m)
             # tr(J_iJ_iᵀ): deflated (Hutch++-style) from the chains when there are two or more, else Hutchinson.
             trace = _deflated_trace(lz, n) if probes > 1 and lz.steps < n else n * (weights * theta).sum(-1).mean(-1)
