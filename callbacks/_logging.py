@@ -21,11 +21,11 @@ def wandb_run(trainer: pl.Trainer) -> Any | None:
 
 
 @rank_zero_only
-def log_media(trainer: pl.Trainer, payload: dict[str, Any]) -> None:
-    """Log W&B media/tables on the same step axis as scalars (``trainer/global_step``)."""
+def log_media(trainer: pl.Trainer, payload: dict[str, Any], step: int | None = None) -> None:
+    """Log W&B media/tables on the same step axis as scalars (``trainer/global_step``; default: now)."""
     run = wandb_run(trainer)
     if run is not None and payload:
-        run.log({**payload, "trainer/global_step": trainer.global_step})
+        run.log({**payload, "trainer/global_step": trainer.global_step if step is None else step})
 
 
 def log_scalars(pl_module: pl.LightningModule, scalars: dict[str, float], prefix: str) -> None:
@@ -36,7 +36,7 @@ def log_scalars(pl_module: pl.LightningModule, scalars: dict[str, float], prefix
     )
 
 
-def log_scalars_at_step(trainer: pl.Trainer, scalars: dict[str, float], prefix: str) -> None:
+def log_scalars_at_step(trainer: pl.Trainer, scalars: dict[str, float], prefix: str, step: int | None = None) -> None:
     """Scalars of a sparse, step-scheduled event (every N steps, step 0 included), filed at exactly that step
-    (see :func:`pl_i2f.module.log_at_step` for why not ``pl_module.log``)."""
-    log_at_step(trainer, {f"{prefix}/{k}": float(v) for k, v in scalars.items()})
+    (default: now; see :func:`pl_i2f.module.log_at_step` for why not ``pl_module.log``)."""
+    log_at_step(trainer, {f"{prefix}/{k}": float(v) for k, v in scalars.items()}, step)

@@ -36,6 +36,7 @@ from the global RNG.
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -69,6 +70,7 @@ __all__ = [
     "i2f_lower_bound",
     "i2f_upper_bound",
     "per_sample_leakage",
+    "per_sample_product_seconds",
     "right_singular_vectors",
     "spectrum",
     "top_eigenvalue",
@@ -1201,6 +1203,29 @@ class _PerSampleGram:
     def matvec_shared(self, deltas: Tensor) -> Tensor:  # (s, d_θ) → (N, s, n)
         out = self._chunks(self._mat_shared, deltas, shared=True)
         return out.reshape(out.shape[0], out.shape[1], -1)
+
+
+def per_sample_product_seconds(model: nn.Module, x: Tensor, y: Tensor, chains: int = 1,
+                               loss_fn: LossFn | None = None) -> float:
+    """Wall time of one Lanczos step of :func:`per_sample_leakage` on the samples ``x``: one vmapped JᵢJᵢᵀ
+    product for every sample and ``chains`` vectors each (one call, so the first one of a process includes
+    one-off allocation costs). The unit a caller scales to predict an evaluation's cost before running it."""
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    ref = next(iter(params.values()))
+    xs = x.detach().to(device=ref.device, dtype=ref.dtype)
+    ys = y.detach().to(ref.device, dtype=ref.dtype if y.is_floating_point() else y.dtype)
+    gen = torch.Generator(device=ref.device).manual_seed(0)  # never the global RNG
+    v = _rademacher((xs.shape[0], chains, xs[0].numel()), torch.empty(0, dtype=ref.dtype, device=ref.device), gen)
+    sync = torch.cuda.synchronize if ref.device.type == "cuda" else (lambda device=None: None)
+    with eval_mode(model):
+        op = _PerSampleGram(model, xs, ys, loss_fn, None)
+        sync(ref.device)
+        start = time.perf_counter()
+        op.gram(v)
+        sync(ref.device)
+        return time.perf_counter() - start
 
 
 def per_sample_leakage(

@@ -16,7 +16,9 @@ Scales: ``expected_i2f`` is ‖I²F‖ in the model's (normalised) input space; 
 
 from __future__ import annotations
 
+import functools
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +26,7 @@ from torch import Tensor, nn
 
 from pl_i2f.defenses import Defense, NoiseSampler
 from pl_i2f.defenses.base import analysis_model
-from pl_i2f.influence import PerSampleLeakage, per_sample_leakage
+from pl_i2f.influence import PerSampleLeakage, per_sample_leakage, per_sample_product_seconds
 
 
 @dataclass
@@ -94,6 +96,7 @@ def measure_leakage(
     worst_k: int = 5,
     samples: int = 32,
     generator: torch.Generator | None = None,
+    noise: NoiseModel | None = None,
 ) -> LeakageReport:
     """Per-sample I²F leakage of ``(x, y)`` under ``defense``'s noise at ``step``. Never changes ``model``.
 
@@ -102,10 +105,11 @@ def measure_leakage(
     need the exact spectrum: with ``"slq"`` they come from the first ``spectrum_samples`` samples only
     (0: skip them), and only for inputs of at most ``exact_max_dim`` values (d_x products per sample). The
     damping is ε = ``damping`` + ``relative_damping``·median λ_max (scale-free; see
-    :func:`pl_i2f.influence.per_sample_leakage`); the ε used is logged as ``damping``.
+    :func:`pl_i2f.influence.per_sample_leakage`); the ε used is logged as ``damping``. ``noise`` overrides
+    the defense's noise at ``step`` (a :class:`NoiseModel` captured earlier, with a snapshot of the weights).
     """
     model = analysis_model(model)
-    noise = NoiseModel.of(defense, step, model)
+    noise = NoiseModel.of(defense, step, model) if noise is None else noise
     result = per_sample_leakage(
         model, x, y,
         noise_std=noise.std, noise_sampler=noise.sampler, damping=damping, relative_damping=relative_damping,
@@ -143,6 +147,61 @@ def measure_leakage(
     }
     report.scalars = scalars
     return report
+
+
+# Lanczos steps of a typical per-sample evaluation (λ_max to 1e-4 and settled quadratures): 6-25 measured on
+# lenet_zhu and resnet18; the first prediction of a run uses this, later ones the measured cost.
+TYPICAL_LANCZOS_STEPS = 12
+LANCZOS_CHAINS = 4  # per_sample_leakage's default ``probes``
+
+
+@functools.cache
+def _warm_up_transforms() -> None:
+    """torch.func's one-off set-up (~0.2 s per process) on a two-parameter model, so that it does not count as
+    the cost of a product in :func:`estimate_leakage_seconds`."""
+    tiny = nn.Sequential(nn.Flatten(), nn.Linear(2, 2))
+    per_sample_product_seconds(tiny, torch.zeros(1, 2), torch.zeros(1, dtype=torch.long))
+
+
+def estimate_leakage_seconds(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    spectrum_samples: int = 4,
+    exact_max_dim: int = 1024,
+    steps: int = TYPICAL_LANCZOS_STEPS,
+    affordable: float = math.inf,
+) -> tuple[float, float]:
+    """Predicted wall time of :func:`measure_leakage` on ``(x, y)`` (method ``"slq"``) without running it,
+    and the seconds the prediction itself took.
+
+    A Lanczos step is one batched product (every sample × 4 chains); the prediction is ``steps`` of them, plus
+    the exact spectra of ``spectrum_samples`` samples (d_x products each) when inputs have at most
+    ``exact_max_dim`` values. The batched product is timed on growing sub-batches — 1 sample × 1 vector,
+    1 × 4, 4 × 4, 16 × 4, all — and extrapolated linearly from the largest one timed. A sub-batch is timed
+    only if that extrapolation from the previous one stays within ``affordable`` seconds, so calibrating a
+    compute-bound model costs about one product (resnet18: ~0.4 s per vector, no gain from vmap) while a
+    small one gets its real vmap speed-up measured (lenet_zhu: 32 × 4 vectors in 60 ms, one vector 20 ms)."""
+    model = analysis_model(model)
+    started = time.perf_counter()
+    _warm_up_transforms()
+    n_samples, d_x = x.shape[0], x[0].numel()
+    units_all = n_samples * LANCZOS_CHAINS
+    sizes = [(1, 1), (1, 1), (1, LANCZOS_CHAINS), *((k, LANCZOS_CHAINS) for k in (4, 16) if k < n_samples),
+             (n_samples, LANCZOS_CHAINS)]  # (1, 1) twice: the first call of a process is a warm-up
+    measured: tuple[float, int] | None = None
+    for k, chains in sizes:
+        k = min(k, n_samples)
+        if measured is not None and measured[0] * k * chains / measured[1] > affordable:
+            break
+        measured = (per_sample_product_seconds(model, x[:k], y[:k], chains), k * chains)
+    assert measured is not None
+    step = measured[0] * units_all / measured[1]
+    predicted = steps * step
+    if spectrum_samples > 0 and d_x <= exact_max_dim:
+        predicted += step * min(spectrum_samples, n_samples) * d_x / units_all
+    return predicted, time.perf_counter() - started
 
 
 def mean_pixel_std(datamodule: object) -> float:

@@ -23,17 +23,20 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "cosine", "step", "multistep")
 
 
-def log_at_step(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
-    """Send scalars to every logger at the current ``global_step``, now, and into ``callback_metrics``.
+def log_at_step(trainer: pl.Trainer, metrics: dict[str, float], step: int | None = None) -> None:
+    """Send scalars to every logger at ``step`` (default: the current ``global_step``), now, and into
+    ``callback_metrics``.
 
-    For sparse events (an evaluation every N steps, step 0 included; values at the end of training):
-    ``LightningModule.log(on_step=True)`` only reaches the loggers every ``log_every_n_steps`` and would
-    file such a value under a later step, and it is not allowed at all in ``on_train_end``.
+    For sparse events (an evaluation every N steps, step 0 included — possibly computed a few steps later on
+    a snapshot of that step's weights; values at the end of training): ``LightningModule.log(on_step=True)``
+    only reaches the loggers every ``log_every_n_steps`` and would file such a value under a later step, and
+    it is not allowed at all in ``on_train_end``.
     """
     trainer.callback_metrics.update({k: torch.tensor(float(v)) for k, v in metrics.items()})
     if trainer.is_global_zero:
         for logger in trainer.loggers:
-            logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=trainer.global_step)
+            logger.log_metrics({k: float(v) for k, v in metrics.items()},
+                               step=trainer.global_step if step is None else step)
 
 
 class ClassifierModule(pl.LightningModule):
