@@ -152,6 +152,9 @@ class I2FMonitor(Callback):
         step = trainer.global_step
         if not trainer.is_global_zero or self._probe is None:
             return
+        if self._pending is not None and step - self._start_step >= self.warmup_steps:
+            pending, self._pending = self._pending, None
+            self._evaluate_if_affordable(trainer, pl_module, pending)
         if step != self._decided_step and step != self.last_step and step % self.every_n_steps == 0:
             self._decided_step = step  # once per step (several batches share one under gradient accumulation)
             if self.max_overhead is None:
@@ -164,9 +167,6 @@ class I2FMonitor(Callback):
                 self._evaluate(trainer, pl_module, self._freeze(pl_module, step, copy_weights=False))
             else:
                 self.deferred += 1
-        if self._pending is not None and step - self._start_step >= self.warmup_steps:
-            pending, self._pending = self._pending, None
-            self._evaluate_if_affordable(trainer, pl_module, pending)
 
     def _freeze(self, pl_module: pl.LightningModule, step: int, copy_weights: bool) -> _Snapshot:
         model = analysis_model(pl_module.model)  # hook-free (a copy already) under DP-SGD

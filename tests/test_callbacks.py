@@ -39,14 +39,16 @@ def final_weights(cfg) -> list[torch.Tensor]:
     return [p.detach().clone() for p in module.model.parameters()], trainer
 
 
-def test_callbacks_do_not_change_training(make_cfg):
-    """Same seed, with and without all three callbacks: bitwise identical final weights."""
+@pytest.mark.parametrize("budget", ["max_overhead=null", "max_overhead=1000"])
+def test_callbacks_do_not_change_training(make_cfg, budget):
+    """Same seed, with and without all three callbacks: bitwise identical final weights — evaluating at once
+    (no budget) or, under a budget, the step-0 evaluation on a snapshot after the warm-up steps."""
     import pytorch_lightning as pl
 
     pl.seed_everything(7)
     plain, _ = final_weights(make_cfg([*SMALL, "seed=7"]))
     pl.seed_everything(7)
-    watched, trainer = final_weights(make_cfg([*SMALL, *CALLBACKS, "seed=7"]))
+    watched, trainer = final_weights(make_cfg([*SMALL, *CALLBACKS, f"callbacks.i2f_monitor.{budget}", "seed=7"]))
     kinds = {type(cb) for cb in trainer.callbacks}
     assert {I2FMonitor, AttackAudit, TradeoffTracker} <= kinds
     monitor = next(cb for cb in trainer.callbacks if isinstance(cb, I2FMonitor))
@@ -136,3 +138,52 @@ def test_bad_callback_settings_fail_clearly(make_cfg):
     cfg = make_cfg([*SMALL, *CALLBACKS, "attack=gradinversion"])
     with pytest.raises(ConfigError, match="bn_statistics_known is false"):
         final_weights(cfg)
+
+
+def monitor_run(make_cfg, *overrides: str) -> I2FMonitor:
+    import pytorch_lightning as pl
+
+    pl.seed_everything(3)
+    cfg = make_cfg([*SMALL, *CALLBACKS, "seed=3", "callbacks.i2f_monitor.every_n_steps=1000", *overrides])
+    _, trainer = final_weights(cfg)
+    return next(cb for cb in trainer.callbacks if isinstance(cb, I2FMonitor))
+
+
+def test_budgeted_step0_evaluation_uses_the_initial_weights(make_cfg):
+    """Under a budget the step-0 evaluation runs after the warm-up steps, on a snapshot: the same numbers as
+    evaluating at step 0 directly, filed under step 0."""
+    at_once = monitor_run(make_cfg)
+    later = monitor_run(make_cfg, "callbacks.i2f_monitor.max_overhead=1000", "callbacks.i2f_monitor.warmup_steps=4")
+    assert at_once.evaluations == later.evaluations == 1 and later.skipped == 0
+    assert later.last_report.step == 0 and at_once.last_report.step == 0
+    assert later.last_report.scalars == at_once.last_report.scalars
+    assert later.expected_seconds is not None and later.seconds >= later.expected_seconds
+
+
+def test_unaffordable_evaluation_is_skipped_with_a_warning(make_cfg):
+    with pytest.warns(UserWarning, match=r"skipped the evaluation of step 0: 8 probes are predicted to take"):
+        monitor = monitor_run(make_cfg, "callbacks.i2f_monitor.max_overhead=1e-9", "data.probe_size=8")
+    assert monitor.evaluations == 0 and monitor.skipped == 1 and monitor.last_report is None
+    assert 0 < monitor.seconds < 5  # only the cost prediction was paid
+
+
+def test_leakage_cost_prediction_is_close_on_digits():
+    """The cost prediction used by the budget is within a factor 3 of the measured evaluation on digits."""
+    import time
+
+    from pl_i2f.data import build_datamodule
+    from pl_i2f.defenses import build as build_defense
+    from pl_i2f.leakage import estimate_leakage_seconds, measure_leakage
+    from pl_i2f.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("lenet_zhu", (1, 16, 16), 10, init="xavier_uniform")
+    x, y = build_datamodule("digits").probe_batch(32)
+    defense = build_defense(name="none")
+    measure_leakage(model, x, y, defense, 0)  # warm-up
+    predicted, calibration = estimate_leakage_seconds(model, x, y)
+    start = time.perf_counter()
+    measure_leakage(model, x, y, defense, 0)
+    actual = time.perf_counter() - start
+    assert actual / 3 < predicted < 3 * actual, (predicted, actual)
+    assert calibration < actual
