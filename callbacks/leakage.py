@@ -179,7 +179,7 @@ class I2FMonitor(Callback):
         budget = self.max_overhead * self._estimated_training_seconds(trainer) - self._session_seconds
         x, y = self._probe
         device = pl_module.device
-        predicted, calibration = estimate_leakage_seconds(
+        predicted, calibration, extrapolated = estimate_leakage_seconds(
             snapshot.model, x.to(device), y.to(device), spectrum_samples=self.spectrum_samples,
             affordable=budget / 4,
         )
@@ -192,7 +192,8 @@ class I2FMonitor(Callback):
         self.skipped += 1
         rank_zero_warn(
             f"I2FMonitor: skipped the evaluation of step {snapshot.step}: {len(y)} probes are predicted to take "
-            f"{predicted:.1f}s, more than the {budget:.1f}s left of max_overhead={self.max_overhead:g} × the "
+            f"{'up to ' if extrapolated else ''}{predicted:.1f}s, more than the {budget:.1f}s left of "
+            f"max_overhead={self.max_overhead:g} × the "
             f"estimated {self._estimated_training_seconds(trainer):.0f}s of training (measuring the cost took "
             f"{calibration:.1f}s). Lower probe_size, raise max_overhead (null: no limit), train longer, or use "
             "a GPU."

@@ -20,6 +20,7 @@ import functools
 import math
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -155,6 +156,16 @@ TYPICAL_LANCZOS_STEPS = 12
 LANCZOS_CHAINS = 4  # per_sample_leakage's default ``probes``
 
 
+class LeakageCost(NamedTuple):
+    """A prediction of :func:`estimate_leakage_seconds`: ``seconds`` predicted, ``calibration_seconds`` spent
+    predicting, and ``extrapolated`` — True when the batched product was too dear to time in full, so
+    ``seconds`` is an upper estimate (it assumes no further speed-up from vmap)."""
+
+    seconds: float
+    calibration_seconds: float
+    extrapolated: bool
+
+
 @functools.cache
 def _warm_up_transforms() -> None:
     """torch.func's one-off set-up (~0.2 s per process) on a two-parameter model, so that it does not count as
@@ -172,9 +183,8 @@ def estimate_leakage_seconds(
     exact_max_dim: int = 1024,
     steps: int = TYPICAL_LANCZOS_STEPS,
     affordable: float = math.inf,
-) -> tuple[float, float]:
-    """Predicted wall time of :func:`measure_leakage` on ``(x, y)`` (method ``"slq"``) without running it,
-    and the seconds the prediction itself took.
+) -> LeakageCost:
+    """Predicted wall time of :func:`measure_leakage` on ``(x, y)`` (method ``"slq"``) without running it.
 
     A Lanczos step is one batched product (every sample × 4 chains); the prediction is ``steps`` of them, plus
     the exact spectra of ``spectrum_samples`` samples (d_x products each) when inputs have at most
@@ -201,7 +211,7 @@ def estimate_leakage_seconds(
     predicted = steps * step
     if spectrum_samples > 0 and d_x <= exact_max_dim:
         predicted += step * min(spectrum_samples, n_samples) * d_x / units_all
-    return predicted, time.perf_counter() - started
+    return LeakageCost(predicted, time.perf_counter() - started, measured[1] < units_all)
 
 
 def mean_pixel_std(datamodule: object) -> float:
