@@ -161,7 +161,9 @@ class I2FMonitor(Callback):
                 self._evaluate(trainer, pl_module, self._freeze(pl_module, step, copy_weights=False))
             elif self.expected_seconds is None and self._pending is None:
                 # the first evaluation of this fit: its cost is unknown, and so is the run's length
+                start = time.perf_counter()
                 self._pending = self._freeze(pl_module, step, copy_weights=True)
+                self._spend(time.perf_counter() - start)  # the copy counts against the budget too
             elif (self.expected_seconds is not None and self._session_seconds + self.expected_seconds
                   <= self.max_overhead * self._training_seconds()):
                 self._evaluate(trainer, pl_module, self._freeze(pl_module, step, copy_weights=False))
