@@ -551,6 +551,11 @@ def _value_error(theta: Tensor, resid: Tensor) -> Tensor:
     return torch.minimum(resid, resid.square() / gap.clamp_min(torch.finfo(theta.dtype).tiny))
 
 
+def _check_stop(stop: str) -> None:
+    if stop not in ("residual", "eigenvalue"):
+        raise ValueError(f"stop must be 'residual' or 'eigenvalue', got {stop!r}")
+
+
 def _last_block_converged(lz: _Lanczos, which: str, tol: float, theta_max: Tensor) -> bool:
     """After a breakdown the Krylov space is (numerically) invariant, but rounding can have dropped a weak
     eigen-component from it — typically a small eigenvalue of a cluster. So the wanted end is trusted only
@@ -787,8 +792,7 @@ def spectrum(
     maxiter = min(n, max(300, 20 * k)) if maxiter is None else int(maxiter)
     if maxiter < k:
         raise ValueError(f"maxiter = {maxiter} < k = {k}")
-    if stop not in ("residual", "eigenvalue"):
-        raise ValueError(f"stop must be 'residual' or 'eigenvalue', got {stop!r}")
+    _check_stop(stop)
     gen = _generator(generator, op.device)
     v0 = _randn((n,), torch.empty(0, dtype=op.dtype, device=op.device), gen)
     lz = _Lanczos(op._apply_flat, v0, maxiter, gen)
@@ -1205,17 +1209,28 @@ class _PerSampleGram:
         return out.reshape(out.shape[0], out.shape[1], -1)
 
 
+def _per_sample_batch(model: nn.Module, x: Tensor, y: Tensor) -> tuple[ParamDict, Tensor, Tensor]:
+    """The trainable parameters and the batch, validated and moved to their device and dtype."""
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    ref = next(iter(params.values()))
+    if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError("x must be a batch (N, ...) with at least one sample")
+    if not isinstance(y, Tensor) or y.shape[0] != x.shape[0]:
+        raise ValueError("y must have one entry per sample of x")
+    xs = x.detach().to(device=ref.device, dtype=ref.dtype)
+    ys = y.detach().to(ref.device, dtype=ref.dtype if y.is_floating_point() else y.dtype)
+    return params, xs, ys
+
+
 def per_sample_product_seconds(model: nn.Module, x: Tensor, y: Tensor, chains: int = 1,
                                loss_fn: LossFn | None = None) -> float:
     """Wall time of one Lanczos step of :func:`per_sample_leakage` on the samples ``x``: one vmapped JᵢJᵢᵀ
     product for every sample and ``chains`` vectors each (one call, so the first one of a process includes
     one-off allocation costs). The unit a caller scales to predict an evaluation's cost before running it."""
-    params = trainable_parameters(model)
-    if not params:
-        raise ValueError("the model has no trainable parameters")
+    params, xs, ys = _per_sample_batch(model, x, y)
     ref = next(iter(params.values()))
-    xs = x.detach().to(device=ref.device, dtype=ref.dtype)
-    ys = y.detach().to(ref.device, dtype=ref.dtype if y.is_floating_point() else y.dtype)
     gen = torch.Generator(device=ref.device).manual_seed(0)  # never the global RNG
     v = _rademacher((xs.shape[0], chains, xs[0].numel()), torch.empty(0, dtype=ref.dtype, device=ref.device), gen)
     sync = torch.cuda.synchronize if ref.device.type == "cuda" else (lambda device=None: None)
@@ -1283,18 +1298,9 @@ def per_sample_leakage(
         raise ValueError(f"relative_damping must be a finite number >= 0, got {relative_damping}")
     if probes < 1 or samples < 1:
         raise ValueError("probes and samples must be >= 1")
-    if stop not in ("residual", "eigenvalue"):
-        raise ValueError(f"stop must be 'residual' or 'eigenvalue', got {stop!r}")
-    params = trainable_parameters(model)
-    if not params:
-        raise ValueError("the model has no trainable parameters")
+    _check_stop(stop)
+    params, xs, ys = _per_sample_batch(model, x, y)
     ref = next(iter(params.values()))
-    if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] == 0:
-        raise ValueError("x must be a batch (N, ...) with at least one sample")
-    if not isinstance(y, Tensor) or y.shape[0] != x.shape[0]:
-        raise ValueError("y must have one entry per sample of x")
-    xs = x.detach().to(device=ref.device, dtype=ref.dtype)
-    ys = y.detach().to(ref.device, dtype=ref.dtype if y.is_floating_point() else y.dtype)
     N = xs.shape[0]
     n = xs[0].numel()
     d_theta = sum(p.numel() for p in params.values())

@@ -29,6 +29,11 @@ from pl_i2f.defenses import Defense, NoiseSampler
 from pl_i2f.defenses.base import analysis_model
 from pl_i2f.influence import PerSampleLeakage, per_sample_leakage, per_sample_product_seconds
 
+# Lanczos steps of a typical per-sample evaluation (λ_max to 1e-4 and settled quadratures): 6-25 measured on
+# lenet_zhu and resnet18; the first prediction of a run uses this, later ones the measured cost.
+TYPICAL_LANCZOS_STEPS = 12
+LANCZOS_CHAINS = 4  # Lanczos chains per probe sample in measure_leakage (and what estimate_leakage_seconds times)
+
 
 @dataclass
 class NoiseModel:
@@ -114,7 +119,7 @@ def measure_leakage(
     result = per_sample_leakage(
         model, x, y,
         noise_std=noise.std, noise_sampler=noise.sampler, damping=damping, relative_damping=relative_damping,
-        method=method, samples=samples, generator=generator,
+        method=method, samples=samples, probes=LANCZOS_CHAINS, generator=generator,
     )
     report = LeakageReport(per_sample=result, labels=y.detach().cpu(), pixel_std=pixel_std, noise=noise, step=step)
     pixel = report.pixel_rmse.detach().double().cpu()
@@ -150,10 +155,6 @@ def measure_leakage(
     return report
 
 
-# Lanczos steps of a typical per-sample evaluation (λ_max to 1e-4 and settled quadratures): 6-25 measured on
-# lenet_zhu and resnet18; the first prediction of a run uses this, later ones the measured cost.
-TYPICAL_LANCZOS_STEPS = 12
-LANCZOS_CHAINS = 4  # per_sample_leakage's default ``probes``
 
 
 class LeakageCost(NamedTuple):
