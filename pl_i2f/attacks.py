@@ -100,7 +100,12 @@ class AttackConfig:
     optimizer: str = "lbfgs"  #: ``adam`` or ``lbfgs``
     lr: float = 1.0
     signed: bool = False  #: Adam on the sign of the input gradient (Inverting Gradients)
-    lr_schedule: bool = False  #: Adam only: MultiStepLR ×0.1 at 3/8, 5/8, 7/8 of the iterations
+    lr_schedule: bool = False  #: Adam only: lr ×0.1 at 3/8, 5/8, 7/8 of the iterations (or at a plateau)
+    #: Adam only: a plateau is ``patience`` iterations in which the best objective did not fall by more than
+    #: ``plateau_rtol`` (relative). It brings the next lr decay forward; after the last decay (or without
+    #: ``lr_schedule``) it ends the attack as converged. ``None``: no plateau stop (fixed schedule).
+    patience: int | None = None
+    plateau_rtol: float = 1e-3
     #: Optimizer steps per restart. Adam: one evaluation each. L-BFGS: DLG's *outer* steps, each up to
     #: ``lbfgs_max_iter`` inner iterations (see the module docstring).
     iterations: int = 300
@@ -167,6 +172,10 @@ class AttackConfig:
         if self.max_evaluations is not None and (not isinstance(self.max_evaluations, int)
                                                  or self.max_evaluations < 1):
             raise ConfigError(f"attack max_evaluations must be an integer >= 1 or null, got {self.max_evaluations!r}")
+        if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
+            raise ConfigError(f"attack patience must be an integer >= 1 or null, got {self.patience!r}")
+        if not (isinstance(self.plateau_rtol, (int, float)) and 0 <= self.plateau_rtol < 1):
+            raise ConfigError(f"attack plateau_rtol must be in [0, 1), got {self.plateau_rtol!r}")
         if not isinstance(self.lbfgs_max_iter, int) or self.lbfgs_max_iter < 1:
             raise ConfigError(f"attack lbfgs_max_iter must be an integer >= 1, got {self.lbfgs_max_iter!r}")
         for name in ("lbfgs_tolerance_change", "lbfgs_tolerance_grad"):
@@ -466,6 +475,43 @@ def invert(
     return result
 
 
+class _StepDecay:
+    """Adam's learning rate: Geiping et al.'s step decay (×0.1 at 3/8, 5/8 and 7/8 of the iterations,
+    as ``MultiStepLR``), where a plateau of the best objective brings the next decay forward; a plateau
+    with no decay left means converged."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, config: AttackConfig):
+        n = config.iterations
+        self.optimizer = optimizer
+        self.base_lr = config.lr
+        self.milestones = sorted({max(1, round(n * f)) for f in (3 / 8, 5 / 8, 7 / 8)}) if config.lr_schedule else []
+        self.decays = 0
+        self.patience = config.patience
+        self.rtol = config.plateau_rtol
+        self.best = math.inf
+        self.since_improvement = 0
+
+    def _plateau(self, objective: float) -> bool:
+        if objective < self.best * (1 - self.rtol) or not math.isfinite(self.best):
+            self.best, self.since_improvement = objective, 0
+            return False
+        self.best = min(self.best, objective)
+        self.since_improvement += 1
+        return self.patience is not None and self.since_improvement >= self.patience
+
+    def step(self, steps_done: int, objective: float) -> bool:
+        """After optimizer step ``steps_done`` (1-based) whose objective was ``objective``: decay the lr
+        when due; return True when the attack has converged."""
+        plateau = self._plateau(objective)
+        if self.decays < len(self.milestones) and (plateau or steps_done >= self.milestones[self.decays]):
+            self.decays += 1
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.base_lr * 0.1**self.decays
+            self.since_improvement = 0
+            return False
+        return plateau
+
+
 class _Attack:
     """One attack's state: the objective and the optimisation loop with restarts and budgets."""
 
@@ -677,9 +723,7 @@ class _Attack:
 
         if cfg.optimizer == "adam":
             opt = torch.optim.Adam(variables, lr=cfg.lr)
-            n = cfg.iterations
-            milestones = sorted({max(1, round(n * f)) for f in (3 / 8, 5 / 8, 7 / 8)})
-            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1) if cfg.lr_schedule else None
+            sched = _StepDecay(opt, cfg)
         else:
             opt = torch.optim.LBFGS(variables, lr=cfg.lr, max_iter=cfg.lbfgs_max_iter,
                                     max_eval=cfg.lbfgs_max_iter * 5 // 4,  # torch's default for max_eval
@@ -696,8 +740,9 @@ class _Attack:
                     if cfg.signed:
                         x.grad.sign_()
                     opt.step()
-                    if sched is not None:
-                        sched.step()
+                    if sched.step(iteration + 1, float(total)):
+                        stop_reason = "converged"
+                        break
                 else:
                     before = versions()
                     total = opt.step(closure)
