@@ -3,6 +3,7 @@ on a batch, on digits (CPU or CUDA). Measures only, asserts nothing; prints mark
 
     python benchmarks/bench_attacks.py --sections dlg              # dlg preset vs original DLG, batch 1 and 4
     python benchmarks/bench_attacks.py --sections ig --seeds 0      # inverting_gradients, batch 4
+    python benchmarks/bench_attacks.py --sections labels             # iDLG / joint labels, 20 digits
     python benchmarks/bench_attacks.py --sections speed              # seconds per 1,000 evaluations
 
 Setting (every section): ``lenet_zhu`` with uniform ±0.5 init (the DLG setting), labels known, no
@@ -22,6 +23,9 @@ returns ([0, 1] pixels, per image then mean, capped at 100 dB).
 ``ig``: the ``inverting_gradients`` preset at its defaults (bounds from the datamodule) on the batch of
 4, with evaluations and seconds to reach ``--ig-target-db`` (25 dB).
 
+``labels``: labels unknown, on ``--label-digits`` single digits (one model, seed 0): iDLG's analytic
+label and DLG's joint label optimisation at the ``dlg`` preset's defaults.
+
 ``speed``: seconds per 1,000 evaluations of each preset on one digit (and resnet18 with ``--models``).
 """
 
@@ -38,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from pl_i2f.attacks import PRESETS, invert
+from pl_i2f.attacks import PRESETS, idlg_label, invert
 from pl_i2f.data import build_datamodule
 from pl_i2f.gradients import flat_gradient
 from pl_i2f.metrics import reconstruction_metrics
@@ -184,6 +188,33 @@ def run_ig(seeds: list[int], target_db: float, batch: int = 4) -> None:
     print(f"\nmedian PSNR {statistics.median(psnrs):.1f} dB; load average at end {load()}\n", flush=True)
 
 
+def run_labels(n_digits: int) -> None:
+    """iDLG and DLG's joint label optimisation (dlg preset defaults) on single digits, labels unknown."""
+    print(f"### label recovery on {n_digits} single digits (load average {load()} at start)")
+    print()
+    dm = build_datamodule("digits")
+    x, y = dm.probe_batch(n_digits)
+    torch.manual_seed(0)
+    model = build_model("lenet_zhu", (1, 16, 16), 10, init="uniform")
+    idlg = joint = 0
+    evaluations, psnrs, stops = [], [], {}
+    for i in range(n_digits):
+        x0, y0 = x[i : i + 1], y[i : i + 1]
+        target = flat_gradient(model, x0, y0)
+        idlg += int(idlg_label(model, target).item() == int(y0))
+        result = invert(model, target, None, x0.shape, label_mode="optimize", seed=i, progress=False)
+        joint += int(result.labels.tolist() == y0.tolist())
+        evaluations.append(result.evaluations)
+        psnrs.append(reconstruction_metrics(result.x, x0, denormalize=dm.denormalize)["psnr"])
+        stops[result.stop_reason] = stops.get(result.stop_reason, 0) + 1
+    print("| method | labels recovered | median evaluations | median PSNR (dB) | stop reasons |")
+    print("|---|---|---|---|---|")
+    print(f"| iDLG (analytic) | {idlg}/{n_digits} | 0 | — | — |")
+    print(f"| dlg preset, joint label optimisation | {joint}/{n_digits} | {statistics.median(evaluations):.0f} | "
+          f"{statistics.median(psnrs):.1f} | {', '.join(f'{k} {v}' for k, v in stops.items())} |")
+    print(f"\nload average at end {load()}\n", flush=True)
+
+
 def run_speed(models: list[str], presets: list[str], evaluations: int, resnet_evaluations: int,
               device: torch.device) -> None:
     print(f"### seconds per 1,000 evaluations (load average {load()} at start)")
@@ -223,11 +254,12 @@ def run_speed(models: list[str], presets: list[str], evaluations: int, resnet_ev
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="+", default=["dlg"], choices=["dlg", "ig", "speed"])
+    parser.add_argument("--sections", nargs="+", default=["dlg"], choices=["dlg", "ig", "labels", "speed"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4], help="dlg section batch sizes")
     parser.add_argument("--target-db", type=float, default=40.0, help="dlg (L2) PSNR threshold")
     parser.add_argument("--ig-target-db", type=float, default=25.0, help="inverting_gradients (cosine) threshold")
+    parser.add_argument("--label-digits", type=int, default=20, help="labels section: single digits")
     parser.add_argument("--models", nargs="+", default=["lenet_zhu"], help="speed section models")
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
     parser.add_argument("--evaluations", type=int, default=1000, help="speed section, lenet_zhu")
@@ -244,6 +276,8 @@ def main() -> None:
         run_dlg(args.seeds, args.batches, args.target_db)
     if "ig" in args.sections:
         run_ig(args.seeds, args.ig_target_db)
+    if "labels" in args.sections:
+        run_labels(args.label_digits)
     if "speed" in args.sections:
         run_speed(args.models, args.presets, args.evaluations, args.resnet_evaluations, torch.device(args.device))
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.nn.utils import parameters_to_vector
 
-from pl_i2f.attacks import PRESETS, AttackResult, attack_config, idlg_label, invert
+from pl_i2f.attacks import PRESETS, AttackResult, _StepDecay, attack_config, idlg_label, invert
 from pl_i2f.data import build_datamodule
 from pl_i2f.errors import ConfigError
 from pl_i2f.gradients import flat_gradient
@@ -71,11 +71,16 @@ def test_inverting_gradients_recovers_one_digit(digits):
     model = lenet()
     x0, y0 = x[1:2], y[1:2]
     lo, hi = dm.pixel_bounds()
+    # the preset's budget and schedule, with a shorter plateau (50 iterations instead of 500) to keep it cheap
     result = invert(model, flat_gradient(model, x0, y0), y0, x0.shape[1:], preset="inverting_gradients",
-                    iterations=600, bounds=(lo, hi), progress=False)
+                    patience=50, bounds=(lo, hi), progress=False)
     assert not result.failed
     assert result.seconds < 60
     assert psnr_of(result, x0, dm) >= 25.0
+    # the plateau stop ended it long before the 24,000-iteration budget (one evaluation per iteration,
+    # plus the end point)
+    assert result.stop_reason == "converged" and result.iterations < 1000
+    assert result.evaluations == result.iterations + 1
     # the box constraint holds
     assert bool((result.x >= lo - 1e-6).all() and (result.x <= hi + 1e-6).all())
 
@@ -230,14 +235,17 @@ def test_target_gradient_formats_and_frozen_parameters(digits):
     assert parameters_to_vector(model.parameters()).numel() == full.numel()
 
 
-def test_label_optimisation_recovers_single_label(digits):
+@pytest.mark.parametrize("index", [0, 2, 3])
+def test_label_optimisation_recovers_single_label(digits, index):
+    """DLG's joint label optimisation at the dlg preset's defaults (a subset of the 20/20 benchmark)."""
     dm, x, y = digits
     model = lenet()
-    x0, y0 = x[2:3], y[2:3]
+    x0, y0 = x[index : index + 1], y[index : index + 1]
     result = invert(model, flat_gradient(model, x0, y0), None, x0.shape, label_mode="optimize", progress=False)
     assert result.threat_model["labels"] == "optimized (DLG)"
     assert result.labels.tolist() == y0.tolist()
     assert psnr_of(result, x0, dm) > 25
+    assert result.converged
 
 
 def test_unknown_labels_for_a_batch_are_optimised(digits):
@@ -354,6 +362,41 @@ def test_non_finite_released_gradient_fails_cleanly(digits):
     assert result.failed and result.iterations == 0
     assert "released gradient" in result.reason
     assert bool(torch.isfinite(result.x).all())
+
+
+def test_step_decay_plateau_brings_decays_forward_then_converges():
+    """Geiping's milestones at 3/8, 5/8, 7/8 of 800 iterations (300, 500, 700); a plateau (the best not
+    1% below its value at the last improvement for 20 steps) brings the next decay forward; a slow steady
+    fall is not a plateau; a plateau after the last decay is convergence."""
+    param = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.Adam([param], lr=0.1)
+    schedule = _StepDecay(optimizer, attack_config("inverting_gradients", box=False, iterations=800, patience=20,
+                                                   plateau_rtol=0.01))
+    lrs, stopped_at = [], None
+    objective = 1.0
+    for step in range(1, 801):
+        if step <= 100:
+            objective *= 0.999  # -0.1% a step: 1% every 11 steps, never 20 steps without
+        elif 130 < step <= 600:
+            objective *= 0.995  # 1% every 3 steps
+        if schedule.step(step, objective):
+            stopped_at = step
+            break
+        lrs.append(optimizer.param_groups[0]["lr"])
+    decays = [i + 1 for i in range(1, len(lrs)) if lrs[i] < lrs[i - 1]]
+    # last improvement at 100 -> plateau at 120 (decay 1, used from step 121); progress from 131 on, so
+    # decay 2 waits for its milestone (500); last improvement at 599 -> plateau at 619 (decay 3), and
+    # 20 more steps without progress: converged at 639
+    assert decays == [120, 500, 619] and stopped_at == 639
+    assert lrs[-1] == pytest.approx(1e-4)
+    # without patience it is MultiStepLR's schedule exactly
+    optimizer = torch.optim.Adam([param], lr=0.1)
+    fixed = _StepDecay(optimizer, attack_config("inverting_gradients", box=False, iterations=800, patience=None))
+    reference = torch.optim.lr_scheduler.MultiStepLR(torch.optim.Adam([param], lr=0.1), [300, 500, 700], 0.1)
+    for step in range(1, 801):
+        assert not fixed.step(step, 1.0)
+        reference.step()
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(reference.get_last_lr()[0])
 
 
 def test_wall_clock_budget_stops_the_attack(digits):
