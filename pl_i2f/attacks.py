@@ -419,9 +419,22 @@ def invert(
         input_shape: ``(B, C, H, W)``, or ``(C, H, W)`` with B from ``labels`` / ``batch_size``.
         preset: ``dlg``, ``inverting_gradients`` or ``gradinversion`` (see :data:`PRESETS`).
         **overrides: any :class:`AttackConfig` field (``iterations``, ``lr``, ``tv``, ``bounds``, ``seed`` …).
+            For callers with a time budget (e.g. an audit):
+
+            * ``max_seconds`` (float | None): wall-clock budget for the whole attack, checked before every
+              evaluation; when it runs out the best iterate so far is returned with
+              ``stop_reason="budget_time"``.
+            * ``max_evaluations`` (int | None): the same as a cap on gradient evaluations
+              (``"budget_evaluations"``).
+            * ``progress_callback`` (``Callable[[int, float], bool | None]``): called every
+              ``progress_every`` (10) optimizer steps with the steps done so far (over all restarts) and
+              the latest objective; returning ``True`` ends the attack (``"callback"``).
 
     Returns:
         An :class:`AttackResult`; ``failed=True`` (never an exception) when the optimisation diverges.
+        ``result.stop_reason`` says what ended it (:data:`STOP_REASONS`: ``converged`` or a budget, the
+        callback, or ``diverged``); ``result.evaluations`` is its cost in gradient evaluations and
+        ``result.iterations`` in optimizer steps (L-BFGS: outer steps).
     """
     config = attack_config(preset, **overrides)
     start = time.perf_counter()
