@@ -146,11 +146,13 @@ def test_anisotropic_same_energy_and_twice_the_heldout_i2f(digits8, lenet8):
     assert abs(energy / (sigma**2 * d_theta(lenet8)) - 1) < 0.02
     op = influence.GradientJacobian(lenet8, held_x, held_y)
     gaussian = influence.expected_i2f(op, noise_std=sigma)
-    shaped = influence.expected_i2f(op, noise_sampler=sampler, samples=128, generator=torch.Generator().manual_seed(1))
+    shaped = influence.expected_i2f(op, noise_sampler=sampler, noise_draws=128,
+                                    generator=torch.Generator().manual_seed(1))
     assert float(shaped.value) >= 2 * float(gaussian.value)
     # the baseline it beats is the same-σ Gaussian defense, through its own sampler
     iso_sampler = defenses.build("gaussian", sigma=sigma).noise_sampler(0, model=lenet8)
-    iso = influence.expected_i2f(op, noise_sampler=iso_sampler, samples=64, generator=torch.Generator().manual_seed(1))
+    iso = influence.expected_i2f(op, noise_sampler=iso_sampler, noise_draws=64,
+                                 generator=torch.Generator().manual_seed(1))
     assert float(iso.value) == pytest.approx(float(gaussian.value), rel=0.1)
 
 
