@@ -48,9 +48,10 @@ def main() -> None:
     parser.add_argument("a", help="checkout A (e.g. the old code)")
     parser.add_argument("b", help="checkout B (e.g. this one)")
     parser.add_argument("--pairs", type=int, default=3)
-    parser.add_argument("bench_args", nargs=argparse.REMAINDER, help="after --: arguments for bench_influence.py")
-    args = parser.parse_args()
-    bench_args = [a for a in args.bench_args if a != "--"]
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    bench_args = argv[split + 1 :]  # for bench_influence.py
     samples: dict[str, dict[str, list[float]]] = {"A": defaultdict(list), "B": defaultdict(list)}
     loads = [os.getloadavg()]
     for _ in range(args.pairs):

@@ -38,6 +38,20 @@ def test_build_registry_and_unknown_name():
         defenses.build("gaussian", sigma=0.1, colour="blue")
 
 
+def test_a_bug_inside_a_constructor_keeps_its_traceback(monkeypatch):
+    """Options are checked against the constructor's signature; a TypeError raised *inside* it is a bug, not a
+    bad option, and must surface as itself."""
+    with pytest.raises(ConfigError, match="bad options"):
+        defenses.build("anisotropic", sigma=0.1, colour="blue")  # the shape options are checked too
+
+    def broken_init(self, *args, **kwargs):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+
+    monkeypatch.setattr(defenses.AnisotropicNoise, "__init__", broken_init)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        defenses.build("anisotropic", sigma=0.1)
+
+
 def test_none_releases_the_clean_gradient(digits8, lenet8):
     x, y = digits8.probe_batch(8)
     d = defenses.build("none")

@@ -211,8 +211,8 @@ def per_sample_leakage(
                 expected_jdelta = jdeltas.pow(2).sum(-1).mean(-1).sqrt()
             if expected:
                 squares, epsilon = expected_squares(problems, quadrature, damp, isotropic=jdeltas is None,
-                                                jdeltas=jdeltas, cg_maxiter=cg_maxiter(n),
-                                                lambda_max=lambda: float(lam_max.max()))
+                                                    jdeltas=jdeltas, cg_maxiter=cg_maxiter(n),
+                                                    lambda_max=lambda: float(lam_max.max()))
                 exp_i2f = root_mean_square(squares)[0]
                 if noise_std is not None:
                     exp_i2f = noise_std * exp_i2f
