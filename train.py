@@ -26,6 +26,7 @@ from pl_i2f import defenses
 from pl_i2f.data import build_datamodule
 from pl_i2f.errors import ConfigError, DataUnavailableError
 from pl_i2f.models import build_model
+from pl_i2f.report import format_number
 from pl_i2f.module import ClassifierModule
 
 log = logging.getLogger("pl_i2f")
@@ -100,7 +101,7 @@ def _print_summary(cfg: DictConfig, metrics: dict[str, float], trainer: pl.Train
     table.add_column("value", justify="right")
     shown = [k for k in sorted(metrics) if not k.endswith("_step") and "/" in k]
     for key in shown:
-        table.add_row(key, f"{metrics[key]:.4f}")
+        table.add_row(key, format_number(metrics[key]))
     console = Console(stderr=False)
     console.print(table)
     console.print(f"outputs: {cfg.paths.output_dir}")

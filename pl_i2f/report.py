@@ -11,11 +11,39 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 SUMMARY_FILE = "summary.json"
+
+
+def format_number(value: float | int | None, digits: int = 4) -> str:
+    """``value`` with ``digits`` significant digits, in the notation its magnitude calls for.
+
+    Plain decimals between 1e-3 and 1e5 (trailing zeros dropped: ``0.9783``, ``0.01``, ``20``), scientific
+    notation outside (``2.602e+06``, ``1e+10``, ``3.4e-09``), so that a 1e-9 eigenvalue does not print as
+    ``0.0000`` beside a 1e6 condition number. ``None`` → ``—``; NaN and ±inf as ``nan``, ``inf``, ``-inf``.
+    """
+    if digits < 1:
+        raise ValueError(f"digits must be >= 1, got {digits}")
+    if value is None:
+        return "—"
+    number = float(value)
+    if not math.isfinite(number):
+        return str(number)
+    if number == 0:
+        return "0"
+    magnitude = abs(number)
+    if 1e-3 <= magnitude < 1e5:
+        decimals = max(digits - 1 - math.floor(math.log10(magnitude)), 0)
+        text = f"{number:.{decimals}f}"
+        return text.rstrip("0").rstrip(".") if "." in text else text
+    mantissa, exponent = f"{number:.{digits - 1}e}".split("e")
+    if "." in mantissa:
+        mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{exponent}"
 
 
 @dataclass
@@ -59,13 +87,11 @@ def load_runs(root: Path) -> list[RunPoint]:
 
 
 def markdown_table(points: list[RunPoint]) -> str:
-    def fmt(value: float | None) -> str:
-        return "—" if value is None else f"{value:.4g}"
-
+    fmt = format_number
     lines = ["| run | defense | val acc | test acc | I²F pixel RMSE | ε | audit RMSE |",
              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {p.path.name} | {p.label} | {fmt(p.val_acc)} | {fmt(p.test_acc)} | {fmt(p.leakage)} | "
-              f"{fmt(p.epsilon)} | {fmt(p.audit_rmse)} |" for p in points]
+    lines += [f"| {p.path.name} | {p.label} | {format_number(p.val_acc)} | {format_number(p.test_acc)} | {format_number(p.leakage)} | "
+              f"{format_number(p.epsilon)} | {format_number(p.audit_rmse)} |" for p in points]
     return "\n".join(lines)
 
 

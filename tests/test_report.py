@@ -37,3 +37,25 @@ def test_report_without_summaries_is_one_clear_error(tmp_path, capsys):
         main([str(tmp_path)])
     assert exit_info.value.code == 2
     assert "no summary.json below" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (0.97834, "0.9783"), (0.01, "0.01"), (20.0, "20"), (1234.56, "1235"), (0.0, "0"), (2.0, "2"),
+        (2602118.4, "2.602e+06"), (1e10, "1e+10"), (3.4e-9, "3.4e-09"), (-0.000123456, "-1.235e-04"),
+        (0.00123, "0.00123"), (None, "—"), (float("nan"), "nan"), (float("inf"), "inf"),
+    ],
+)
+def test_format_number_follows_the_magnitude(value, text):
+    from pl_i2f.report import format_number
+
+    assert format_number(value) == text
+
+
+def test_format_number_keeps_small_values_visible_beside_large_ones():
+    from pl_i2f.report import format_number
+
+    # the summary table's old fixed '.4f' printed lambda_min as 0.0000 beside condition_number 2602118
+    assert format_number(4.1e-11) != "0" and float(format_number(4.1e-11)) == pytest.approx(4.1e-11)
+    assert float(format_number(123456789.0)) == pytest.approx(123456789.0, rel=1e-3)
