@@ -1,10 +1,14 @@
-"""Small helpers shared by the callbacks: finding the W&B run, logging media on the step axis."""
+"""Small helpers shared by the callbacks: finding the W&B run, logging media on the step axis, a W&B logger
+without the deprecated ``anonymous`` setting, and quieting third-party notices that are not the user's concern."""
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Any
 
 import pytorch_lightning as pl
+from pytorch_lightning.loggers import WandbLogger as _LightningWandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from pl_i2f.module import log_at_step
@@ -40,3 +44,44 @@ def log_scalars_at_step(trainer: pl.Trainer, scalars: dict[str, float], prefix: 
     """Scalars of a sparse, step-scheduled event (every N steps, step 0 included), filed at exactly that step
     (default: now; see :func:`pl_i2f.module.log_at_step` for why not ``pl_module.log``)."""
     log_at_step(trainer, {f"{prefix}/{k}": float(v) for k, v in scalars.items()}, step)
+
+
+class WandbLogger(_LightningWandbLogger):
+    """Lightning's ``WandbLogger`` minus the ``anonymous=None`` it always passes to ``wandb.init``: wandb >= 0.19
+    warns on every run that the setting "has no effect" even when nobody set it."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(self.prefixes)
+
+
+_quieted = False
+
+
+def quiet_known_warnings() -> None:
+    """Silence, each by its exact message and origin, the notices every run printed that say nothing about the
+    user's run: Lightning's advertisement for LitLogger, Lightning's use of torch's deprecated ``LeafSpec`` and
+    the ``torch.jit.script`` deprecation that importing torch's forward-mode decompositions (the first ``jvp``
+    of the I²F engine) triggers. Idempotent."""
+    global _quieted
+    if _quieted:
+        return
+    _quieted = True
+    from lightning_utilities.core import rank_zero
+
+    rank_zero.log.addFilter(_DropMessages("💡 Tip: For seamless cloud logging"))
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning, module=r"pytorch_lightning\.utilities\._pytree")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        import torch._decomp.decompositions_for_jvp  # noqa: F401  (scripts a few functions at import)

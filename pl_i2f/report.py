@@ -87,11 +87,11 @@ def load_runs(root: Path) -> list[RunPoint]:
 
 
 def markdown_table(points: list[RunPoint]) -> str:
-    fmt = format_number
     lines = ["| run | defense | val acc | test acc | I²F pixel RMSE | ε | audit RMSE |",
              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {p.path.name} | {p.label} | {format_number(p.val_acc)} | {format_number(p.test_acc)} | {format_number(p.leakage)} | "
-              f"{format_number(p.epsilon)} | {format_number(p.audit_rmse)} |" for p in points]
+    for p in points:
+        values = " | ".join(format_number(v) for v in (p.val_acc, p.test_acc, p.leakage, p.epsilon, p.audit_rmse))
+        lines.append(f"| {p.path.name} | {p.label} | {values} |")
     return "\n".join(lines)
 
 
