@@ -52,12 +52,14 @@ def _plain(node: DictConfig) -> dict[str, Any]:
 
 # -- checks that need no torch: a typo is reported in a second, not after the heavy imports ----------
 def _group_names(group: str) -> set[str]:
-    """The ``name:`` of every option of a config group (conf/<group>/*.yaml)."""
+    """The ``name`` every option of a config group sets (conf/<group>/*.yaml; a ``_global_`` option sets
+    ``<group>.name``)."""
     names = set()
     for path in (CONF_DIR / group).glob("*.yaml"):
-        for line in path.read_text().splitlines():
-            if line.startswith("name:"):
-                names.add(line.split(":", 1)[1].split("#")[0].strip().strip("'\""))
+        node = OmegaConf.load(path)
+        name = node.get(group, {}).get("name") if "_global_" in path.read_text().split("\n", 1)[0] else node.get("name")
+        if name is not None:
+            names.add(str(name))
     return names
 
 
@@ -89,7 +91,11 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, ClassifierModule, pl
 
     quiet_known_warnings()
     datamodule = build_datamodule(**_plain(cfg.data))
-    model = build_model(**_plain(cfg.model), input_shape=datamodule.input_shape, num_classes=datamodule.num_classes)
+    model_options = _plain(cfg.model)
+    # the config lists every scheme's options (so `model.init_kwargs.a=0.5` needs no `+`); null: not given
+    model_options["init_kwargs"] = {k: v for k, v in (model_options.get("init_kwargs") or {}).items()
+                                    if v is not None}
+    model = build_model(**model_options, input_shape=datamodule.input_shape, num_classes=datamodule.num_classes)
     defense = defenses.build(**_plain(cfg.defense))
     module = ClassifierModule(model, datamodule.num_classes, defense=defense, **_plain(cfg.optim))
     callbacks = _instantiate_group(cfg.get("callbacks"))

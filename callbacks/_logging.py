@@ -8,8 +8,10 @@ import warnings
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.loggers import WandbLogger as _LightningWandbLogger
 from pytorch_lightning.utilities import rank_zero_only
+from torch import Tensor
 
 from pl_i2f.module import log_at_step
 
@@ -22,6 +24,16 @@ def wandb_run(trainer: pl.Trainer) -> Any | None:
         if isinstance(logger, WandbLogger):
             return logger.experiment
     return None
+
+
+def wandb_image(image: Tensor, caption: str | None = None) -> Any:
+    """A ``wandb.Image`` of a C×H×W image with pixels in [0, 1]. (``wandb.Image`` casts a float tensor straight
+    to uint8, so [0, 1] pixels would all become 0: a black image.)"""
+    import wandb
+
+    pixels = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
+    array = pixels.squeeze(-1).numpy() if pixels.shape[-1] == 1 else pixels.numpy()
+    return wandb.Image(array, caption=caption)
 
 
 @rank_zero_only

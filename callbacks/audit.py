@@ -12,7 +12,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info
 
-from callbacks._logging import log_media, log_scalars, wandb_run
+from callbacks._logging import log_media, log_scalars, wandb_image, wandb_run
 from pl_i2f.attacks import attack_config, invert
 from pl_i2f.defenses.base import analysis_model
 from pl_i2f.errors import ConfigError
@@ -148,7 +148,7 @@ class AttackAudit(Callback):
         columns = ["predicted_pixel_rmse", "attack_rmse", "epoch", "label"]
         table = wandb.Table(columns=columns, data=[[p[c] for c in columns] for p in self.pairs])
         log_media(trainer, {
-            "audit/reconstructions": wandb.Image(grid, caption="top: originals, bottom: reconstructions"),
+            "audit/reconstructions": wandb_image(grid, caption="top: originals, bottom: reconstructions"),
             "audit/calibration": wandb.plot.scatter(table, "predicted_pixel_rmse", "attack_rmse",
                                                     title="I²F prediction vs attack RMSE"),
         })
