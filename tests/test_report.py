@@ -59,3 +59,26 @@ def test_format_number_keeps_small_values_visible_beside_large_ones():
     # the summary table's old fixed '.4f' printed lambda_min as 0.0000 beside condition_number 2602118
     assert format_number(4.1e-11) != "0" and float(format_number(4.1e-11)) == pytest.approx(4.1e-11)
     assert float(format_number(123456789.0)) == pytest.approx(123456789.0, rel=1e-3)
+
+
+def test_report_without_leakage_says_what_is_missing_instead_of_an_empty_plot(tmp_path, capsys, recwarn):
+    for i, sigma in enumerate((0.01, 0.1)):
+        directory = tmp_path / str(i)
+        directory.mkdir()
+        final = {"val/acc": 0.9 - i / 10, "test/acc": 0.89}  # a run whose monitor never evaluated
+        (directory / "summary.json").write_text(json.dumps({"final": final, "defense": {"name": "gaussian",
+                                                                                          "sigma": sigma}}))
+    main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "no run has leakage/expected_i2f_pixel_rmse" in out and "no run has privacy/epsilon" in out
+    assert not (tmp_path / "tradeoff.png").exists()
+    assert (tmp_path / "tradeoff.md").exists()
+    assert not [w for w in recwarn if "legend" in str(w.message).lower()]
+
+
+def test_report_draws_only_the_axes_some_run_has(tmp_path, capsys):
+    write_summary(tmp_path / "0", {"name": "dpsgd", "noise_multiplier": 1.0}, 0.9, None, epsilon=5.0)
+    main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "no run has leakage" in out and "privacy/epsilon" not in out.split("note:")[-1]
+    assert (tmp_path / "tradeoff.png").read_bytes().startswith(b"\x89PNG")

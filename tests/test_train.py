@@ -83,3 +83,26 @@ def test_unknown_config_group_option_lists_the_choices(tmp_path):
     assert result.returncode != 0
     assert "Could not find 'model/vgg'" in result.stderr
     assert "lenet_zhu" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_logged_wandb_images_are_not_blank(run_training, tmp_path):
+    """Every PNG an offline run writes (the monitor's worst samples, the audit's originals-vs-reconstructions
+    grid) shows the digits: wandb.Image casts float pixels to uint8 as they are, so [0, 1] images came out black."""
+    import numpy as np
+    from PIL import Image
+
+    run_training([
+        "data.size=8", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1", "logger=wandb", "callbacks=audit", "~callbacks.progress_bar",
+        "~callbacks.model_checkpoint", "callbacks.i2f_monitor.max_overhead=null", "callbacks.attack_audit.n_samples=2",
+        "attack.iterations=10",
+    ])
+    (run_dir,) = offline_runs(tmp_path)
+    pngs = sorted((run_dir / "files" / "media" / "images").rglob("*.png"))
+    kinds = {p.relative_to(run_dir / "files" / "media" / "images").parts[0] for p in pngs}
+    assert kinds == {"leakage", "audit"}, pngs
+    for png in pngs:
+        pixels = np.asarray(Image.open(png).convert("L"), dtype=np.float64)
+        # digits: dark background, bright strokes — a real spread of grey levels, not one flat value
+        assert pixels.max() >= 200 and pixels.std() >= 20, (png, pixels.min(), pixels.max(), pixels.std())
+        assert len(np.unique(pixels)) >= 8, png
