@@ -79,6 +79,14 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.momentum must be in [0, 1), got {momentum}")
 
 
+def warn_ineffective(cfg: DictConfig) -> None:
+    """Say so when a setting the user changed has nothing to act on in this configuration."""
+    threat = cfg.get("threat_model") or {}
+    if not threat.get("labels_known", True) and "attack_audit" not in (cfg.get("callbacks") or {}):
+        log.warning("threat_model.labels_known=false changes only the attack audit, which is off (add "
+                    "callbacks=audit); the leakage monitor's I²F estimate always assumes known labels")
+
+
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, ClassifierModule, pl.Trainer]:
     """Build datamodule, module (model + defense + optimizer settings) and trainer from the config."""
     from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
@@ -124,6 +132,7 @@ def _run_config(cfg: DictConfig, datamodule: Any, module: ClassifierModule) -> d
 def run(cfg: DictConfig) -> dict[str, float]:
     """Fit and test as the config says; return the final metrics (``val/acc``, ``test/acc`` …)."""
     check_config(cfg)
+    warn_ineffective(cfg)
     import pytorch_lightning as pl
     import torch
 
