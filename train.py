@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -191,6 +192,13 @@ def _finish_wandb(trainer: pl.Trainer) -> None:
         wandb.finish()
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+    """A warning as ``file:line: Category: message``, without the echoed source line (for most of ours that is
+    just ``rank_zero_warn(``)."""
+    return f"{filename}:{lineno}: {category.__name__}: {message}"
+
+
 def _log_to_the_run_log() -> None:
     """Send Lightning's messages and Python warnings through the root logger, which Hydra has pointed at the
     console and ``<output_dir>/train.log``: the file then holds what the console showed (bar the progress bar
@@ -202,6 +210,7 @@ def _log_to_the_run_log() -> None:
             logger.removeHandler(handler)
         logger.propagate = True
     logging.captureWarnings(True)
+    warnings.formatwarning = _one_line_warning
 
 
 def _save_resolved_config(cfg: DictConfig) -> None:

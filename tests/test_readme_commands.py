@@ -33,6 +33,8 @@ SHORTEN = [
     "data.probe_size=4",
     "attack.iterations=5",
 ]
+# notices every run used to print that say nothing about the user's run (silenced where they arise)
+NOISE = ["litlogger", "litmodels", "anonymous setting", "LeafSpec", "torch.jit.script", "Full backward hook"]
 SHORTEN_AUDIT = ["callbacks.attack_audit.n_samples=1"]
 # the anisotropic defense's directions come from J on a reference batch: 8 digits cost minutes under load
 SHORTEN_ANISOTROPIC = ["defense.reference_size=2"]
@@ -133,6 +135,7 @@ def test_readme_command_works(results, cid, argv, needs):
     result = results[cid]
     assert result["returncode"] == 0, f"`python train.py {cid}` failed:\n{result['output']}"
     assert "Traceback" not in result["output"], result["output"]
+    assert not [n for n in NOISE if n in result["output"]], result["output"]
     jobs = _job_dirs(result["cwd"])
     assert jobs, f"no run folder under {result['cwd']}"
     for job in jobs:

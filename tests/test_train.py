@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,9 +24,7 @@ def train_cli(
 
 
 def test_default_run_reaches_95_percent_and_writes_an_offline_wandb_run(tmp_path):
-    start = time.perf_counter()
     result = train_cli(tmp_path, "trainer.enable_progress_bar=false")
-    seconds = time.perf_counter() - start
     assert result.returncode == 0, result.stderr[-3000:]
     runs = offline_runs(tmp_path)
     assert len(runs) == 1
@@ -37,7 +34,12 @@ def test_default_run_reaches_95_percent_and_writes_an_offline_wandb_run(tmp_path
     assert run.config["threat_model"]["labels_known"] is True
     assert run.config["derived"]["data"]["train_size"] == 1257
     assert "pl_i2f run summary" in result.stdout and "wandb sync" in result.stdout
-    assert seconds < 240, f"default run took {seconds:.0f}s"  # README promises < 2 min on an idle machine
+    (run_dir,) = {p.parent for p in tmp_path.rglob("train.log")}
+    log = (run_dir / "train.log").read_text()
+    assert "pl_i2f run summary" in log and "GPU available" in log and "val/acc" in log  # the console log
+    resolved = (run_dir / ".hydra" / "resolved_config.yaml").read_text()
+    assert "${" in (run_dir / ".hydra" / "config.yaml").read_text() and "${" not in resolved
+    assert f"output_dir: {run_dir}" in resolved
 
 
 def test_fake_data_mlp_one_epoch_from_the_command_line(tmp_path):
