@@ -77,21 +77,18 @@ class _DropMessages(logging.Filter):
         return not str(record.getMessage()).startswith(self.prefixes)
 
 
-_quieted = False
+_ADVERT = _DropMessages("💡 Tip: For seamless cloud")  # Lightning's LitLogger / LitModels advertisements
 
 
 def quiet_known_warnings() -> None:
     """Silence, each by its exact message and origin, the notices every run printed that say nothing about the
-    user's run: Lightning's advertisement for LitLogger, Lightning's use of torch's deprecated ``LeafSpec`` and
-    the ``torch.jit.script`` deprecation that importing torch's forward-mode decompositions (the first ``jvp``
-    of the I²F engine) triggers. Idempotent."""
-    global _quieted
-    if _quieted:
-        return
-    _quieted = True
+    user's run: Lightning's advertisements for LitLogger and LitModels, Lightning's use of torch's deprecated
+    ``LeafSpec`` and the ``torch.jit.script`` deprecation that importing torch's forward-mode decompositions
+    (the first ``jvp`` of the I²F engine) triggers. Safe to call again (pytest resets warning filters)."""
     from lightning_utilities.core import rank_zero
 
-    rank_zero.log.addFilter(_DropMessages("💡 Tip: For seamless cloud logging"))
+    if _ADVERT not in rank_zero.log.filters:
+        rank_zero.log.addFilter(_ADVERT)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning, module=r"pytorch_lightning\.utilities\._pytree")
     with warnings.catch_warnings():
