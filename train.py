@@ -58,7 +58,9 @@ def _group_names(group: str) -> set[str]:
     names = set()
     for path in (CONF_DIR / group).glob("*.yaml"):
         node = OmegaConf.load(path)
-        name = node.get(group, {}).get("name") if "_global_" in path.read_text().split("\n", 1)[0] else node.get("name")
+        if path.read_text().startswith("# @package _global_"):
+            node = node.get(group, {})
+        name = node.get("name")
         if name is not None:
             names.add(str(name))
     return names
@@ -217,9 +219,12 @@ def _save_resolved_config(cfg: DictConfig) -> None:
     """``.hydra/config.yaml`` keeps the ``${...}`` interpolations; save the values this run used beside it."""
     from hydra.core.hydra_config import HydraConfig
 
-    hydra_dir = Path(HydraConfig.get().runtime.output_dir) / HydraConfig.get().output_subdir
-    if hydra_dir.is_dir():
-        (hydra_dir / RESOLVED_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.output_subdir is None:  # hydra.output_subdir=null: the user asked for no .hydra folder
+        return
+    hydra_dir = Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    (hydra_dir / RESOLVED_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
