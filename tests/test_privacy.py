@@ -66,7 +66,7 @@ def test_dpsgd_run_logs_the_bound_of_its_own_history(run_training):
     from pl_i2f.data import build_datamodule
 
     steps = 5
-    metrics = run_training(["defense=dpsgd", "data.size=8", "+trainer.limit_val_batches=1",
+    metrics = run_training(["defense=dpsgd", "data.size=8", "data.batch_size=32", "+trainer.limit_val_batches=1",
                             "+trainer.limit_test_batches=1", "defense.noise_multiplier=1.0",
                             f"+trainer.limit_train_batches={steps}"])
     q = build_datamodule("digits", size=8, batch_size=32, seed=42, poisson_sampling=True).sample_rate
