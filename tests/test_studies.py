@@ -104,7 +104,7 @@ def test_i2f_vs_attack_summary_matches_scipy(i2f_vs_attack_run):
 
 
 def test_i2f_vs_attack_untrained_dlg_follows_the_prediction(i2f_vs_attack_run):
-    """Even the smoke budget (25 L-BFGS steps on 8x8 digits) puts DLG on the untrained LeNet near x₀ + I²F(δ):
+    """Even the smoke budget (40 L-BFGS steps on 8x8 digits) puts DLG on the untrained LeNet near x₀ + I²F(δ):
     its error grows with σ for every sample and is within a factor 2 of the undamped prediction."""
     case = i2f_vs_attack_run.summary["cases"]["untrained/dlg"]
     assert case["predictors"]["undamped"]["rho_sigma_min"] == pytest.approx(1.0)
@@ -186,3 +186,24 @@ def test_study_entry_runs_the_smoke_version(tmp_path):
     assert (tmp_path / "eigen_directions.csv").is_file() and (tmp_path / "eigen_directions.png").is_file()
     with pytest.raises(ConfigError, match="unknown eigen_directions parameter"):
         study.changed_params("eigen_directions", {"nope": 1})
+
+
+def test_interrupted_units_resume_from_the_journal(tmp_path):
+    from pl_i2f.studies.common import run_units
+
+    journal, calls = tmp_path / "study.units.jsonl", []
+
+    def flaky(unit):
+        calls.append(unit)
+        if unit == 2 and len(calls) == 3:
+            raise KeyboardInterrupt  # the run is stopped while unit 2 is in progress
+        return [{"unit": unit, "value": unit * 1.5}]
+
+    with pytest.raises(KeyboardInterrupt):
+        run_units(flaky, [0, 1, 2, 3], workers=1, journal=journal, key="k")
+    rows = run_units(flaky, [0, 1, 2, 3], workers=1, journal=journal, key="k")
+    assert calls == [0, 1, 2, 2, 3]  # units 0 and 1 were not run again
+    assert rows == [{"unit": u, "value": u * 1.5} for u in range(4)]
+    # another configuration starts over
+    run_units(flaky, [0, 1], workers=1, journal=journal, key="other")
+    assert calls[-2:] == [0, 1]

@@ -244,27 +244,70 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def run_units(fn: Callable[[Any], list[dict[str, Any]]], units: Sequence[Any], workers: int) -> list[dict[str, Any]]:
+def _read_journal(journal: Path, key: str) -> dict[int, list[dict[str, Any]]]:
+    """Units finished by an earlier, interrupted run with the same ``key`` (empty if none or another key)."""
+    if not journal.is_file():
+        return {}
+    lines = journal.read_text().splitlines()
+    try:
+        if not lines or json.loads(lines[0]).get("key") != key:
+            return {}
+        entries = [json.loads(line) for line in lines[1:] if line.strip()]
+    except json.JSONDecodeError:  # a line cut by the interruption: keep the complete ones
+        entries = []
+        for line in lines[1:]:
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return {int(e["unit"]): e["rows"] for e in entries}
+
+
+def run_units(fn: Callable[[Any], list[dict[str, Any]]], units: Sequence[Any], workers: int,
+              journal: Path | None = None, key: str = "") -> list[dict[str, Any]]:
     """``fn`` over independent work units, in ``workers`` forked processes (1: in this process), one torch
     thread each; rows come back in the units' order. The attacks' many tiny kernels scale with processes,
-    not threads."""
+    not threads.
+
+    With a ``journal`` file, every finished unit's rows are appended to it, and a rerun with the same
+    ``key`` (the study's configuration) skips the units already there: an interrupted study resumes.
+    """
     workers = max(1, min(int(workers), len(units), os.cpu_count() or 1))
     start = time.perf_counter()
     done: dict[int, list[dict[str, Any]]] = {}
+    if journal is not None:
+        done = {i: rows for i, rows in _read_journal(journal, key).items() if i < len(units)}
+        if done:
+            log.info("resuming: %d of %d units already in %s", len(done), len(units), journal)
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        with journal.open("w") as fh:  # rewrite: the header and the complete entries only
+            fh.write(json.dumps({"key": key}) + "\n")
+            for index, rows in sorted(done.items()):
+                fh.write(json.dumps({"unit": index, "rows": rows}) + "\n")
+    todo = [i for i in range(len(units)) if i not in done]
 
     def progress(index: int, rows: list[dict[str, Any]]) -> None:
         done[index] = rows
+        if journal is not None:
+            with journal.open("a") as fh:
+                fh.write(json.dumps({"unit": index, "rows": _plain(rows)}) + "\n")
         log.info("unit %d/%d done (%d rows, %.0f s)", len(done), len(units), len(rows), time.perf_counter() - start)
 
-    if workers == 1:
-        for index, unit in enumerate(units):
-            progress(index, fn(unit))
+    if workers == 1 or len(todo) <= 1:
+        for index in todo:
+            progress(index, fn(units[index]))
     else:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork"), initializer=_one_thread) as pool:
-            futures = {pool.submit(fn, unit): index for index, unit in enumerate(units)}
+        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=get_context("fork"),
+                                 initializer=_one_thread) as pool:
+            futures = {pool.submit(fn, units[index]): index for index in todo}
             for future in as_completed(futures):
                 progress(futures[future], future.result())
     return [row for index in range(len(units)) for row in done[index]]
+
+
+def config_key(config: Any, smoke: bool) -> str:
+    """A stable text key of a study's configuration (for resuming from a journal)."""
+    return json.dumps(_plain({"config": config, "smoke": smoke}), sort_keys=True)
 
 
 # --- figures ------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from pl_i2f.studies.common import (
     AttackSpec,
     StudyResult,
     attack_error,
+    config_key,
     float64_copy,
     median,
     probe_model,
@@ -137,13 +138,16 @@ def run(out_dir: str | Path, smoke: bool = False, **params: Any) -> StudyResult:
         "min_relative_eigenvalue": config.min_relative_eigenvalue, "attacks": attacks, "stats": (dm.mean, dm.std),
         "seed": config.seed, "meta": {"sample": i, "label": int(y[i]), "val_acc": info["val_acc"]},
     } for i in range(len(y))]
-    records = run_units(_unit, units, config.workers)
+    journal = out_dir / f"{NAME}.units.jsonl"  # lets an interrupted run resume where it stopped
+    records = run_units(_unit, units, config.workers, journal=journal, key=config_key(config, smoke))
     summary = analyse(records)
     summary["model"] = info
     result = StudyResult(NAME, asdict(config) | {"smoke": smoke}, records, summary, 0.0, out_dir)
     result.figures = plot(records, summary, out_dir)
     result.seconds = time.perf_counter() - start
-    return save_result(result)
+    save_result(result)
+    journal.unlink(missing_ok=True)
+    return result
 
 
 def analyse(records: list[dict[str, Any]]) -> dict[str, Any]:

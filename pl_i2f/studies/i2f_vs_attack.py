@@ -40,6 +40,7 @@ from pl_i2f.studies.common import (
     AttackSpec,
     StudyResult,
     attack_error,
+    config_key,
     float64_copy,
     median,
     probe_model,
@@ -99,7 +100,7 @@ SMOKE: dict[str, Any] = {
     "sigma_min": 1e-4,
     "sigma_max": 1e-2,
     "models": {"untrained": {"init": "uniform", "epochs": 0}, "trained": {"init": "xavier_uniform", "epochs": 1}},
-    "attacks": {"dlg": {"iterations": 25}, "inverting_gradients": {"iterations": 15}},
+    "attacks": {"dlg": {"iterations": 40}, "inverting_gradients": {"iterations": 15}},
     "data": {"name": "digits", "size": 8},
     "workers": 1,
 }
@@ -214,13 +215,16 @@ def run(out_dir: str | Path, smoke: bool = False, **params: Any) -> StudyResult:
                 "meta": {"model": model_name, "init": info["init"], "epochs": info["epochs"],
                          "val_acc": info["val_acc"], "sample": i, "label": int(y[i])},
             })
-    records = run_units(_unit, units, config.workers)
+    journal = out_dir / f"{NAME}.units.jsonl"  # lets an interrupted run resume where it stopped
+    records = run_units(_unit, units, config.workers, journal=journal, key=config_key(config, smoke))
     summary = analyse(records)
     summary["models"] = models_info
     result = StudyResult(NAME, asdict(config) | {"smoke": smoke}, records, summary, 0.0, out_dir)
     result.figures = plot(records, summary, out_dir)
     result.seconds = time.perf_counter() - start
-    return save_result(result)
+    save_result(result)
+    journal.unlink(missing_ok=True)
+    return result
 
 
 # --- analysis ---------------------------------------------------------------------------------------------
