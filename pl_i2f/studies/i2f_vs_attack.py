@@ -333,7 +333,7 @@ def plot(records: list[dict[str, Any]], summary: dict[str, Any], out_dir: str | 
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel("gradient noise σ (std per coordinate)")
-            ax.set_ylabel("reconstruction error ‖x̂ − x₀‖ (normalised input units)")
+            ax.set_ylabel("attack error ‖x̂ − x₀‖ (normalised units)")
             acc = rows[0]["val_acc"] if rows else math.nan
             ax.set_title(f"{model} (val acc {acc:.2f}) — {attack}", fontsize=10)
             ax.grid(alpha=0.3)
@@ -372,7 +372,7 @@ def plot(records: list[dict[str, Any]], summary: dict[str, Any], out_dir: str | 
     # 3. across-sample ranking
     keys = [*PREDICTORS, *BASELINES]
     cases = summary.get("cases", {})
-    fig, axes = plt.subplots(1, len(models), figsize=(6.0 * len(models), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(6.0 * len(models), 4.6), squeeze=False)
     width = 0.8 / max(len(attacks), 1)
     for i, model in enumerate(models):
         ax = axes[0][i]
@@ -387,7 +387,7 @@ def plot(records: list[dict[str, Any]], summary: dict[str, Any], out_dir: str | 
         ax.set_xticks([x + width * (len(attacks) - 1) / 2 for x in range(len(keys))])
         ax.set_xticklabels([PREDICTOR_LABELS[k] for k in keys], rotation=35, ha="right", fontsize=7)
         ax.set_ylim(-1.05, 1.05)
-        ax.set_ylabel("Spearman ρ across samples (median over σ)")
+        ax.set_ylabel("Spearman ρ across samples\n(median over σ)")
         n = cases.get(f"{model}/{attacks[0]}", {}).get("samples", "?") if attacks else "?"
         ax.set_title(f"{model}: which samples leak most? ({n} samples)", fontsize=10)
         ax.grid(alpha=0.3, axis="y")
