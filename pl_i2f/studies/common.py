@@ -166,20 +166,19 @@ def probe_model(datamodule: ImageDataModule, name: str = "lenet_zhu", init: str 
     """A model at initialisation (``epochs=0``) or trained for ``epochs`` epochs of plain Adam on the
     datamodule's training split (seeded; no defense), in eval mode. Returns it with a description
     (init, epochs, validation accuracy)."""
-    torch.manual_seed(seed)
     datamodule.setup("fit")
-    model = build_model(name, datamodule.input_shape, datamodule.num_classes, init=init, **model_kwargs)
-    if epochs > 0:
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-        model.train()
-        for _ in range(epochs):
-            for xb, yb in datamodule.train_dataloader():
-                optimizer.zero_grad(set_to_none=True)
-                F.cross_entropy(model(xb), yb).backward()
-                optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        for p in model.parameters():
-            p.grad = None
+    with torch.random.fork_rng():  # seeded init and shuffling, the caller's global RNG left as it was
+        torch.manual_seed(seed)
+        model = build_model(name, datamodule.input_shape, datamodule.num_classes, init=init, **model_kwargs)
+        if epochs > 0:
+            optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+            model.train()
+            for _ in range(epochs):
+                for xb, yb in datamodule.train_dataloader():
+                    optimizer.zero_grad(set_to_none=True)
+                    F.cross_entropy(model(xb), yb).backward()
+                    optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
     model.eval()
     info = {"model": name, "init": init, "epochs": epochs, "lr": lr, "seed": seed,
             "val_acc": accuracy(model, datamodule)}
