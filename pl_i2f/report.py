@@ -150,6 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: root)")
     args = parser.parse_args(argv)
     points = load_runs(args.root)
+    from pl_i2f.studies.report import redraw_studies  # study runs (python study.py ...): their own figures
+    if redraw_studies(args.root, args.out) and not points:
+        return
     if not points:
         parser.exit(2, f"error: no {SUMMARY_FILE} below {args.root} (runs need the TradeoffTracker callback)\n")
     out = args.out or args.root
