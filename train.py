@@ -11,6 +11,7 @@ Thin on purpose: compose the config, build objects, fit, test, summarise. Everyt
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,11 @@ from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 from callbacks._logging import wandb_run
 from pl_i2f import defenses
 from pl_i2f.data import build_datamodule
-from pl_i2f.errors import ConfigError, DataUnavailableError
+from pl_i2f.checkpoint import SafeCheckpointIO, prepare_resume
+from pl_i2f.errors import is_config_exception, one_line
 from pl_i2f.models import build_model
 from pl_i2f.module import ClassifierModule
+from pl_i2f.validation import check_against_data, discard_run_dir, validate_config
 
 log = logging.getLogger("pl_i2f")
 
@@ -57,7 +60,8 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, ClassifierModule, pl
     if not cfg.trainer.get("enable_checkpointing", True):
         callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
     loggers = _instantiate_group(cfg.get("logger"))
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                      plugins=[SafeCheckpointIO()])  # weights_only loading, atomic saving
     return datamodule, module, trainer
 
 
@@ -77,14 +81,18 @@ def run(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, module, trainer = build(cfg)
     datamodule.setup("fit")
+    check_against_data(_plain(cfg), len(datamodule.val_set), len(datamodule.train_set))
+    resume = prepare_resume(cfg.get("ckpt_path"), module.model, module.defense.name, cfg.trainer.max_epochs)
+    if resume.message:
+        log.info("%s", resume.message)
     for logger in trainer.loggers:
         logger.log_hyperparams(_run_config(cfg, datamodule, module))
 
-    if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if cfg.get("train", True) and not resume.finished:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
     if cfg.get("test", True):
-        trainer.test(module, datamodule=datamodule, verbose=False)
+        trainer.test(module, datamodule=datamodule, verbose=False, ckpt_path=resume.path if resume.finished else None)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
     _print_summary(cfg, metrics, trainer)
     _finish_wandb(trainer)
@@ -124,15 +132,30 @@ def _finish_wandb(trainer: pl.Trainer) -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
+        validate_config(OmegaConf.to_container(cfg, resolve=True))
         metrics = run(cfg)
-    except (ConfigError, DataUnavailableError) as exc:
-        # a configuration mistake is one line, not a traceback wall
-        log.error("%s", exc)
-        print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        if not is_config_exception(exc):
+            raise
+        # a configuration mistake is one line, not a traceback wall, and leaves no run directory behind
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        discard_run_dir(cfg.paths.output_dir, cfg.paths.root_dir)
         sys.exit(2)
     objective = cfg.get("optimized_metric")
     return metrics.get(objective) if objective else None
 
 
+def cli() -> None:
+    """``python train.py``: Hydra's own config errors (unknown group option, typo'd key) are one line, exit 2."""
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises them instead of printing a stack-trace hint
+    try:
+        main()
+    except Exception as exc:
+        if not is_config_exception(exc):
+            raise
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    cli()
