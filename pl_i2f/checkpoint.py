@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from collections.abc import Mapping
@@ -32,13 +33,14 @@ LIGHTNING_KEYS = ("state_dict", "pytorch-lightning_version")
 
 def _describe_load_failure(path: Path, exc: BaseException) -> str:
     text = str(exc)
-    if "Unsupported global" in text or "Weights only load failed" in text:
-        culprit = next((line.strip() for line in text.splitlines() if "Unsupported global" in line), "")
-        culprit = culprit.split("Unsupported global:")[-1].strip() if culprit else "a pickled Python object"
+    culprit = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
+    if culprit:
         return (f"refusing to load checkpoint {path}: it holds Python objects beyond tensors and plain data "
-                f"({culprit}); only checkpoints written by pl_i2f/Lightning load safely (weights_only)")
-    if isinstance(exc, (EOFError, zipfile.BadZipFile)) or any(
-            s in text for s in ("central directory", "unexpected EOF", "Ran out of input", "file read failed")):
+                f"({culprit.group(1)}); only checkpoints written by pl_i2f/Lightning load safely (weights_only)")
+    with open(path, "rb") as f:
+        looks_like_torch = f.read(4) in (b"PK\x03\x04", b"\x80\x02\x8a\x0a")  # zip archive / legacy format
+    if looks_like_torch or isinstance(exc, (EOFError, zipfile.BadZipFile)) or any(
+            s in text for s in ("central directory", "unexpected EOF", "Ran out of input")):
         return f"checkpoint {path} is truncated or corrupted ({type(exc).__name__}); use an earlier checkpoint"
     first = text.splitlines()[0] if text else type(exc).__name__
     return f"checkpoint {path} cannot be read as a PyTorch checkpoint ({type(exc).__name__}: {first[:160]})"
