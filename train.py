@@ -24,8 +24,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 
 from callbacks._logging import wandb_run
 from pl_i2f import defenses
-from pl_i2f.data import build_datamodule
 from pl_i2f.checkpoint import SafeCheckpointIO, prepare_resume
+from pl_i2f.data import build_datamodule
 from pl_i2f.errors import is_config_exception, one_line
 from pl_i2f.models import build_model
 from pl_i2f.module import ClassifierModule

@@ -112,10 +112,10 @@ def _check_trainer(trainer: Mapping[str, Any]) -> None:
     max_epochs = trainer.get("max_epochs")
     if max_epochs is None and not bounded_by_steps:
         raise ConfigError("trainer.max_epochs must be set (an integer >= 1) unless trainer.max_steps is")
-    if max_epochs is not None and not (bounded_by_steps and max_epochs == -1):
-        if not _is_int(max_epochs) or max_epochs < 1:
-            hint = " (-1, Lightning's 'train forever', needs trainer.max_steps)" if max_epochs == -1 else ""
-            raise ConfigError(f"trainer.max_epochs must be an integer >= 1{hint}, got {max_epochs!r}")
+    forever_by_steps = bounded_by_steps and max_epochs == -1
+    if max_epochs is not None and not forever_by_steps and (not _is_int(max_epochs) or max_epochs < 1):
+        hint = " (-1, Lightning's 'train forever', needs trainer.max_steps)" if max_epochs == -1 else ""
+        raise ConfigError(f"trainer.max_epochs must be an integer >= 1{hint}, got {max_epochs!r}")
     for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
         value = trainer.get(key)
         if value is None:
