@@ -81,6 +81,11 @@ class EpochPoissonSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    @property
+    def sampler(self) -> EpochPoissonSampler:
+        """Itself: Lightning calls ``set_epoch`` on ``loader.sampler`` and ``loader.batch_sampler.sampler``."""
+        return self
+
     def __len__(self) -> int:
         return self.steps
 
@@ -208,9 +213,12 @@ class ImageDataModule(pl.LightningDataModule):
         if self.poisson_sampling:
             return poisson_loader(self.train_set, self.batch_size, self.seed, self.num_workers)
         rank, world_size = distributed_rank()
+        if self.batch_size % world_size:
+            raise ConfigError(f"data.batch_size={self.batch_size} (the global batch) must be divisible by the "
+                              f"{world_size} training processes")
         return DataLoader(
             self.train_set,
-            batch_size=self.batch_size,
+            batch_size=self.batch_size // world_size,
             sampler=EpochShuffleSampler(len(self.train_set), self.seed, rank, world_size),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

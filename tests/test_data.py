@@ -150,3 +150,24 @@ def test_torchvision_datamodule_reads_local_files(tmp_path):
 
 def test_registry_lists_the_documented_datasets():
     assert {"digits", "fake", "mnist", "fashion_mnist", "cifar10", "cifar100"} <= set(DATAMODULES)
+
+
+@pytest.mark.parametrize("poisson", [False, True])
+def test_data_order_is_a_function_of_seed_and_epoch(poisson):
+    """Lightning's per-epoch hook reaches the sampler; each epoch draws new batches, and a fresh loader set to
+    epoch e (a resumed run) draws exactly what the first loader drew in epoch e."""
+    from lightning_fabric.utilities.data import _set_sampler_epoch
+
+    def epoch_batches(loader, epoch):
+        _set_sampler_epoch(loader, epoch)
+        return [y.tolist() for _, y in loader]
+
+    dm = build_datamodule("fake", input_shape=(1, 4, 4), num_samples=100, batch_size=10, poisson_sampling=poisson,
+                          seed=5)
+    first = dm.train_dataloader()
+    run = [epoch_batches(first, e) for e in range(3)]
+    assert run[0] != run[1] != run[2]
+    resumed = build_datamodule("fake", input_shape=(1, 4, 4), num_samples=100, batch_size=10,
+                               poisson_sampling=poisson, seed=5).train_dataloader()
+    assert epoch_batches(resumed, 2) == run[2]
+    assert epoch_batches(resumed, 1) == run[1]
