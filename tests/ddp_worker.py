@@ -14,8 +14,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train.py
 
-import train  # noqa: E402
-from conftest import compose_config  # noqa: E402
+import train
+from conftest import compose_config
 
 COMMON = [
     "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=2",

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from ddp_worker import COMMON, DEFENSES, Record
 
 import train
 from conftest import ROOT, compose_config
-from ddp_worker import COMMON, DEFENSES, Record
 
 NAMES = ("none", "gaussian", "dpsgd")
 
