@@ -84,9 +84,10 @@ def require_number(key: str, value: Any, *, low: float | None = None, high: floa
         raise ConfigError(f"{key} must be {bound_text}, got {value!r}")
 
 
-def require_name(key: str, value: Any, valid: tuple[str, ...]) -> None:
+def require_name(kind: str, value: Any, valid: tuple[str, ...], key: str | None = None) -> None:
+    """The library's "unknown <kind> '<value>'; valid: …" line, followed by the option's key."""
     if value not in valid:
-        raise unknown_name(key, str(value), valid)
+        raise ConfigError(f"{unknown_name(kind, str(value), valid)}{f' ({key})' if key else ''}")
 
 
 def require_bool(key: str, value: Any) -> None:
@@ -141,11 +142,11 @@ def _check_trainer(trainer: Mapping[str, Any]) -> None:
 
 
 def _check_optim(optim: Mapping[str, Any]) -> None:
-    require_name("optimizer (optim.optimizer)", optim.get("optimizer", "sgd"), OPTIMIZERS)
+    require_name("optimizer", optim.get("optimizer", "sgd"), OPTIMIZERS, "optim.optimizer")
     require_number("optim.lr", optim.get("lr"), low=0.0, low_open=True)
     require_number("optim.momentum", optim.get("momentum", 0.0), low=0.0, high=1.0, high_open=True)
     require_number("optim.weight_decay", optim.get("weight_decay", 0.0), low=0.0)
-    require_name("LR scheduler (optim.scheduler)", optim.get("scheduler", "none"), LR_SCHEDULERS)
+    require_name("LR scheduler", optim.get("scheduler", "none"), LR_SCHEDULERS, "optim.scheduler")
     if "step_size" in optim:
         require_int("optim.step_size", optim["step_size"], 1)
     if "gamma" in optim:
@@ -153,7 +154,7 @@ def _check_optim(optim: Mapping[str, Any]) -> None:
 
 
 def _check_data(data: Mapping[str, Any]) -> None:
-    require_name("dataset (data.name)", data.get("name"), DATASETS)
+    require_name("dataset", data.get("name"), DATASETS, "data.name")
     require_int("data.batch_size", data.get("batch_size"), 1)
     for key, minimum in (("eval_batch_size", 1), ("probe_size", 1), ("num_workers", 0), ("size", 4),
                          ("num_classes", 2), ("num_samples", 3), ("val_size", 1)):
@@ -175,10 +176,10 @@ def _check_data(data: Mapping[str, Any]) -> None:
 
 
 def _check_model(model: Mapping[str, Any]) -> None:
-    require_name("model (model.name)", model.get("name"), MODELS)
-    require_name("init scheme (model.init)", model.get("init", "default"), INIT_SCHEMES)
+    require_name("model", model.get("name"), MODELS, "model.name")
+    require_name("init scheme", model.get("init", "default"), INIT_SCHEMES, "model.init")
     if "activation" in model:
-        require_name("activation (model.activation)", model["activation"], ACTIVATIONS)
+        require_name("activation", model["activation"], ACTIVATIONS, "model.activation")
     if "width" in model:
         require_int("model.width", model["width"], 1)
     hidden = model.get("hidden")
@@ -192,12 +193,12 @@ def _check_model(model: Mapping[str, Any]) -> None:
 def _check_schedule(schedule: Any, key: str) -> None:
     if schedule is None or isinstance(schedule, str):
         if isinstance(schedule, str):
-            require_name(f"noise schedule ({key})", schedule, NOISE_SCHEDULES)
+            require_name("noise schedule", schedule, NOISE_SCHEDULES, key)
         return
     if not isinstance(schedule, Mapping):
         raise ConfigError(f"{key} must be a noise schedule mapping, got {schedule!r}")
-    require_name(f"noise schedule ({key}.name)", schedule.get("name", "constant"), NOISE_SCHEDULES)
-    require_name(f"noise schedule unit ({key}.by)", schedule.get("by", "step"), SCHEDULE_UNITS)
+    require_name("noise schedule", schedule.get("name", "constant"), NOISE_SCHEDULES, f"{key}.name")
+    require_name("noise schedule unit", schedule.get("by", "step"), SCHEDULE_UNITS, f"{key}.by")
     if "final" in schedule:
         require_number(f"{key}.final", schedule["final"], low=0.0)
     if "gamma" in schedule:
@@ -210,7 +211,7 @@ def _check_schedule(schedule: Any, key: str) -> None:
 
 def _check_defense(defense: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
     name = defense.get("name")
-    require_name("defense (defense.name)", name, tuple(DEFENSE_OPTIONS))
+    require_name("defense", name, tuple(DEFENSE_OPTIONS), "defense.name")
     unknown = sorted(set(defense) - set(DEFENSE_OPTIONS[name]))
     if unknown:
         raise ConfigError(f"unknown option defense.{unknown[0]} for defense={name}; valid: "
@@ -237,7 +238,7 @@ def _check_defense(defense: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
     if name == "pruning":
         require_number("defense.ratio (fraction of gradient entries pruned)", defense.get("ratio", 0.9),
                        low=0.0, high=1.0, high_open=True)
-        require_name("pruning scope (defense.scope)", defense.get("scope", "global"), ("global", "per_layer"))
+        require_name("pruning scope", defense.get("scope", "global"), ("global", "per_layer"), "defense.scope")
     if name == "dpsgd":
         _check_dpsgd(defense, cfg)
 
@@ -259,9 +260,9 @@ def _check_dpsgd(defense: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
     require_number("defense.max_grad_norm (DP-SGD per-sample clipping norm)", defense.get("max_grad_norm", 1.0),
                    low=0.0, low_open=True)
     require_number("defense.delta", defense.get("delta", 1e-5), low=0.0, high=1.0, low_open=True, high_open=True)
-    require_name("privacy accountant (defense.accountant)", defense.get("accountant", "rdp"), ACCOUNTANTS)
-    require_name("DP-SGD noise shape (defense.noise_shape)", defense.get("noise_shape", "isotropic"),
-                 ("anisotropic", "isotropic"))
+    require_name("privacy accountant", defense.get("accountant", "rdp"), ACCOUNTANTS, "defense.accountant")
+    require_name("DP-SGD noise shape", defense.get("noise_shape", "isotropic"), ("anisotropic", "isotropic"),
+                 "defense.noise_shape")
     for key in ("poisson_sampling", "fix_model"):
         if key in defense:
             require_bool(f"defense.{key}", defense[key])
@@ -294,7 +295,7 @@ def _check_callbacks(callbacks: Mapping[str, Any], cfg: Mapping[str, Any]) -> No
         require_number(f"{key}.damping", monitor.get("damping", 0.0), low=0.0)
         require_number(f"{key}.relative_damping", monitor.get("relative_damping", 0.0), low=0.0)
         require_number(f"{key}.max_overhead", monitor.get("max_overhead"), low=0.0, low_open=True, optional=True)
-        require_name(f"leakage method ({key}.method)", monitor.get("method", "slq"), MONITOR_METHODS)
+        require_name("leakage method", monitor.get("method", "slq"), MONITOR_METHODS, f"{key}.method")
         for option in ("spectrum_samples", "worst_k", "warmup_steps"):
             if option in monitor:
                 require_int(f"{key}.{option}", monitor[option], 0)
@@ -334,7 +335,7 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     if "labels_known" in threat:
         require_bool("threat_model.labels_known", threat["labels_known"])
     if "model_mode" in threat:
-        require_name("threat_model.model_mode", threat["model_mode"], ("eval", "train"))
+        require_name("model mode", threat["model_mode"], ("eval", "train"), "threat_model.model_mode")
     _check_callbacks(_section(cfg, "callbacks"), cfg)
     ckpt = cfg.get("ckpt_path")
     if ckpt is not None:
