@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -171,3 +173,25 @@ def test_data_order_is_a_function_of_seed_and_epoch(poisson):
                                poisson_sampling=poisson, seed=5).train_dataloader()
     assert epoch_batches(resumed, 2) == run[2]
     assert epoch_batches(resumed, 1) == run[1]
+
+
+def test_failed_download_leaves_no_new_data_root(tmp_path, monkeypatch):
+    """A download that fails after torchvision created the folders removes the root this run created."""
+    import torchvision
+
+    root = tmp_path / "new_root"
+
+    class FailingMNIST:
+        def __init__(self, root, train, download, transform):
+            (Path(root) / "MNIST" / "raw").mkdir(parents=True)
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", FailingMNIST)
+    with pytest.raises(DataUnavailableError, match="the download failed"):
+        build_datamodule("mnist", root=str(root), download=True).setup()
+    assert not root.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(DataUnavailableError):
+        build_datamodule("mnist", root=str(existing), download=True).setup()
+    assert existing.exists()  # a root the user had is never removed
