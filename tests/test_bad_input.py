@@ -231,3 +231,24 @@ def test_discard_run_dir_keeps_results(tmp_path):
     empty = tmp_path / "empty_run"
     (empty / ".hydra").mkdir(parents=True)
     assert validation.discard_run_dir(empty) and not empty.exists()
+
+
+def test_leakage_scalars_are_never_nan_or_inf():
+    """A defense whose noise has no single std (a sampler only) used to report noise_std = NaN."""
+    import math
+
+    from pl_i2f.defenses import GaussianDefense
+    from pl_i2f.leakage import measure_leakage
+    from pl_i2f.models import build_model
+
+    class SamplerOnly(GaussianDefense):
+        def noise_std(self, step):
+            return None
+
+    torch.manual_seed(0)
+    model = build_model("mlp", input_shape=(1, 3, 3), num_classes=3, hidden=[4])
+    x, y = torch.randn(3, 1, 3, 3), torch.tensor([0, 1, 2])
+    report = measure_leakage(model, x, y, SamplerOnly(sigma=0.1), 0, worst_k=0, spectrum_samples=2,
+                             generator=torch.Generator().manual_seed(0))
+    assert report.scalars and all(math.isfinite(v) for v in report.scalars.values()), report.scalars
+    assert "noise_std" not in report.scalars and "expected_i2f" in report.scalars
