@@ -136,6 +136,11 @@ def _check_trainer(trainer: Mapping[str, Any]) -> None:
     if not (devices == "auto" or (_is_int(devices) and (devices >= 1 or devices == -1))
             or (isinstance(devices, (list, tuple)) and devices)):
         raise ConfigError(f"trainer.devices must be an integer >= 1, -1, 'auto' or a list of ids, got {devices!r}")
+    several = (_is_int(devices) and devices != 1) or (isinstance(devices, (list, tuple)) and len(devices) > 1) or (
+        _is_int(trainer.get("num_nodes", 1)) and trainer.get("num_nodes", 1) > 1)
+    if several and trainer.get("use_distributed_sampler", True):
+        raise ConfigError(f"trainer.devices={devices} needs trainer=ddp (the datamodule splits each global batch over "
+                          "the processes itself; Lightning's distributed sampler must be off)")
     deterministic = trainer.get("deterministic", False)
     if deterministic not in (True, False, "warn", None):
         raise ConfigError(f"trainer.deterministic must be true, false or 'warn', got {deterministic!r}")

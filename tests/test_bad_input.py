@@ -87,6 +87,7 @@ TABLE: list[tuple[list[str], str]] = [
                                                     "both set"),
     (["defense=dpsgd", "model=convnet"], "defense=dpsgd cannot train model=convnet's BatchNorm layers per sample"),
     (["defense=dpsgd", "trainer.gradient_clip_val=1.0"], "unset trainer.gradient_clip_val"),
+    (["trainer.devices=2"], "trainer.devices=2 needs trainer=ddp"),
     (["callbacks=audit", "threat_model.labels_known=false", "attack.label_mode=known"],
      "attack.label_mode=known needs labels, but threat_model.labels_known=false"),
     # missing files
@@ -194,6 +195,7 @@ def test_every_shipped_config_validates(make_cfg):
 
     for overrides in ([], ["defense=dpsgd"], ["defense=gaussian"], ["defense=anisotropic"], ["defense=pruning"],
                       ["experiment=digits_dpsgd"], ["experiment=digits_anisotropic"], ["callbacks=audit"],
+                      ["experiment=cifar10_resnet18"], ["experiment=init_study"], ["trainer=ddp"],
                       ["data=fake", "model=mlp"], ["model=convnet", "defense=dpsgd", "defense.fix_model=true"]):
         validation.validate_config(OmegaConf.to_container(make_cfg(overrides, fast=False), resolve=True))
 
