@@ -119,7 +119,7 @@ def measure_leakage(
     result = per_sample_leakage(
         model, x, y,
         noise_std=noise.std, noise_sampler=noise.sampler, damping=damping, relative_damping=relative_damping,
-        method=method, samples=samples, probes=LANCZOS_CHAINS, generator=generator,
+        method=method, noise_draws=samples, probes=LANCZOS_CHAINS, generator=generator,
     )
     report = LeakageReport(per_sample=result, labels=y.detach().cpu(), pixel_std=pixel_std, noise=noise, step=step)
     pixel = report.pixel_rmse.detach().double().cpu()

@@ -47,7 +47,7 @@ DEFENSE_OPTIONS: dict[str, tuple[str, ...]] = {
     "pruning": ("name", "ratio", "scope", "seed"),
     "dpsgd": ("name", "noise_multiplier", "target_epsilon", "max_grad_norm", "delta", "accountant",
               "poisson_sampling", "fix_model", "noise_shape", "anisotropic", "schedule", "expected_batch_size",
-              "seed"),
+              "reconstruction_baseline", "seed"),
 }
 
 
@@ -271,6 +271,9 @@ def _check_dpsgd(defense: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
     for key in ("poisson_sampling", "fix_model"):
         if key in defense:
             require_bool(f"defense.{key}", defense[key])
+    if "reconstruction_baseline" in defense:
+        require_number("defense.reconstruction_baseline (κ)", defense["reconstruction_baseline"], low=0.0, high=1.0,
+                       low_open=True, high_open=True)
     if defense.get("expected_batch_size") is not None:
         require_int("defense.expected_batch_size", defense["expected_batch_size"], 1)
     model = _section(cfg, "model")
