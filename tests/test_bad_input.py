@@ -83,8 +83,8 @@ TABLE: list[tuple[list[str], str]] = [
     (["data=fake", "data.noise=nan"], "data.noise must be a finite number >= 0, got nan"),
     (["data.batch_size=4096"], "data.batch_size=4096 is larger than the digits train split (1257 samples)"),
     # incompatible combinations
-    (["defense=dpsgd", "defense.target_epsilon=3"], "defense.noise_multiplier=1.0 and defense.target_epsilon=3 are "
-                                                    "both set"),
+    (["defense=dpsgd", "defense.noise_multiplier=1.5", "defense.target_epsilon=3"],
+     "defense.noise_multiplier=1.5 and defense.target_epsilon=3 are both set"),
     (["defense=dpsgd", "model=convnet"], "defense=dpsgd cannot train model=convnet's BatchNorm layers per sample"),
     (["defense=dpsgd", "trainer.gradient_clip_val=1.0"], "unset trainer.gradient_clip_val"),
     (["trainer.devices=2"], "trainer.devices=2 needs trainer=ddp"),
