@@ -70,7 +70,6 @@ def _group_names(group: str) -> set[str]:
 def check_config(cfg: DictConfig) -> None:
     """Fail fast, before torch is imported, on the mistakes that need no model to detect: names that no
     config option provides and impossible optimizer numbers. (The library checks everything again.)"""
-    validate_config(OmegaConf.to_container(cfg, resolve=True))  # every option: types, ranges, combinations
     for group, kind in (("model", "model"), ("data", "dataset"), ("defense", "defense")):
         name = cfg[group].get("name")
         valid = _group_names(group)
@@ -82,6 +81,7 @@ def check_config(cfg: DictConfig) -> None:
     momentum = cfg.optim.get("momentum", 0.0)
     if not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
         raise ConfigError(f"optim.momentum must be in [0, 1), got {momentum}")
+    validate_config(OmegaConf.to_container(cfg, resolve=True))  # every option: types, ranges, combinations
 
 
 def warn_ineffective(cfg: DictConfig) -> None:
