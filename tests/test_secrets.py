@@ -29,7 +29,7 @@ def test_environment_credentials_are_not_written_into_run_files(tmp_path: Path, 
         "~callbacks.i2f_monitor", "~callbacks.progress_bar", "trainer.max_epochs=1",
         "trainer.enable_progress_bar=false",
         "data=fake", "data.input_shape=[1,6,6]", "data.num_samples=100", "data.probe_size=4", "model=mlp",
-        "model.hidden=[8]", "defense=dpsgd",
+        "model.hidden=[8]", "defense=dpsgd", "data.batch_size=16",
     ])
     monkeypatch.chdir(ROOT)
     GlobalHydra.instance().clear()
