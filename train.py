@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from pl_i2f.errors import ConfigError, DataUnavailableError, unknown_name
+from pl_i2f.errors import ConfigError, is_config_exception, one_line, unknown_name
+from pl_i2f.validation import check_against_data, discard_run_dir, validate_config
 
 if TYPE_CHECKING:  # torch, Lightning and W&B take seconds to import: only after the config is checked
     import pytorch_lightning as pl
@@ -80,6 +81,7 @@ def check_config(cfg: DictConfig) -> None:
     momentum = cfg.optim.get("momentum", 0.0)
     if not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
         raise ConfigError(f"optim.momentum must be in [0, 1), got {momentum}")
+    validate_config(OmegaConf.to_container(cfg, resolve=True))  # every option: types, ranges, combinations
 
 
 def warn_ineffective(cfg: DictConfig) -> None:
@@ -96,6 +98,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, ClassifierModule, pl
 
     from callbacks._logging import quiet_known_warnings
     from pl_i2f import defenses
+    from pl_i2f.checkpoint import SafeCheckpointIO
     from pl_i2f.data import build_datamodule
     from pl_i2f.models import build_model
     from pl_i2f.module import ClassifierModule
@@ -117,7 +120,8 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, ClassifierModule, pl
     if not cfg.trainer.get("enable_checkpointing", True):
         callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
     loggers = _instantiate_group(cfg.get("logger"))
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                      plugins=[SafeCheckpointIO()])  # weights_only loading, atomic saving
     return datamodule, module, trainer
 
 
@@ -139,17 +143,23 @@ def run(cfg: DictConfig) -> dict[str, float]:
     import pytorch_lightning as pl
     import torch
 
+    from pl_i2f.checkpoint import prepare_resume
+
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, module, trainer = build(cfg)
     datamodule.setup("fit")
+    check_against_data(_plain(cfg), len(datamodule.val_set), len(datamodule.train_set))
+    resume = prepare_resume(cfg.get("ckpt_path"), module.model, module.defense.name, cfg.trainer.max_epochs)
+    if resume.message:
+        log.info("%s", resume.message)
     for logger in trainer.loggers:
         logger.log_hyperparams(_run_config(cfg, datamodule, module))
 
-    if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if cfg.get("train", True) and not resume.finished:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
     if cfg.get("test", True):
-        trainer.test(module, datamodule=datamodule, verbose=False)
+        trainer.test(module, datamodule=datamodule, verbose=False, ckpt_path=resume.path if resume.finished else None)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
     _print_summary(cfg, metrics, trainer)
     _finish_wandb(trainer)
@@ -233,13 +243,28 @@ def main(cfg: DictConfig) -> float | None:
     try:
         _save_resolved_config(cfg)
         metrics = run(cfg)
-    except (ConfigError, DataUnavailableError) as exc:
-        # a configuration mistake is one line, not a traceback wall
-        print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        if not is_config_exception(exc):
+            raise
+        # a configuration mistake is one line, not a traceback wall, and leaves no run directory behind
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        discard_run_dir(cfg.paths.output_dir, cfg.paths.root_dir)
         sys.exit(2)
     objective = cfg.get("optimized_metric")
     return metrics.get(objective) if objective else None
 
 
+def cli() -> None:
+    """``python train.py``: Hydra's own config errors (unknown group option, typo'd key) are one line, exit 2."""
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises them instead of printing a stack-trace hint
+    try:
+        main()
+    except Exception as exc:
+        if not is_config_exception(exc):
+            raise
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

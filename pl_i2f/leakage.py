@@ -151,7 +151,8 @@ def measure_leakage(
     report.per_class = {
         int(c): float(pixel[report.labels == c].mean()) for c in torch.unique(report.labels).tolist()
     }
-    report.scalars = scalars
+    # never report NaN/inf (a non-isotropic noise has no single std; λ_min = 0 has no condition number)
+    report.scalars = {k: v for k, v in scalars.items() if math.isfinite(v)}
     return report
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -150,3 +152,46 @@ def test_torchvision_datamodule_reads_local_files(tmp_path):
 
 def test_registry_lists_the_documented_datasets():
     assert {"digits", "fake", "mnist", "fashion_mnist", "cifar10", "cifar100"} <= set(DATAMODULES)
+
+
+@pytest.mark.parametrize("poisson", [False, True])
+def test_data_order_is_a_function_of_seed_and_epoch(poisson):
+    """Lightning's per-epoch hook reaches the sampler; each epoch draws new batches, and a fresh loader set to
+    epoch e (a resumed run) draws exactly what the first loader drew in epoch e."""
+    from lightning_fabric.utilities.data import _set_sampler_epoch
+
+    def epoch_batches(loader, epoch):
+        _set_sampler_epoch(loader, epoch)
+        return [y.tolist() for _, y in loader]
+
+    dm = build_datamodule("fake", input_shape=(1, 4, 4), num_samples=100, batch_size=10, poisson_sampling=poisson,
+                          seed=5)
+    first = dm.train_dataloader()
+    run = [epoch_batches(first, e) for e in range(3)]
+    assert run[0] != run[1] != run[2]
+    resumed = build_datamodule("fake", input_shape=(1, 4, 4), num_samples=100, batch_size=10,
+                               poisson_sampling=poisson, seed=5).train_dataloader()
+    assert epoch_batches(resumed, 2) == run[2]
+    assert epoch_batches(resumed, 1) == run[1]
+
+
+def test_failed_download_leaves_no_new_data_root(tmp_path, monkeypatch):
+    """A download that fails after torchvision created the folders removes the root this run created."""
+    import torchvision
+
+    root = tmp_path / "new_root"
+
+    class FailingMNIST:
+        def __init__(self, root, train, download, transform):
+            (Path(root) / "MNIST" / "raw").mkdir(parents=True)
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", FailingMNIST)
+    with pytest.raises(DataUnavailableError, match="the download failed"):
+        build_datamodule("mnist", root=str(root), download=True).setup()
+    assert not root.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(DataUnavailableError):
+        build_datamodule("mnist", root=str(existing), download=True).setup()
+    assert existing.exists()  # a root the user had is never removed

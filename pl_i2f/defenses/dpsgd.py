@@ -71,6 +71,12 @@ def opacus_noise(sizes: list[int], shapes: list[torch.Size] | None, std: float, 
     return torch.cat(draws).to(like.device)
 
 
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
 def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                                schedule: NoiseSchedule, accountant: str) -> float:
     """σ₀ such that the schedule σ_t = σ₀ f(t) over ``steps`` steps spends ``target_epsilon`` (Opacus)."""
@@ -286,9 +292,19 @@ class DPSGDDefense(Defense):
             grad_sample_mode="hooks",
         )
         hooks.forbid_grad_accumulation()  # what make_private does under Poisson sampling
+        self.expected_batch_size = int(dp_optimizer.expected_batch_size)  # of the global batch
+        world_size = _world_size()
+        if world_size > 1:
+            # Opacus' distributed recipe (make_private only detects it on a DDP-wrapped module; Lightning wraps
+            # the LightningModule): each rank clips its share of the Poisson batch, rank 0 adds the noise, the
+            # clipped sums are all-reduced, and the accountant steps once per global batch at rate q.
+            dp_optimizer = self.engine._prepare_optimizer(
+                optimizer=dp_optimizer.original_optimizer, noise_multiplier=dp_optimizer.noise_multiplier,
+                max_grad_norm=self.max_grad_norm, expected_batch_size=self.expected_batch_size / world_size,
+                noise_generator=self.training_generator(like.device), distributed=True, grad_sample_mode="hooks")
+            dp_optimizer.attach_step_hook(self.engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
         self._hooks, self._optimizer = hooks, dp_optimizer
         self.sample_rate = sample_rate
-        self.expected_batch_size = int(dp_optimizer.expected_batch_size)
         if not self.poisson_sampling:
             warnings.warn("defense.poisson_sampling=false: ε assumes Poisson sampling and is only approximate",
                           stacklevel=2)

@@ -1,0 +1,67 @@
+"""Run by ``tests/test_ddp.py`` under ``torchrun --nproc_per_node=2``: one tiny ``trainer=ddp`` run per defense
+named on the command line (CPU, gloo), through ``train.run`` as ``python train.py`` builds it. Every rank
+writes its final weights, its ε and the batches it saw to ``<out>/<defense>/rank<r>.pt``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train.py
+
+import train
+from conftest import compose_config
+
+COMMON = [
+    "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=2",
+    "trainer.enable_progress_bar=false", "logger=csv", "callbacks=default", "~callbacks.progress_bar",
+    "callbacks.i2f_monitor.every_n_steps=4", "callbacks.i2f_monitor.max_overhead=null",
+    "callbacks.i2f_monitor.spectrum_samples=0", "callbacks.i2f_monitor.worst_k=0",
+    "data=fake", "data.input_shape=[1,6,6]", "data.num_samples=200", "data.batch_size=30", "data.probe_size=4",
+    "model=mlp", "model.hidden=[8]", "optim=sgd", "optim.lr=0.05", "seed=3",
+]
+DEFENSES = {"none": ["defense=none"], "gaussian": ["defense=gaussian", "defense.sigma=0.05"],
+            "dpsgd": ["defense=dpsgd", "defense.noise_multiplier=1.0"]}
+
+
+class Record(pl.Callback):
+    """Remembers the rank-local batch sizes (each rank trains on its own share) and the final weights."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.weights: dict[str, torch.Tensor] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.sizes.append(len(batch[1]))
+
+    def on_train_end(self, trainer, pl_module):
+        self.weights = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+
+
+def main(out: Path, names: list[str]) -> None:
+    torch.set_num_threads(1)
+    for name in names:
+        cfg = compose_config([*COMMON, *DEFENSES[name]], out / name)
+        recorder = Record()
+        original_build = train.build
+
+        def build(cfg, recorder=recorder, original_build=original_build):
+            datamodule, module, trainer = original_build(cfg)
+            trainer.callbacks.insert(0, recorder)
+            return datamodule, module, trainer
+
+        train.build = build
+        metrics = train.run(cfg)
+        train.build = original_build
+        rank = int(os.environ.get("RANK", 0))
+        torch.save({"metrics": metrics, "batch_sizes": recorder.sizes, "weights": recorder.weights,
+                    "world_size": torch.distributed.get_world_size()}, out / name / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2].split(","))
