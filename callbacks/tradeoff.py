@@ -14,8 +14,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from callbacks._logging import log_media, wandb_run
 from callbacks.audit import AttackAudit
-
-SUMMARY_FILE = "summary.json"
+from pl_i2f.report import SUMMARY_FILE
 
 
 def _metric(trainer: pl.Trainer, key: str) -> float | None:

@@ -18,12 +18,12 @@ from __future__ import annotations
 from typing import Any
 
 from pl_i2f.defenses.anisotropic import AnisotropicDefense, AnisotropicNoise
-from pl_i2f.defenses.base import Defense, NoiseSampler, analysis_model, has_opacus_hooks
+from pl_i2f.defenses.base import Defense, NoiseSampler, analysis_model, check_options, has_opacus_hooks
 from pl_i2f.defenses.dpsgd import DPSGDDefense
 from pl_i2f.defenses.gaussian import GaussianDefense
 from pl_i2f.defenses.pruning import PruningDefense
 from pl_i2f.defenses.schedules import SCHEDULES, NoiseSchedule
-from pl_i2f.errors import ConfigError, unknown_name
+from pl_i2f.errors import unknown_name
 
 DEFENSES: dict[str, type[Defense]] = {
     "none": Defense,
@@ -38,10 +38,8 @@ def build(name: str, **params: Any) -> Defense:
     """Build a registered defense by name with its parameters (a Hydra ``conf/defense`` node's contents)."""
     if name not in DEFENSES:
         raise unknown_name("defense", name, DEFENSES)
-    try:
-        return DEFENSES[name](**params)
-    except TypeError as exc:
-        raise ConfigError(f"defense {name!r} got bad options {sorted(params)}: {exc}") from None
+    check_options(DEFENSES[name], params, f"defense {name!r}")
+    return DEFENSES[name](**params)
 
 
 __all__ = [

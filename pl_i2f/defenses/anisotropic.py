@@ -52,10 +52,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pl_i2f.defenses.base import Defense, NoiseSampler, analysis_model, randn_flat
+from pl_i2f.defenses.base import Defense, NoiseSampler, analysis_model, check_options
 from pl_i2f.defenses.gaussian import NoisyDefense, clip_norm
 from pl_i2f.defenses.schedules import NoiseSchedule
 from pl_i2f.errors import ConfigError, unknown_name
+from pl_i2f.rng import randn
 
 WHICH = ("smallest", "largest")
 
@@ -64,40 +65,15 @@ def reference_row_space(model: nn.Module, x: Tensor, y: Tensor, *, dense_max_dim
                         k: int | None = None, which: str = "smallest", rcond: float = 1e-10,
                         generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Eigenvalues λᵢ of JJᵀ (ascending) and the θ-space right singular vectors vᵢ = Jᵀuᵢ/√λᵢ (rows) of the
-    reference batch's J, keeping λᵢ > rcond·λ_max, then the k ``which`` ones.
-
-    Small reference batches (d_x ≤ ``dense_max_dim``): Jᵀ is formed explicitly from d_x products Jᵀeⱼ
-    (``GradientJacobian.rmatvec_batch``), JJᵀ = (Jᵀ)ᵀJᵀ is diagonalised densely (float64) and vᵢ read off
-    Jᵀ directly — one pass over the x-basis instead of the 2·d_x products of the engine's ``gram_matrix``.
-    Larger ones use the engine's Lanczos ``right_singular_vectors`` (k must then be given).
-    """
+    reference batch's J, keeping λᵢ > rcond·λ_max, then the k ``which`` ones: the I²F engine's
+    :func:`~pl_i2f.influence.row_space` (dense for d_x ≤ ``dense_max_dim``, else Lanczos, which needs k)."""
     from pl_i2f import influence
 
-    net = analysis_model(model)
-    op = influence.GradientJacobian(net, x, y)
-    if op.d_x > dense_max_dim:
-        if k is None:
-            raise ConfigError(f"anisotropic.directions must be set when the reference batch has d_x={op.d_x} > "
-                              f"dense_max_dim={dense_max_dim} (Lanczos finds k directions)")
-        s, v = influence.right_singular_vectors(op, int(k), which, generator=generator)
-        keep = s > 0
-        lam, v = s[keep].double().pow(2), v[keep]
-        order = torch.argsort(lam)
-        return lam[order], v[order]
-    eye = torch.eye(op.d_x, dtype=op.dtype, device=op.device)
-    chunk = 256
-    jt = torch.cat([op.rmatvec_batch(eye[i: i + chunk]) for i in range(0, op.d_x, chunk)]).T  # (d_θ, d_x)
-    jt64 = jt.double()
-    lam, u = torch.linalg.eigh(jt64.T @ jt64)  # ascending
-    keep = lam > rcond * lam[-1].clamp_min(0)
-    lam, u = lam[keep], u[:, keep]
-    v = (jt64 @ u / lam.sqrt()).T
-    if k is not None and k < lam.numel():
-        sel = slice(0, k) if which == "smallest" else slice(lam.numel() - k, lam.numel())
-        lam, v = lam[sel], v[sel]
-    # re-orthonormalise (float error in tiny-λ directions): QR on the rows keeps their span and order
-    q, _ = torch.linalg.qr(v.T)
-    return lam, q.T.to(op.dtype)
+    op = influence.GradientJacobian(analysis_model(model), x, y)
+    if op.d_x > dense_max_dim and k is None:
+        raise ConfigError(f"anisotropic.directions must be set when the reference batch has d_x={op.d_x} > "
+                          f"dense_max_dim={dense_max_dim} (Lanczos finds k directions)")
+    return influence.row_space(op, k, which, rcond=rcond, dense_max_dim=dense_max_dim, generator=generator)
 
 
 class AnisotropicNoise:
@@ -190,9 +166,11 @@ class AnisotropicNoise:
 
     def effective_damping(self, lam_max: float, d_x: int, dtype: torch.dtype) -> float:
         """ε used in the weights: ``damping`` + ``relative_damping``·λ_max, where ``relative_damping=None`` means
-        the I²F engine's own undamped fallback d_x·eps(dtype) (numpy's rank threshold), so that "undamped"
-        means the same thing here and in ``influence.expected_i2f``."""
-        rel = self.relative_damping if self.relative_damping is not None else d_x * torch.finfo(dtype).eps
+        the I²F engine's own undamped fallback rcond = d_x·(machine epsilon of dtype) (numpy's rank threshold),
+        so that "undamped" means the same thing here and in ``influence.expected_i2f``."""
+        from pl_i2f.influence.settings import default_rcond
+
+        rel = self.relative_damping if self.relative_damping is not None else default_rcond(d_x, dtype)
         return self.damping + rel * lam_max
 
     def _weights(self, lam: Tensor, eps: float) -> Tensor:
@@ -215,7 +193,7 @@ class AnisotropicNoise:
         if self.vectors is None or self.weights is None:
             raise ValueError("anisotropic noise has no directions yet: call refresh(model) first")
         v = self.vectors.to(like.device, like.dtype)
-        zeta = randn_flat(v.shape[0], generator, like)
+        zeta = randn(v.shape[0], generator, like)
         return (zeta * self.weights.to(like.device, like.dtype).sqrt()) @ v
 
     def shaped(self, generator: torch.Generator, like: Tensor) -> Tensor:
@@ -223,7 +201,7 @@ class AnisotropicNoise:
         d = self.vectors.shape[1] if self.vectors is not None else 0
         out = math.sqrt(self.span_fraction * d) * self._span_part(generator, like)
         if self.span_fraction < 1:
-            out = out + math.sqrt(1 - self.span_fraction) * randn_flat(d, generator, like)
+            out = out + math.sqrt(1 - self.span_fraction) * randn(d, generator, like)
         return out
 
     def extra(self, generator: torch.Generator, like: Tensor) -> Tensor:
@@ -263,10 +241,8 @@ class AnisotropicDefense(NoisyDefense):
     def __init__(self, sigma: float = 0.01, clip: float | None = None,
                  schedule: NoiseSchedule | Mapping[str, Any] | str | None = None, seed: int = 0, **shape: Any):
         super().__init__(sigma=sigma, clip=clip, schedule=schedule, seed=seed)
-        try:
-            self.noise = AnisotropicNoise(**shape)
-        except TypeError as exc:
-            raise ConfigError(f"defense 'anisotropic' got bad options {sorted(shape)}: {exc}") from None
+        check_options(AnisotropicNoise, shape, "defense 'anisotropic'")
+        self.noise = AnisotropicNoise(**shape)
 
     def setup(self, module: Any, datamodule: Any | None) -> None:
         super().setup(module, datamodule)

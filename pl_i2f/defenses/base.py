@@ -27,9 +27,10 @@ current weights (the model itself when it carries no hooks).
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -37,6 +38,9 @@ from torch import Tensor, nn
 
 from pl_i2f.errors import ConfigError
 from pl_i2f.gradients import flat_gradient
+from pl_i2f.rng import analysis_generator, randn
+
+randn_flat = randn  # the name the defenses import: n draws (an int or a shape) in ``like``'s dtype/device
 
 NoiseSampler = Callable[[torch.Generator], Tensor]
 
@@ -91,14 +95,14 @@ def trainable_sizes(model: nn.Module) -> list[int]:
     return [p.numel() for p in model.parameters() if p.requires_grad]
 
 
-def analysis_generator(generator: torch.Generator | None) -> torch.Generator:
-    """The generator an analysis call draws from: the caller's, or a fixed-seed one (never the global RNG)."""
-    return generator if generator is not None else torch.Generator().manual_seed(0)
-
-
-def randn_flat(n: int, generator: torch.Generator, like: Tensor) -> Tensor:
-    """n standard normals drawn from ``generator`` (on its device), returned in ``like``'s dtype/device."""
-    return torch.randn(n, generator=generator, device=generator.device, dtype=like.dtype).to(like.device)
+def check_options(cls: Callable[..., Any], options: Mapping[str, Any], what: str) -> None:
+    """A one-line :class:`ConfigError` when ``options`` do not fit ``cls``'s constructor (unknown or missing
+    names). Checked against the signature before the call, so a TypeError raised *inside* the constructor (a
+    bug) keeps its traceback instead of being reported as a bad option."""
+    try:
+        inspect.signature(cls).bind(**options)
+    except TypeError as exc:
+        raise ConfigError(f"{what} got bad options {sorted(options)}: {exc}") from None
 
 
 def check_sigma(value: float | None, what: str) -> None:
