@@ -18,6 +18,7 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 
@@ -35,8 +36,13 @@ def _instantiate_group(group: DictConfig | None) -> list[Any]:
     """Instantiate every entry of a config group that names a ``_target_`` (callbacks, loggers)."""
     if not group:
         return []
-    return [hydra.utils.instantiate(entry) for entry in group.values() if isinstance(entry, DictConfig)
-            and "_target_" in entry]
+    try:
+        return [hydra.utils.instantiate(entry) for entry in group.values() if isinstance(entry, DictConfig)
+                and "_target_" in entry]
+    except InstantiationException as exc:  # a callback's own argument check: one line, not a traceback
+        if isinstance(exc.__cause__, ConfigError):
+            raise exc.__cause__ from None
+        raise
 
 
 def _plain(node: DictConfig) -> dict[str, Any]:

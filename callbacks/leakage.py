@@ -76,9 +76,10 @@ class I2FMonitor(Callback):
     step-0 evaluation runs on a snapshot of the initial weights after ``warmup_steps`` training steps, once
     seconds per step are known; an evaluation's cost is predicted by counting its products and pricing them
     with a fit of the products already run (:class:`pl_i2f.monitoring.ProductCost`). An evaluation that does
-    not fit its share of what is left is reduced — no exact spectra, then fewer probes (rotated across
-    evaluations), then a smaller Lanczos basis — and the log says how; it is skipped only when even one
-    probe at the smallest basis cannot fit what is left.
+    not fit what is left — its own cost plus the warm-started evaluations still scheduled at its size — is
+    reduced: no exact spectra, then fewer probes (the first p of the probe batch, kept from then on: the same
+    samples keep the curve comparable and the basis warm), then a smaller Lanczos basis; the log says how.
+    It is skipped only when even one probe at the smallest basis cannot fit what is left.
 
     Analysis never touches training: hook-free model copies under DP-SGD, eval-mode functional calls, its own
     seeded generator (reseeded per step, so a resumed run measures the same noise draws).
@@ -155,14 +156,13 @@ class I2FMonitor(Callback):
         self.skipped = 0
         self.seconds = 0.0
         self.steps_logged: list[int] = []
+        self.history: list[dict[str, float]] = []  # {"step": s, **scalars} per evaluation (small; checkpointed)
         self.cost = ProductCost()
         self.last_report: LeakageReport | None = None
         # this fit
         self.budget = OverheadBudget(max_overhead, self.schedule)
         self._probe: tuple[Tensor, Tensor] | None = None
-        self._basis: Tensor | None = None  # (N, k, d_x) per-probe Lanczos basis of the last evaluation
-        self._has_basis: Tensor | None = None  # (N,) bool
-        self._offset = 0  # rotation of reduced probe subsets
+        self._basis: Tensor | None = None  # (p, k, d_x): the Lanczos basis of the first p probes, last evaluation
         self._pending: _Snapshot | None = None
         self._decided_step = -1
         self._train_started = 0.0
@@ -272,33 +272,44 @@ class I2FMonitor(Callback):
         return _Snapshot(step=step, model=model, noise=NoiseModel.of(pl_module.defense, step, model))
 
     def _full_plan(self, final: bool = False, model: nn.Module | None = None) -> EvaluationPlan:
+        """Every probe, starting with a fresh basis of half ``lanczos_steps`` vectors (it grows to the full
+        size over the next warm-started evaluations) — or, once a basis exists, the probes it covers (a reduced
+        first evaluation fixes the subset: the same samples every time keep the curve comparable and warm)."""
         x, _ = self._probe
-        n_probes = len(x)
+        warm = self._basis is not None
+        probes = len(self._basis) if warm else len(x)
+        steps = self._basis.shape[1] if warm else max(2, self.lanczos_steps // 2)
         spectra = self.spectrum_samples if (final or self._is_first_evaluation()) and x[0].numel() <= 1024 else 0
+        spectra = min(spectra, probes)
         calls, vectors = spectrum_products(model, x[0].numel(), spectra) if spectra and model is not None else (0, 0)
-        warm = self._basis is not None and bool(self._has_basis.all()) and self._basis.shape[1] == self.lanczos_steps
-        return EvaluationPlan(probes=n_probes, steps=self.lanczos_steps, warm=warm, spectra=spectra,
+        return EvaluationPlan(probes=probes, steps=steps, warm=warm, spectra=spectra,
                               spectrum_products=calls, spectrum_vectors=vectors)
 
-    def _time_products(self, model: nn.Module, device: torch.device, probes: int) -> None:
-        """Price products before the first evaluation: one real product of one vector, and one of ``probes``
-        vectors (one per probe, the first evaluation's own size) when the first says it is affordable."""
+    CALIBRATION_VECTORS = (1, 8, 64)
+
+    def _time_products(self, model: nn.Module, device: torch.device) -> None:
+        """Price products before the first evaluation: real products of 1, 8 and 64 vectors, each timed only
+        if the fit so far predicts it within 1/16 of the budget left — an overhead-bound model (lenet_zhu on
+        CPU: 8 vectors cost about what 1 does) gets its fixed and per-vector parts measured, a compute-bound
+        one (resnet18) stops at one vector, where per-vector cost is what matters."""
         x, y = self._probe
         start = time.perf_counter()
         per_sample_product_seconds(model, x[:1].to(device), y[:1].to(device))  # one-off set-up, not a price
-        one = per_sample_product_seconds(model, x[:1].to(device), y[:1].to(device))
-        self.cost.observe(1, 1, one)
-        if probes > 1 and one * probes <= self.budget.left() / 8:
-            self.cost.observe(1, probes, per_sample_product_seconds(model, x[:probes].to(device),
-                                                                    y[:probes].to(device)))
+        for vectors in self.CALIBRATION_VECTORS:
+            if self.cost.known and self.cost.predict(1, vectors) > self.budget.left() / 16:
+                break
+            probes = min(vectors, len(x))
+            chains = -(-vectors // probes)
+            seconds = per_sample_product_seconds(model, x[:probes].to(device), y[:probes].to(device), chains)
+            self.cost.observe(1, probes * chains, seconds)
         self._spend(time.perf_counter() - start)
 
     def _evaluate_within_budget(self, trainer: pl.Trainer, pl_module: pl.LightningModule, snapshot: _Snapshot,
                                 final: bool = False) -> None:
         full = self._full_plan(final, snapshot.model)
         if self._needs_timing():
-            self._time_products(snapshot.model, pl_module.device, full.probes)
-        plan = self.budget.plan(snapshot.step, full, self.cost, final=final)
+            self._time_products(snapshot.model, pl_module.device)
+        plan = self.budget.plan(snapshot.step, full, self.cost, final=final, later_steps=self.lanczos_steps)
         if plan is None:
             self.skipped += 1
             smallest = replace(full, probes=1, steps=4, warm=False, spectra=0)
@@ -311,8 +322,8 @@ class I2FMonitor(Callback):
             )
             return
         if plan != full:
-            # a smaller basis than the stored one, or probes without one: this evaluation starts afresh
-            plan = replace(plan, warm=plan.warm and plan.steps == self.lanczos_steps)
+            # a smaller subset or basis than the stored one: this evaluation starts afresh
+            plan = replace(plan, warm=plan.warm and plan.steps == full.steps and plan.probes == full.probes)
             how = plan.reduced_from(full)
             if how:
                 self.reduced += 1
@@ -324,13 +335,8 @@ class I2FMonitor(Callback):
         self._evaluate(trainer, pl_module, snapshot, plan, final=final)
 
     def _subset(self, plan: EvaluationPlan) -> Tensor:
-        """The probes of a (possibly reduced) plan: all of them, or a window rotated across evaluations."""
-        n = len(self._probe[0])
-        if plan.probes >= n:
-            return torch.arange(n)
-        index = (torch.arange(plan.probes) + self._offset) % n
-        self._offset = (self._offset + plan.probes) % n
-        return index
+        """The probes of a (possibly reduced) plan: the first ``plan.probes`` of the fixed probe batch."""
+        return torch.arange(min(plan.probes, len(self._probe[0])))
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, snapshot: _Snapshot,
                   plan: EvaluationPlan, final: bool = False) -> None:
@@ -345,6 +351,7 @@ class I2FMonitor(Callback):
             self.cost.observe(*self._last_products, elapsed)
         self.last_step = max(self.last_step, snapshot.step)
         self.steps_logged.append(snapshot.step)
+        self.history.append({"step": snapshot.step, **report.scalars})
         self.evaluations += 1
         self.last_report = report
 
@@ -372,18 +379,12 @@ class I2FMonitor(Callback):
         )
         if self.method != "lanczos":
             return measure_leakage(model, xs, ys, defense, step, method=self.method, **common)
-        basis = None
-        if plan.warm and self._basis is not None and bool(self._has_basis[index].all()):
-            basis = self._basis[index]
-        report, fit = monitor_leakage(model, xs, ys, defense, step, basis=basis, steps=plan.steps, **common)
+        warm = plan.warm and self._basis is not None and self._basis.shape[:2] == (len(index), plan.steps)
+        report, fit = monitor_leakage(model, xs, ys, defense, step, basis=self._basis if warm else None,
+                                      steps=self.lanczos_steps if warm else plan.steps, **common)
         calls, vectors = spectrum_products(model, x[0].numel(), plan.spectra) if plan.spectra else (0, 0)
         self._last_products = (fit.products[0] + calls, fit.products[1] + vectors)
-        if fit.basis.shape[1] == self.lanczos_steps:
-            if self._basis is None or self._basis.shape[1:] != fit.basis.shape[1:]:
-                self._basis = fit.basis.new_zeros(len(x), *fit.basis.shape[1:])
-                self._has_basis = torch.zeros(len(x), dtype=torch.bool)
-            self._basis[index] = fit.basis
-            self._has_basis[index] = True
+        self._basis = fit.basis
         return report
 
     @staticmethod
@@ -419,7 +420,7 @@ class I2FMonitor(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"last_step": self.last_step, "evaluations": self.evaluations, "reduced": self.reduced,
                 "skipped": self.skipped, "seconds": self.seconds, "steps_logged": list(self.steps_logged),
-                "cost": self.cost.state_dict(), "offset": self._offset}
+                "cost": self.cost.state_dict(), "history": list(self.history)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_step = state_dict["last_step"]
@@ -429,4 +430,4 @@ class I2FMonitor(Callback):
         self.seconds = state_dict.get("seconds", 0.0)
         self.steps_logged = list(state_dict.get("steps_logged", []))
         self.cost.load_state_dict(state_dict.get("cost", {}))
-        self._offset = state_dict.get("offset", 0)
+        self.history = list(state_dict.get("history", []))

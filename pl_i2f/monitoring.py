@@ -162,7 +162,7 @@ def reductions(full: EvaluationPlan, min_steps: int = 4) -> list[EvaluationPlan]
     plans = [full]
     if full.spectra:
         plans.append(replace(full, spectra=0))
-    base = plans[-1]
+    base = replace(plans[-1], warm=False)  # a basis covers its own probes and size only: smaller starts afresh
     probes = base.probes
     while probes > 1:
         probes = max(1, probes // 2)
@@ -238,19 +238,24 @@ class OverheadBudget:
         return cost <= (self.left() if final else self.share(step))
 
     def plan(self, step: int, full: EvaluationPlan, cost: ProductCost, final: bool = False,
-             min_steps: int = 4) -> EvaluationPlan | None:
-        """The largest plan that fits ``step``'s share; else the smallest if it fits what is left with the
-        final evaluation's smallest plan reserved (reduced rather than skipped); else ``None`` (skip)."""
+             min_steps: int = 4, later_steps: int | None = None) -> EvaluationPlan | None:
+        """The largest :func:`reductions` plan whose cost, plus the warm-started evaluations still scheduled
+        after it at the same size (a basis of ``later_steps`` vectors when given), fits what is left — a fresh
+        first evaluation is an investment that makes the later ones cheap, so it is planned with them; else
+        the smallest plan if it fits with only the final evaluation reserved (reduced rather than skipped);
+        else ``None`` (skip)."""
         if self.unlimited:
             return full
+        later = 0 if final or self.total_steps is None else self.schedule.remaining(step, self.total_steps) - 1
         plans = reductions(full, min_steps)
         for plan in plans:
-            if self.affordable(cost.predict(*plan.products()), step, final):
+            future_steps = plan.steps if later_steps is None else max(plan.steps, later_steps)
+            future = cost.predict(*replace(plan, warm=True, spectra=0, steps=future_steps).products()) * later
+            if cost.predict(*plan.products()) + future <= self.left():
                 return plan
         smallest = plans[-1]
-        price = cost.predict(*smallest.products())
-        reserve = 0.0 if final else cost.predict(*replace(smallest, warm=False).products())
-        return smallest if price + reserve <= self.left() else None
+        reserve = 0.0 if final else cost.predict(*replace(smallest, warm=True, spectra=0).products())
+        return smallest if cost.predict(*smallest.products()) + reserve <= self.left() else None
 
     def state_dict(self) -> dict[str, Any]:
         return {"schedule": asdict(self.schedule)}
