@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 import warnings
@@ -29,6 +30,14 @@ from pl_i2f.leakage import (
     spectrum_products,
 )
 from pl_i2f.monitoring import DenseEarlySchedule, EvaluationPlan, OverheadBudget, ProductCost
+
+
+@functools.cache
+def _warm_up_transforms() -> None:
+    """torch.func's one-off set-up (~0.2 s per process), paid on a tiny model so that it does not count as
+    the price of a product (and costs a large model nothing)."""
+    tiny = nn.Sequential(nn.Flatten(), nn.Linear(2, 2))
+    per_sample_product_seconds(tiny, torch.zeros(1, 2), torch.zeros(1, dtype=torch.long))
 
 
 @dataclass
@@ -286,6 +295,7 @@ class I2FMonitor(Callback):
                               spectrum_products=calls, spectrum_vectors=vectors)
 
     CALIBRATION_VECTORS = (1, 8, 64)
+    MIN_LANCZOS_STEPS = 3  # the last resort before skipping: one probe, a 3-vector basis (λ_max and a rough trace)
 
     def _time_products(self, model: nn.Module, device: torch.device) -> None:
         """Price products before the first evaluation: real products of 1, 8 and 64 vectors, each timed only
@@ -294,7 +304,7 @@ class I2FMonitor(Callback):
         one (resnet18) stops at one vector, where per-vector cost is what matters."""
         x, y = self._probe
         start = time.perf_counter()
-        per_sample_product_seconds(model, x[:1].to(device), y[:1].to(device))  # one-off set-up, not a price
+        _warm_up_transforms()  # torch.func's one-off set-up, on a two-parameter model: not a price
         for vectors in self.CALIBRATION_VECTORS:
             if self.cost.known and self.cost.predict(1, vectors) > self.budget.left() / 16:
                 break
@@ -309,12 +319,14 @@ class I2FMonitor(Callback):
         full = self._full_plan(final, snapshot.model)
         if self._needs_timing():
             self._time_products(snapshot.model, pl_module.device)
-        plan = self.budget.plan(snapshot.step, full, self.cost, final=final, later_steps=self.lanczos_steps)
+        plan = self.budget.plan(snapshot.step, full, self.cost, final=final, later_steps=self.lanczos_steps,
+                                min_steps=self.MIN_LANCZOS_STEPS)
         if plan is None:
             self.skipped += 1
-            smallest = replace(full, probes=1, steps=4, warm=False, spectra=0)
+            smallest = replace(full, probes=1, steps=self.MIN_LANCZOS_STEPS, warm=False, spectra=0)
             rank_zero_warn(
-                f"I2FMonitor: skipped the evaluation of step {snapshot.step}: even one probe with a 4-vector "
+                f"I2FMonitor: skipped the evaluation of step {snapshot.step}: even one probe with a "
+                f"{self.MIN_LANCZOS_STEPS}-vector "
                 f"Lanczos basis is predicted at {self.cost.predict(*smallest.products()):.2f}s, more than the "
                 f"{max(self.budget.left(), 0):.2f}s left of max_overhead={self.max_overhead:g} × "
                 f"{self.budget.training_estimate() or 0:.1f}s of training. Raise max_overhead (null: no limit), "

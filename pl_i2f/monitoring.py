@@ -249,13 +249,21 @@ class OverheadBudget:
         later = 0 if final or self.total_steps is None else self.schedule.remaining(step, self.total_steps) - 1
         plans = reductions(full, min_steps)
         for plan in plans:
-            future_steps = plan.steps if later_steps is None else max(plan.steps, later_steps)
-            future = cost.predict(*replace(plan, warm=True, spectra=0, steps=future_steps).products()) * later
-            if cost.predict(*plan.products()) + future <= self.left():
+            if cost.predict(*plan.products()) + self._later_cost(plan, cost, later_steps) * later <= self.left():
                 return plan
         smallest = plans[-1]
-        reserve = 0.0 if final else cost.predict(*replace(smallest, warm=True, spectra=0).products())
+        reserve = 0.0 if final else self._later_cost(smallest, cost, None)
         return smallest if cost.predict(*smallest.products()) + reserve <= self.left() else None
+
+    @staticmethod
+    def _later_cost(plan: EvaluationPlan, cost: ProductCost, later_steps: int | None) -> float:
+        """What one later evaluation at ``plan``'s size costs: warm-started (two block products of a basis of
+        ``later_steps`` vectors) or fresh, whichever is cheaper — warm wins on overhead-bound models (lenet_zhu
+        on CPU), fresh on compute-bound ones (resnet18 on CPU, where two blocks of k vectors cost 2k)."""
+        warm_steps = plan.steps if later_steps is None else max(plan.steps, later_steps)
+        warm = cost.predict(*replace(plan, warm=True, spectra=0, steps=warm_steps).products())
+        fresh = cost.predict(*replace(plan, warm=False, spectra=0).products())
+        return min(warm, fresh)
 
     def state_dict(self) -> dict[str, Any]:
         return {"schedule": asdict(self.schedule)}

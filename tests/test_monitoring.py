@@ -211,3 +211,21 @@ def test_sigma_for_target_within_a_factor_two_of_the_real_dlg_attack():
     result = invert(model, released, y, x.shape, preset="dlg", iterations=200, progress=False)
     rmse = reconstruction_metrics(result.x, x, denormalize=dm.denormalize)["rmse"]
     assert target / 2 < rmse < 2 * target, rmse
+
+
+def test_i2f_converged_is_judged_on_the_true_residual():
+    """Found by the cross-check: an undamped float32 solve used to report converged=True (CG's recursive
+    residual met tol 1e-8) beside a true residual of ~1e-5, without a warning."""
+    from pl_i2f.influence import ConvergenceWarning, GradientJacobian, i2f
+    from pl_i2f.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("lenet_zhu", (1, 8, 8), 10, init="uniform")
+    x, y = torch.randn(1, 1, 8, 8), torch.tensor([3])
+    op = GradientJacobian(model, x, y)
+    delta = torch.randn(op.d_theta, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(ConvergenceWarning, match="relative residual"):
+        result = i2f(op, delta, tol=1e-8)
+    assert result.residual > 1e-8 and result.converged is False
+    loose = i2f(op, delta, tol=max(10 * result.residual, 1e-3))
+    assert loose.converged is True and loose.residual <= max(10 * result.residual, 1e-3)
