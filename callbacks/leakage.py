@@ -20,6 +20,7 @@ from callbacks._logging import log_media, log_scalars_at_step, wandb_run
 from pl_i2f.defenses.base import analysis_model
 from pl_i2f.errors import ConfigError
 from pl_i2f.influence import per_sample_product_seconds
+from pl_i2f.influence.warm import single_product_seconds
 from pl_i2f.leakage import (
     DEFAULT_TARGET_PIXEL_RMSE,
     LeakageReport,
@@ -310,7 +311,8 @@ class I2FMonitor(Callback):
                 break
             probes = min(vectors, len(x))
             chains = -(-vectors // probes)
-            seconds = per_sample_product_seconds(model, x[:probes].to(device), y[:probes].to(device), chains)
+            seconds = (single_product_seconds(model, x[:1].to(device), y[:1].to(device)) if vectors == 1 else
+                       per_sample_product_seconds(model, x[:probes].to(device), y[:probes].to(device), chains))
             self.cost.observe(1, probes * chains, seconds)
         self._spend(time.perf_counter() - start)
 

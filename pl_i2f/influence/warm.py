@@ -18,10 +18,11 @@ from torch import Tensor, nn
 from pl_i2f.gradients import eval_mode
 from pl_i2f.influence.estimator import f_damped
 from pl_i2f.influence.krylov import Lanczos
+from pl_i2f.influence.operator import GradientJacobian
 from pl_i2f.influence.per_sample import PerSampleGram, _per_sample_batch
 from pl_i2f.rng import analysis_generator, rademacher
 
-__all__ = ["BasisLeakage", "basis_leakage"]
+__all__ = ["BasisLeakage", "basis_leakage", "single_product_seconds"]
 
 
 @dataclass
@@ -88,9 +89,15 @@ def basis_leakage(
     if basis is not None and (basis.shape[0] != N or basis.shape[-1] != n or 2 * basis.shape[1] > n):
         basis = None  # another probe set, or too small an input for a 2k-dimensional span: start afresh
     with eval_mode(model):
-        op = PerSampleGram(model, xs, ys, None, None)
+        if N == 1:
+            # one probe: the plain autograd operator, no vmap — 2.5x cheaper a product on resnet18 on CPU
+            # (4 s against 10 s on the loaded 2-core machine), 4x on lenet_zhu (20 ms against 80 ms)
+            single = GradientJacobian(model, xs, ys)
+            gram = single._apply_flat
+        else:
+            gram = PerSampleGram(model, xs, ys, None, None).gram
         if basis is None:
-            lz = Lanczos(op.gram, rademacher((N, 1, n), gen, like), steps, gen)
+            lz = Lanczos(gram, rademacher((N, 1, n), gen, like), steps, gen)
             while not lz.done:
                 lz.step()
             m = lz.steps
@@ -105,9 +112,9 @@ def basis_leakage(
         else:
             V = basis.to(device=ref.device, dtype=ref.dtype)
             k = V.shape[1]
-            W = op.gram(V)
+            W = gram(V)
             U = _orthonormal_complement(W - (V @ W.transpose(-1, -2)) @ V, V)
-            W2 = op.gram(U)
+            W2 = gram(U)
             B = torch.cat([V, U], 1)
             AB = torch.cat([W, W2], 1)
             T = B @ AB.transpose(-1, -2)
@@ -138,3 +145,20 @@ def basis_leakage(
         products=products,
         warm=basis is not None,
     )
+
+
+def single_product_seconds(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    """Wall time of one JJᵀ product for the single sample ``x`` (1, ...) through the path
+    :func:`basis_leakage` takes for one probe (plain autograd, no vmap): the price of a one-probe evaluation's
+    product, timed on a real one."""
+    import time
+
+    params, xs, ys = _per_sample_batch(model, x, y)
+    ref = next(iter(params.values()))
+    v = rademacher((1, xs[0].numel()), analysis_generator(None, ref.device), torch.empty(0, dtype=ref.dtype,
+                                                                                           device=ref.device))
+    with eval_mode(model):
+        op = GradientJacobian(model, xs, ys)
+        start = time.perf_counter()
+        op._apply_flat(v)
+        return time.perf_counter() - start
