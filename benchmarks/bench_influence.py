@@ -246,7 +246,7 @@ def product_costs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reps: int)
     v = np.random.default_rng(0).standard_normal(dim).astype(np.float32)
     b = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
     op = GradientJacobian(model, x, y)
-    op.gram(b), mv(v)  # warm-up; the first gram also settles how Jᵀ b is computed
+    op.gram(b), mv(v)  # warm-up (the first gram also records the cached graph)
     times: dict[str, list[float]] = {"paper": [], "ours": [], "setup": []}
     for _ in range(max(3, 3 * reps)):
         for key, fn in (("paper", lambda: mv(v)), ("ours", lambda: op.gram(b)),

@@ -103,7 +103,7 @@ def ratio(size: int = 16, reference: int = 8, held_out: int = 8, sigma: float = 
         energy = float(torch.stack([sampler(g).pow(2).sum() for _ in range(500)]).mean())
         energy /= sigma**2 * sum(p.numel() for p in model.parameters())
         gauss = influence.expected_i2f(op, noise_std=sigma, damping=eps)
-        shaped = influence.expected_i2f(op, noise_sampler=sampler, damping=eps, samples=128,
+        shaped = influence.expected_i2f(op, noise_sampler=sampler, damping=eps, noise_draws=128,
                                         generator=torch.Generator().manual_seed(1))
         opts = ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults (power=1, gain-matched)"
         row = (f"| {label} | {opts} | {float(gauss.value):.4g} | {float(shaped.value):.4g} ± "

@@ -16,7 +16,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from callbacks._logging import log_media, log_scalars_at_step, wandb_run
+from callbacks._logging import log_media, log_scalars_at_step, wandb_image, wandb_run
 from pl_i2f.defenses.base import analysis_model
 from pl_i2f.errors import ConfigError
 from pl_i2f.influence import per_sample_product_seconds
@@ -425,7 +425,7 @@ class I2FMonitor(Callback):
                 "leakage/per_class_bar": wandb.plot.bar(per_class, "class", "expected_pixel_rmse",
                                                         title="expected reconstruction RMSE per class"),
                 "leakage/worst_samples": [
-                    wandb.Image(img, caption=f"probe (class {int(report.labels[i])}): rmse {v:.3g}")
+                    wandb_image(img, caption=f"probe (class {int(report.labels[i])}): rmse {v:.3g}")
                     for img, (i, v) in zip(images, report.worst)
                 ],
             })

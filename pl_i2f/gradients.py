@@ -44,11 +44,6 @@ def frozen_state(model: nn.Module) -> ParamDict:
     return state
 
 
-def num_trainable(model: nn.Module) -> int:
-    """d_θ: the number of trainable scalars."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def flatten(tensors: Mapping[str, Tensor] | Sequence[Tensor]) -> Tensor:
     """Concatenate tensors (a dict in its insertion order, or a sequence) into one flat vector."""
     values = tensors.values() if isinstance(tensors, Mapping) else tensors

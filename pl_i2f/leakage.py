@@ -211,7 +211,7 @@ def measure_leakage(
     result = per_sample_leakage(
         model, x, y,
         noise_std=noise.std, noise_sampler=noise.sampler, damping=damping, relative_damping=relative_damping,
-        method=method, samples=samples, probes=LANCZOS_CHAINS, generator=generator,
+        method=method, noise_draws=samples, probes=LANCZOS_CHAINS, generator=generator,
     )
     spectra = result if result.lambda_min is not None else _exact_spectra(
         model, x, y, spectrum_samples, exact_max_dim, generator)
@@ -270,7 +270,7 @@ def monitor_leakage(
         damping_used = fit.damping
     else:  # a sampler: Monte Carlo over its draws, at the damping the basis chose
         mc = per_sample_leakage(model, x, y, noise_sampler=noise.sampler, damping=fit.damping, probes=1,
-                                samples=samples, tol=1e-2, generator=generator)
+                                noise_draws=samples, tol=1e-2, generator=generator)
         expected_i2f, expected_jdelta, converged, damping_used = (mc.expected_i2f, mc.expected_jdelta, mc.converged,
                                                                    mc.damping)
     spectra = _exact_spectra(model, x, y, spectrum_samples, exact_max_dim, generator)

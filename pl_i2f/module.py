@@ -8,6 +8,7 @@ the training loop knows which defense is active.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytorch_lightning as pl
@@ -103,6 +104,14 @@ class ClassifierModule(pl.LightningModule):
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "test", self.test_acc)
+
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        with warnings.catch_warnings():
+            # Opacus' per-sample hooks on the first layer fire with no input requiring a gradient (the images
+            # never do): torch warns on every step that this is the case, which is exactly what Opacus expects
+            warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed "
+                                    "with respect to module outputs", category=UserWarning)
+            super().backward(loss, *args, **kwargs)
 
     # -- the defense's hook points -------------------------------------------------------------
     def setup(self, stage: str) -> None:

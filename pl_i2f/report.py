@@ -11,11 +11,39 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 SUMMARY_FILE = "summary.json"
+
+
+def format_number(value: float | int | None, digits: int = 4) -> str:
+    """``value`` with ``digits`` significant digits, in the notation its magnitude calls for.
+
+    Plain decimals between 1e-3 and 1e5 (trailing zeros dropped: ``0.9783``, ``0.01``, ``20``), scientific
+    notation outside (``2.602e+06``, ``1e+10``, ``3.4e-09``), so that a 1e-9 eigenvalue does not print as
+    ``0.0000`` beside a 1e6 condition number. ``None`` → ``—``; NaN and ±inf as ``nan``, ``inf``, ``-inf``.
+    """
+    if digits < 1:
+        raise ValueError(f"digits must be >= 1, got {digits}")
+    if value is None:
+        return "—"
+    number = float(value)
+    if not math.isfinite(number):
+        return str(number)
+    if number == 0:
+        return "0"
+    magnitude = abs(number)
+    if 1e-3 <= magnitude < 1e5:
+        decimals = max(digits - 1 - math.floor(math.log10(magnitude)), 0)
+        text = f"{number:.{decimals}f}"
+        return text.rstrip("0").rstrip(".") if "." in text else text
+    mantissa, exponent = f"{number:.{digits - 1}e}".split("e")
+    if "." in mantissa:
+        mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{exponent}"
 
 
 @dataclass
@@ -59,34 +87,47 @@ def load_runs(root: Path) -> list[RunPoint]:
 
 
 def markdown_table(points: list[RunPoint]) -> str:
-    def fmt(value: float | None) -> str:
-        return "—" if value is None else f"{value:.4g}"
-
     lines = ["| run | defense | val acc | test acc | I²F pixel RMSE | ε | audit RMSE |",
              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {p.path.name} | {p.label} | {fmt(p.val_acc)} | {fmt(p.test_acc)} | {fmt(p.leakage)} | "
-              f"{fmt(p.epsilon)} | {fmt(p.audit_rmse)} |" for p in points]
+    for p in points:
+        values = " | ".join(format_number(v) for v in (p.val_acc, p.test_acc, p.leakage, p.epsilon, p.audit_rmse))
+        lines.append(f"| {p.path.name} | {p.label} | {values} |")
     return "\n".join(lines)
 
 
-def plot_tradeoff(points: list[RunPoint], path: Path) -> Path:
-    """Accuracy vs leakage (and vs ε when any run is DP), one series per defense, saved as a PNG."""
+#: The x axes of the trade-off figure: (RunPoint attribute, axis label, what a run needs to have it).
+PANELS = (
+    ("leakage", "expected reconstruction RMSE (I²F, [0,1] pixels)",
+     "leakage/expected_i2f_pixel_rmse: the I2FMonitor evaluated no probe (callbacks=default; see its skip warning)"),
+    ("epsilon", "ε", "privacy/epsilon: only DP-SGD runs (defense=dpsgd) have one"),
+)
+
+
+def _plottable(points: list[RunPoint], attr: str) -> list[RunPoint]:
+    return [p for p in points if getattr(p, attr) is not None and p.val_acc is not None]
+
+
+def missing(points: list[RunPoint]) -> list[str]:
+    """One line for each trade-off axis that no run can be drawn on, saying what the runs lack."""
+    return [f"no run has {need}" for attr, _, need in PANELS if not _plottable(points, attr)]
+
+
+def plot_tradeoff(points: list[RunPoint], path: Path) -> Path | None:
+    """Accuracy vs leakage and vs ε, one series per defense, saved as a PNG. An axis no run has a value for
+    (no leakage estimate, no DP run) is left out; with neither, no figure is drawn and ``None`` returned."""
+    panels = [(attr, label) for attr, label, _ in PANELS if _plottable(points, attr)]
+    if not panels:
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with_eps = any(p.epsilon is not None for p in points)
-    fig, axes = plt.subplots(1, 2 if with_eps else 1, figsize=(11 if with_eps else 5.5, 4), squeeze=False)
-    panels = [("leakage", "expected reconstruction RMSE (I²F, [0,1] pixels)")]
-    if with_eps:
-        panels.append(("epsilon", "ε"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, (attr, xlabel) in zip(axes[0], panels):
-        for defense in sorted({p.defense for p in points}):
-            series = sorted((getattr(p, attr), p.val_acc, p.label) for p in points
-                            if p.defense == defense and getattr(p, attr) is not None and p.val_acc is not None)
-            if not series:
-                continue
+        drawable = _plottable(points, attr)
+        for defense in sorted({p.defense for p in drawable}):
+            series = sorted((getattr(p, attr), p.val_acc, p.label) for p in drawable if p.defense == defense)
             xs, ys, _ = zip(*series)
             ax.plot(xs, ys, marker="o", label=defense)
             for x, y, label in series:
@@ -109,6 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: root)")
     args = parser.parse_args(argv)
     points = load_runs(args.root)
+    from pl_i2f.studies.report import redraw_studies  # study runs (python study.py ...): their own figures
+    if redraw_studies(args.root, args.out) and not points:
+        return
     if not points:
         parser.exit(2, f"error: no {SUMMARY_FILE} below {args.root} (runs need the TradeoffTracker callback)\n")
     out = args.out or args.root
@@ -117,7 +161,10 @@ def main(argv: list[str] | None = None) -> None:
     (out / "tradeoff.md").write_text(table + "\n")
     figure = plot_tradeoff(points, out / "tradeoff.png")
     print(table)
-    print(f"\nwrote {figure} and {out / 'tradeoff.md'}")
+    for line in missing(points):
+        print(f"note: {line}; that plot is left out")
+    written = [str(f) for f in (figure, out / "tradeoff.md") if f is not None]
+    print(f"\nwrote {' and '.join(written)}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.nn.utils import parameters_to_vector
 
-from pl_i2f.attacks import PRESETS, AttackResult, attack_config, idlg_label, invert
+from pl_i2f.attacks import PRESETS, AttackResult, _StepDecay, attack_config, idlg_label, invert
 from pl_i2f.data import build_datamodule
 from pl_i2f.errors import ConfigError
 from pl_i2f.gradients import flat_gradient
@@ -58,6 +58,10 @@ def test_dlg_recovers_one_digit(digits):
     assert not result.failed
     assert result.seconds < 60
     assert psnr_of(result, x0, dm) >= 40.0
+    # DLG's budget is 300 outer steps of up to 20 evaluations; this easy case converges well before
+    # (the previous preset spent exactly 300 evaluations on it)
+    assert result.stop_reason == "converged" and result.converged
+    assert result.iterations < 300 and result.evaluations < 300
     assert result.threat_model["labels"] == "known" and result.threat_model["labels_known"] is True
     assert result.threat_model["model_mode"] == "eval"
 
@@ -67,11 +71,16 @@ def test_inverting_gradients_recovers_one_digit(digits):
     model = lenet()
     x0, y0 = x[1:2], y[1:2]
     lo, hi = dm.pixel_bounds()
+    # the preset's budget and schedule, with a shorter plateau (25 iterations instead of 500) to keep it cheap
     result = invert(model, flat_gradient(model, x0, y0), y0, x0.shape[1:], preset="inverting_gradients",
-                    iterations=600, bounds=(lo, hi), progress=False)
+                    patience=25, bounds=(lo, hi), progress=False)
     assert not result.failed
     assert result.seconds < 60
     assert psnr_of(result, x0, dm) >= 25.0
+    # the plateau stop ended it long before the 24,000-iteration budget (one evaluation per iteration,
+    # plus the end point)
+    assert result.stop_reason == "converged" and result.iterations < 500
+    assert result.evaluations == result.iterations + 1
     # the box constraint holds
     assert bool((result.x >= lo - 1e-6).all() and (result.x <= hi + 1e-6).all())
 
@@ -93,7 +102,7 @@ def test_batch_of_four_matched_metrics_ignore_order(digits):
     dm, x, y = digits
     model = lenet()
     x0, y0 = x[:4], y[:4]
-    result = invert(model, flat_gradient(model, x0, y0), y0, x0.shape, iterations=150, progress=False)
+    result = invert(model, flat_gradient(model, x0, y0), y0, x0.shape, max_evaluations=150, progress=False)
     assert result.x.shape == x0.shape
     base = reconstruction_metrics(result.x, x0, denormalize=dm.denormalize)
     perm = torch.tensor([2, 0, 3, 1])
@@ -116,7 +125,7 @@ def test_gradient_noise_increases_rmse_monotonically(digits):
             g0 = flat_gradient(model, x0, y0)
             noise = torch.randn(g0.shape, generator=torch.Generator().manual_seed(100 + i))
             released = g0 + level * g0.pow(2).mean().sqrt() * noise
-            result = invert(model, released, y0, x0.shape, iterations=200, progress=False)
+            result = invert(model, released, y0, x0.shape, max_evaluations=200, progress=False)
             assert not result.failed
             rmses.append(reconstruction_metrics(result.x, x0, denormalize=dm.denormalize)["rmse"])
         mean_rmse.append(sum(rmses) / len(rmses))
@@ -211,7 +220,7 @@ def test_target_gradient_formats_and_frozen_parameters(digits):
     x0, y0 = x[:1], y[:1]
     flat = flat_gradient(model, x0, y0)
     per_param = list(torch.split(flat, [p.numel() for p in model.parameters()]))
-    kw = dict(iterations=3, progress=False)
+    kw = dict(max_evaluations=3, progress=False)
     a = invert(model, flat, y0, x0.shape, **kw)
     b = invert(model, per_param, y0, x0.shape, **kw)
     assert torch.equal(a.x, b.x)
@@ -226,14 +235,17 @@ def test_target_gradient_formats_and_frozen_parameters(digits):
     assert parameters_to_vector(model.parameters()).numel() == full.numel()
 
 
-def test_label_optimisation_recovers_single_label(digits):
+@pytest.mark.parametrize("index", [0, 2, 3])
+def test_label_optimisation_recovers_single_label(digits, index):
+    """DLG's joint label optimisation at the dlg preset's defaults (a subset of the 20/20 benchmark)."""
     dm, x, y = digits
     model = lenet()
-    x0, y0 = x[2:3], y[2:3]
+    x0, y0 = x[index : index + 1], y[index : index + 1]
     result = invert(model, flat_gradient(model, x0, y0), None, x0.shape, label_mode="optimize", progress=False)
     assert result.threat_model["labels"] == "optimized (DLG)"
     assert result.labels.tolist() == y0.tolist()
     assert psnr_of(result, x0, dm) > 25
+    assert result.converged
 
 
 def test_unknown_labels_for_a_batch_are_optimised(digits):
@@ -247,6 +259,78 @@ def test_unknown_labels_for_a_batch_are_optimised(digits):
 
 
 # --- budgets, divergence, restarts ---------------------------------------------------------------
+
+def test_dlg_visits_the_original_loops_points_without_repeating_evaluations(digits):
+    """The dlg preset = DLG's loop (torch L-BFGS lr 1, 20 inner iterations per outer step, squared-L2
+    gradient matching) point by point; the evaluation torch repeats at each step's start is free, and
+    the attack ends where the original would stand still."""
+    _, x, y = digits
+    model = lenet()
+    x0, y0 = x[:1], y[:1]
+    target = torch.autograd.grad(F.cross_entropy(model(x0), y0), list(model.parameters()))
+    seen: list[torch.Tensor] = []
+    hook = model.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    try:
+        ours = invert(model, list(target), y0, x0.shape, preset="dlg", progress=False)
+        ours_points, seen[:] = list(seen), []
+        dummy = invert(model, list(target), y0, x0.shape, preset="dlg", iterations=0, progress=False).x
+        seen.clear()
+        dummy = dummy.clone().requires_grad_()
+        optimizer = torch.optim.LBFGS([dummy], lr=1)
+        calls = 0
+
+        def closure():
+            nonlocal calls
+            calls += 1
+            optimizer.zero_grad()
+            grads = torch.autograd.grad(F.cross_entropy(model(dummy), y0), list(model.parameters()),
+                                        create_graph=True)
+            diff = sum(((g - t) ** 2).sum() for g, t in zip(grads, target))
+            diff.backward()
+            return diff
+
+        for _ in range(ours.iterations):  # as many outer steps as ours took
+            optimizer.step(closure)
+        end = dummy.detach().clone()
+        for _ in range(3):  # the original stands still from here on
+            optimizer.step(closure)
+        assert torch.equal(dummy.detach(), end)
+    finally:
+        hook.remove()
+    distinct = [p for i, p in enumerate(seen) if i == 0 or not torch.equal(p, seen[i - 1])]
+    assert ours.stop_reason == "converged"
+    assert calls == len(seen) > len(distinct) + 3  # the original repeats evaluations ...
+    assert ours.evaluations == len(ours_points) == len(distinct)  # ... ours does not
+    assert ours.evaluations > ours.iterations  # several inner iterations per outer step
+    for a, b in zip(ours_points, distinct):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_evaluation_budget_and_progress_callback(digits):
+    _, x, y = digits
+    model = lenet()
+    target = flat_gradient(model, x[:2], y[:2])
+    capped = invert(model, target, y[:2], x.shape[1:], max_evaluations=37, progress=False)
+    assert capped.stop_reason == "budget_evaluations" and capped.evaluations == 37 and not capped.converged
+
+    calls: list[tuple[int, float]] = []
+
+    def progress(iteration: int, objective: float) -> bool:
+        calls.append((iteration, objective))
+        return len(calls) == 3  # stop at the third call
+
+    kw = dict(preset="inverting_gradients", box=False, lr_schedule=False, iterations=1000, progress=False)
+    stopped = invert(model, target, y[:2], x.shape[1:], progress_callback=progress, progress_every=5, **kw)
+    assert [i for i, _ in calls] == [5, 10, 15]
+    assert all(math.isfinite(v) for _, v in calls)
+    assert stopped.stop_reason == "callback" and stopped.iterations == 15
+    assert stopped.evaluations == 16  # 15 steps and the end point
+    full = invert(model, target, y[:2], x.shape[1:], **{**kw, "iterations": 15})
+    assert full.stop_reason == "budget_iterations" and full.evaluations == 16
+    assert torch.equal(full.x, stopped.x)
+    with pytest.raises(ConfigError, match="progress_callback must be callable"):
+        invert(model, target, y[:2], x.shape[1:], progress_callback=3, **kw)
+
 
 def test_divergence_returns_failed_result_with_finite_best_iterate(digits):
     dm, x, y = digits
@@ -280,12 +364,47 @@ def test_non_finite_released_gradient_fails_cleanly(digits):
     assert bool(torch.isfinite(result.x).all())
 
 
+def test_step_decay_plateau_brings_decays_forward_then_converges():
+    """Geiping's milestones at 3/8, 5/8, 7/8 of 800 iterations (300, 500, 700); a plateau (the best not
+    1% below its value at the last improvement for 20 steps) brings the next decay forward; a slow steady
+    fall is not a plateau; a plateau after the last decay is convergence."""
+    param = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.Adam([param], lr=0.1)
+    schedule = _StepDecay(optimizer, attack_config("inverting_gradients", box=False, iterations=800, patience=20,
+                                                   plateau_rtol=0.01))
+    lrs, stopped_at = [], None
+    objective = 1.0
+    for step in range(1, 801):
+        if step <= 100:
+            objective *= 0.999  # -0.1% a step: 1% every 11 steps, never 20 steps without
+        elif 130 < step <= 600:
+            objective *= 0.995  # 1% every 3 steps
+        if schedule.step(step, objective):
+            stopped_at = step
+            break
+        lrs.append(optimizer.param_groups[0]["lr"])
+    decays = [i + 1 for i in range(1, len(lrs)) if lrs[i] < lrs[i - 1]]
+    # last improvement at 100 -> plateau at 120 (decay 1, used from step 121); progress from 131 on, so
+    # decay 2 waits for its milestone (500); last improvement at 599 -> plateau at 619 (decay 3), and
+    # 20 more steps without progress: converged at 639
+    assert decays == [120, 500, 619] and stopped_at == 639
+    assert lrs[-1] == pytest.approx(1e-4)
+    # without patience it is MultiStepLR's schedule exactly
+    optimizer = torch.optim.Adam([param], lr=0.1)
+    fixed = _StepDecay(optimizer, attack_config("inverting_gradients", box=False, iterations=800, patience=None))
+    reference = torch.optim.lr_scheduler.MultiStepLR(torch.optim.Adam([param], lr=0.1), [300, 500, 700], 0.1)
+    for step in range(1, 801):
+        assert not fixed.step(step, 1.0)
+        reference.step()
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(reference.get_last_lr()[0])
+
+
 def test_wall_clock_budget_stops_the_attack(digits):
     _, x, y = digits
     model = lenet()
     result = invert(model, flat_gradient(model, x[:1], y[:1]), y[:1], x.shape[1:], preset="inverting_gradients",
                     box=False, iterations=1_000_000, max_seconds=0.5, progress=False)
-    assert result.stop_reason == "time budget" and not result.failed
+    assert result.stop_reason == "budget_time" and not result.failed
     assert 0 < result.iterations < 1_000_000
     assert result.seconds < 5
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from conftest import CONF
@@ -51,3 +53,66 @@ def test_defaults_are_the_documented_ones(make_cfg):
 def test_every_group_has_options():
     for group in GROUPS:
         assert options(group), f"conf/{group}/ is empty"
+
+
+def test_fast_name_check_knows_exactly_the_registered_names():
+    """train.check_config names the valid models/datasets/defenses from conf/ without importing torch; the
+    lists must be the library's registries, or it would reject a valid name or pass an invalid one."""
+    import train
+    from pl_i2f.data import DATAMODULES
+    from pl_i2f.defenses import DEFENSES
+    from pl_i2f.models import MODELS
+
+    assert train._group_names("model") == set(MODELS)
+    assert train._group_names("data") == set(DATAMODULES)
+    assert train._group_names("defense") == set(DEFENSES)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [(["model.name=vgg"], "unknown model 'vgg'"), (["data.name=imagenet"], "unknown dataset 'imagenet'"),
+     (["defense.name=dp"], "unknown defense 'dp'"), (["optim.lr=-0.1"], "optim.lr must be > 0, got -0.1"),
+     (["optim.lr=.inf"], "optim.lr must be > 0"), (["optim.momentum=1.0"], "optim.momentum must be in [0, 1)")],
+)
+def test_fast_check_rejects_before_any_import(make_cfg, overrides, message):
+    import train
+    from pl_i2f.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train.check_config(make_cfg(overrides))
+    train.check_config(make_cfg())  # the defaults pass
+
+
+def test_init_kwargs_need_no_plus(make_cfg):
+    cfg = make_cfg(["model.init=uniform", "model.init_kwargs.a=0.5"])
+    assert cfg.model.init_kwargs.a == 0.5
+
+
+def test_sweep_dir_resolves_where_the_launcher_needs_it():
+    """A multirun launcher resolves hydra.sweep.dir before any job has set HydraConfig: the old
+    ${hydra:runtime.cwd} crashed every README sweep there."""
+    import os
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    import train  # noqa: F401  (registers the cwd resolver, as running train.py does)
+
+    GlobalHydra.instance().clear()
+    HydraConfig.instance().cfg = None
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["hparams_search=noise_grid"], return_hydra_config=True)
+    assert str(cfg.hydra.sweep.dir).startswith(os.path.join(os.getcwd(), "logs", "noise_grid", "multiruns"))
+
+
+def test_dpsgd_is_a_whole_recipe_and_the_user_choice_wins(make_cfg):
+    cfg = make_cfg(["defense=dpsgd"], fast=False)
+    assert (cfg.model.name, cfg.model.activation) == ("lenet_zhu", "tanh")
+    assert (cfg.optim.optimizer, cfg.optim.lr, cfg.optim.momentum) == ("sgd", 0.5, 0.9)
+    assert cfg.data.batch_size == 256 and cfg.defense.max_grad_norm == 1.0
+    mine = make_cfg(["defense=dpsgd", "optim=adam", "model=mlp", "data.batch_size=64"], fast=False)
+    assert (mine.optim.optimizer, mine.model.name, mine.data.batch_size) == ("adam", "mlp", 64)
+    budget = make_cfg(["experiment=digits_dpsgd"], fast=False)
+    assert budget.defense.noise_multiplier is None and budget.defense.target_epsilon == 3.0
+    assert budget.model.activation == "tanh"

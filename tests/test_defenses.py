@@ -38,6 +38,20 @@ def test_build_registry_and_unknown_name():
         defenses.build("gaussian", sigma=0.1, colour="blue")
 
 
+def test_a_bug_inside_a_constructor_keeps_its_traceback(monkeypatch):
+    """Options are checked against the constructor's signature; a TypeError raised *inside* it is a bug, not a
+    bad option, and must surface as itself."""
+    with pytest.raises(ConfigError, match="bad options"):
+        defenses.build("anisotropic", sigma=0.1, colour="blue")  # the shape options are checked too
+
+    def broken_init(self, *args, **kwargs):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+
+    monkeypatch.setattr(defenses.AnisotropicNoise, "__init__", broken_init)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        defenses.build("anisotropic", sigma=0.1)
+
+
 def test_none_releases_the_clean_gradient(digits8, lenet8):
     x, y = digits8.probe_batch(8)
     d = defenses.build("none")
@@ -146,11 +160,13 @@ def test_anisotropic_same_energy_and_twice_the_heldout_i2f(digits8, lenet8):
     assert abs(energy / (sigma**2 * d_theta(lenet8)) - 1) < 0.02
     op = influence.GradientJacobian(lenet8, held_x, held_y)
     gaussian = influence.expected_i2f(op, noise_std=sigma)
-    shaped = influence.expected_i2f(op, noise_sampler=sampler, samples=128, generator=torch.Generator().manual_seed(1))
+    shaped = influence.expected_i2f(op, noise_sampler=sampler, noise_draws=128,
+                                    generator=torch.Generator().manual_seed(1))
     assert float(shaped.value) >= 2 * float(gaussian.value)
     # the baseline it beats is the same-σ Gaussian defense, through its own sampler
     iso_sampler = defenses.build("gaussian", sigma=sigma).noise_sampler(0, model=lenet8)
-    iso = influence.expected_i2f(op, noise_sampler=iso_sampler, samples=64, generator=torch.Generator().manual_seed(1))
+    iso = influence.expected_i2f(op, noise_sampler=iso_sampler, noise_draws=64,
+                                 generator=torch.Generator().manual_seed(1))
     assert float(iso.value) == pytest.approx(float(gaussian.value), rel=0.1)
 
 

@@ -17,7 +17,8 @@ from pl_i2f.defenses import NoiseSchedule
 from pl_i2f.errors import ConfigError
 from pl_i2f.models import build_model
 
-DP = ["defense=dpsgd", "data.size=8", "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1"]
+DP = ["defense=dpsgd", "data.size=8", "data.batch_size=32", "+trainer.limit_val_batches=1",
+      "+trainer.limit_test_batches=1"]
 
 
 def digits_sample_rate() -> float:

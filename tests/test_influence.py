@@ -163,43 +163,22 @@ def test_products_match_dense_jacobian(case):
 
 
 def test_transpose_implementations_agree(case):
-    """Jᵀ b = ∂⟨∇ₓL, b⟩/∂θ through the cached graph (default) and by jvp over grad (the fallback) agree with
-    each other and with the dense J; single vectors through the batched entry points take the cached graph."""
-    op_vjp = GradientJacobian(case["model"], case["x"], case["y"])
-    op_jvp = GradientJacobian(case["model"], case["x"], case["y"])
-    op_jvp._transpose = "jvp"
+    """Jᵀ b = ∂⟨∇ₓL, b⟩/∂θ through the cached graph (single vectors) and by vmapped jvp over grad (batches of
+    two or more) agree with each other and with the dense J; single vectors through the batched entry points
+    take the cached graph."""
+    op = GradientJacobian(case["model"], case["x"], case["y"])
     J = case["J"]
-    for seed in (6, 7):
-        b = torch.randn(op_vjp.d_x, generator=torch.Generator().manual_seed(seed), dtype=DT)
-        a, c = op_vjp.rmatvec(b), op_jvp.rmatvec(b)
-        assert rel(a, c) < 1e-10
-        assert rel(a, J.T @ b) < 1e-10
-        assert rel(op_vjp.gram(b), op_jvp.gram(b)) < 1e-10
-        assert rel(op_vjp.rmatvec_batch(b.unsqueeze(0))[0], J.T @ b) < 1e-10
-    assert op_vjp._transpose == "vjp" and op_jvp._transpose == "jvp"
-    d = theta_vec(op_vjp.d_theta)
-    assert rel(op_vjp.matvec_batch(d.unsqueeze(0))[0], J @ d) < 1e-10
-
-
-def test_transpose_falls_back_to_jvp(monkeypatch):
-    """Should the cached-graph transpose ∂⟨∇ₓL, b⟩/∂θ raise (an op without that double-backward formula), the
-    operator switches to jvp over grad once, and the products stay exact."""
-    from pl_i2f import influence
-
-    model = cnn_sigmoid()
-    x, y = batch()
-    J = dense_jacobian(model, x, y)
-
-    def no_formula(self, b):
-        raise RuntimeError("derivative for some_op is not implemented")
-
-    monkeypatch.setattr(influence._Linearised, "rmatvec", no_formula)
-    op = GradientJacobian(model, x, y)
-    b = torch.randn(op.d_x, generator=torch.Generator().manual_seed(6), dtype=DT)
-    assert rel(op.rmatvec(b), J.T @ b) < 1e-10
-    assert op._transpose == "jvp"
-    assert rel(op.gram(b), J @ (J.T @ b)) < 1e-10
-    assert rel(top_eigenvalue(op), torch.linalg.eigvalsh(J @ J.T)[-1]) < 1e-8
+    bs = torch.randn(2, op.d_x, generator=torch.Generator().manual_seed(6), dtype=DT)
+    by_jvp = op.rmatvec_batch(bs)
+    by_jvp_gram = op.gram_batch(bs).reshape(2, -1)
+    for i in range(2):
+        a = op.rmatvec(bs[i])
+        assert rel(a, by_jvp[i]) < 1e-10
+        assert rel(a, J.T @ bs[i]) < 1e-10
+        assert rel(op.gram(bs[i]), by_jvp_gram[i]) < 1e-10
+        assert rel(op.rmatvec_batch(bs[i].unsqueeze(0))[0], J.T @ bs[i]) < 1e-10
+    d = theta_vec(op.d_theta)
+    assert rel(op.matvec_batch(d.unsqueeze(0))[0], J @ d) < 1e-10
 
 
 def test_parameter_without_x_dependence_has_zero_rows():
@@ -217,11 +196,10 @@ def test_parameter_without_x_dependence_has_zero_rows():
     model = WithUnused()
     x, y = batch()
     op = GradientJacobian(model, x, y)
-    ref = GradientJacobian(model, x, y)
-    ref._transpose = "jvp"
     b = torch.randn(op.d_x, generator=torch.Generator().manual_seed(6), dtype=DT)
     jt = op.rmatvec(b)
-    assert rel(jt, ref.rmatvec(b)) < 1e-10
+    ref = op.rmatvec_batch(torch.stack([b, -b]))[0]  # vmapped jvp over grad: no cached graph involved
+    assert rel(jt, ref) < 1e-10
     assert torch.equal(jt[-6:], torch.zeros(6, dtype=DT))
     d = theta_vec(op.d_theta)
     d2 = d.clone()
@@ -406,13 +384,14 @@ def test_expected_i2f_slq_and_monte_carlo(name):
     M = torch.linalg.solve(A + eps * torch.eye(op.d_x, dtype=DT), J)
     truth = math.sqrt(float(((M * scales**2) @ M.T).trace()))
     for kwargs in ({}, {"exact_max_dim": 0}):  # dense eigen-decomposition per draw / batched CG per draw
-        mc = expected_i2f(op, noise_sampler=sampler, damping=eps, samples=300,
+        mc = expected_i2f(op, noise_sampler=sampler, damping=eps, noise_draws=300,
                           generator=torch.Generator().manual_seed(3), **kwargs)
-        assert mc.method == "monte_carlo" and mc.samples == 300
+        assert mc.method == "monte_carlo" and mc.noise_draws == 300
         assert abs(float(mc.value) - truth) < 4 * float(mc.stderr)
     # the same draws give the same answer by both routes
-    a = expected_i2f(op, noise_sampler=sampler, damping=eps, samples=20, generator=torch.Generator().manual_seed(4))
-    b = expected_i2f(op, noise_sampler=sampler, damping=eps, samples=20, generator=torch.Generator().manual_seed(4),
+    a = expected_i2f(op, noise_sampler=sampler, damping=eps, noise_draws=20,
+                     generator=torch.Generator().manual_seed(4))
+    b = expected_i2f(op, noise_sampler=sampler, damping=eps, noise_draws=20, generator=torch.Generator().manual_seed(4),
                      exact_max_dim=0)
     assert abs(float(a.value) - float(b.value)) < 1e-6 * float(a.value)
 
@@ -497,7 +476,7 @@ def test_per_sample_with_sampler_exact_and_cg_agree():
     def sampler(gen):
         return scales * torch.randn(d_theta, generator=gen, dtype=DT)
 
-    kw = {"noise_sampler": sampler, "damping": 0.1, "samples": 8}
+    kw = {"noise_sampler": sampler, "damping": 0.1, "noise_draws": 8}
     a = per_sample_leakage(model, x, y, method="exact", generator=torch.Generator().manual_seed(5), **kw)
     b = per_sample_leakage(model, x, y, method="slq", tol=1e-10, generator=torch.Generator().manual_seed(5), **kw)
     assert rel(b.expected_jdelta, a.expected_jdelta) < 1e-10  # same draws
@@ -509,6 +488,77 @@ def test_per_sample_with_sampler_exact_and_cg_agree():
         sol = torch.linalg.solve(J @ J.T + 0.1 * torch.eye(36, dtype=DT), J @ draws.T)
         assert abs(float(a.expected_i2f[i]) - float(sol.pow(2).sum(0).mean().sqrt())) < 1e-8
         assert abs(float(a.expected_jdelta[i]) - float((J @ draws.T).pow(2).sum(0).mean().sqrt())) < 1e-8
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.1])
+def test_per_sample_and_batch_of_one_agree(damping):
+    """One sample through per_sample_leakage (vmapped products, N problems) and through expected_i2f on its own
+    GradientJacobian (cached-graph products, N = 1) runs the same estimator, so with the same settings and
+    draws the numbers agree to 1e-6 in float64: exact and SLQ isotropic, Monte Carlo dense and by CG."""
+    model = cnn_sigmoid()
+    x, y = batch(13, shape=(1, 1, 6, 6))
+    op = GradientJacobian(model, x, y)
+    sigma = 0.1
+    scales = 0.02 + 0.08 * torch.rand(op.d_theta, generator=torch.Generator().manual_seed(2), dtype=DT)
+
+    def sampler(gen: torch.Generator) -> torch.Tensor:
+        return scales * torch.randn(op.d_theta, generator=gen, dtype=DT)
+
+    def same(per: object, one: object) -> None:
+        assert per.expected_i2f.shape == (1,)
+        assert rel(per.expected_i2f, one.value) < 1e-6
+        assert per.damping == pytest.approx(one.damping, rel=1e-6, abs=0)
+
+    same(per_sample_leakage(model, x, y, noise_std=sigma, damping=damping, method="exact"),
+         expected_i2f(op, noise_std=sigma, damping=damping, method="exact"))
+    slq = {"noise_std": sigma, "damping": damping, "probes": 6, "maxiter": op.d_x}
+    same(per_sample_leakage(model, x, y, method="slq", tol=1e-3, stop="residual", slq_tol=1e-4,
+                            generator=torch.Generator().manual_seed(7), **slq),
+         expected_i2f(op, method="slq", tol=1e-4, generator=torch.Generator().manual_seed(7), **slq))
+    mc = {"noise_sampler": sampler, "damping": damping, "noise_draws": 10}
+    same(per_sample_leakage(model, x, y, method="exact", generator=torch.Generator().manual_seed(8), **mc),
+         expected_i2f(op, generator=torch.Generator().manual_seed(8), **mc))
+    same(per_sample_leakage(model, x, y, method="slq", generator=torch.Generator().manual_seed(8), **mc),
+         expected_i2f(op, exact_max_dim=0, generator=torch.Generator().manual_seed(8), **mc))
+
+
+def test_per_sample_exact_monte_carlo_undamped_matches_dense():
+    """Undamped, several samples, a sampler, the exact path: ‖(J_iJ_iᵀ)⁻¹J_iδ‖² per draw, averaged."""
+    model = mlp_tanh()
+    x, y = batch(14, shape=(3, 1, 6, 6))
+    d_theta = sum(p.numel() for p in model.parameters())
+
+    def sampler(gen):
+        return 0.05 * torch.randn(d_theta, generator=gen, dtype=DT)
+
+    res = per_sample_leakage(model, x, y, noise_sampler=sampler, noise_draws=5, method="exact",
+                             generator=torch.Generator().manual_seed(3))
+    assert res.damping == 0.0
+    draws = torch.stack([sampler(g) for g in [torch.Generator().manual_seed(3)] for _ in range(5)])
+    for i in range(3):
+        J = dense_jacobian(model, x[i : i + 1], y[i : i + 1])
+        sol = torch.linalg.solve(J @ J.T, J @ draws.T)
+        assert abs(float(res.expected_i2f[i]) / float(sol.pow(2).sum(0).mean().sqrt()) - 1) < 1e-8
+
+
+def test_renamed_keywords_still_work_with_a_warning():
+    model = mlp_tanh()
+    x, y = batch(0)
+    op = GradientJacobian(model, x, y)
+
+    def sampler(gen):
+        return 0.05 * torch.randn(op.d_theta, generator=gen, dtype=DT)
+
+    with pytest.warns(FutureWarning, match="samples= is deprecated and will be removed; use noise_draws="):
+        old = expected_i2f(op, noise_sampler=sampler, damping=0.1, samples=5)
+    new = expected_i2f(op, noise_sampler=sampler, damping=0.1, noise_draws=5)
+    assert old.noise_draws == 5 and torch.equal(old.value, new.value)
+    with pytest.warns(FutureWarning, match="ExpectedI2F.samples"):
+        assert old.samples == 5
+    with pytest.warns(FutureWarning, match="samples= is deprecated"):
+        ps = per_sample_leakage(model, x[:1], y[:1], noise_sampler=sampler, damping=0.1, samples=3, method="exact")
+    assert torch.equal(ps.expected_i2f, per_sample_leakage(model, x[:1], y[:1], noise_sampler=sampler, damping=0.1,
+                                                           noise_draws=3, method="exact").expected_i2f)
 
 
 # --- robustness -----------------------------------------------------------------------------------
@@ -613,9 +663,9 @@ def test_never_changes_the_model():
         lambda: i2f_upper_bound(op, d, damping=0.1),
         lambda: expected_i2f(op, noise_std=0.1),
         lambda: expected_i2f(op, noise_std=0.1, damping=0.1, method="slq", probes=4),
-        lambda: expected_i2f(op, noise_sampler=sampler, damping=0.1, samples=4),
+        lambda: expected_i2f(op, noise_sampler=sampler, damping=0.1, noise_draws=4),
         lambda: per_sample_leakage(model, x, y, noise_std=0.1, damping=0.1),
-        lambda: per_sample_leakage(model, x, y, noise_sampler=sampler, damping=0.1, samples=2, method="exact"),
+        lambda: per_sample_leakage(model, x, y, noise_sampler=sampler, damping=0.1, noise_draws=2, method="exact"),
     ]
     for call in calls:
         call()

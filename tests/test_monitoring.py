@@ -181,7 +181,7 @@ def test_sigma_for_target_reaches_the_target_through_the_engine(digits_run):
     def gaussian(generator: torch.Generator) -> torch.Tensor:
         return sigma * torch.randn(64, d_theta, generator=generator)
 
-    noisy = per_sample_leakage(model, x, y, noise_sampler=gaussian, samples=256, relative_damping=0.01,
+    noisy = per_sample_leakage(model, x, y, noise_sampler=gaussian, noise_draws=256, relative_damping=0.01,
                                method="exact", generator=torch.Generator().manual_seed(1))
     pixel = noisy.expected_i2f_rmse * mean_pixel_std(dm)
     assert float(pixel.mean()) == pytest.approx(target, rel=0.05)

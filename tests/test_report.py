@@ -37,3 +37,48 @@ def test_report_without_summaries_is_one_clear_error(tmp_path, capsys):
         main([str(tmp_path)])
     assert exit_info.value.code == 2
     assert "no summary.json below" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (0.97834, "0.9783"), (0.01, "0.01"), (20.0, "20"), (1234.56, "1235"), (0.0, "0"), (2.0, "2"),
+        (2602118.4, "2.602e+06"), (1e10, "1e+10"), (3.4e-9, "3.4e-09"), (-0.000123456, "-1.235e-04"),
+        (0.00123, "0.00123"), (None, "—"), (float("nan"), "nan"), (float("inf"), "inf"),
+    ],
+)
+def test_format_number_follows_the_magnitude(value, text):
+    from pl_i2f.report import format_number
+
+    assert format_number(value) == text
+
+
+def test_format_number_keeps_small_values_visible_beside_large_ones():
+    from pl_i2f.report import format_number
+
+    # the summary table's old fixed '.4f' printed lambda_min as 0.0000 beside condition_number 2602118
+    assert format_number(4.1e-11) != "0" and float(format_number(4.1e-11)) == pytest.approx(4.1e-11)
+    assert float(format_number(123456789.0)) == pytest.approx(123456789.0, rel=1e-3)
+
+
+def test_report_without_leakage_says_what_is_missing_instead_of_an_empty_plot(tmp_path, capsys, recwarn):
+    for i, sigma in enumerate((0.01, 0.1)):
+        directory = tmp_path / str(i)
+        directory.mkdir()
+        final = {"val/acc": 0.9 - i / 10, "test/acc": 0.89}  # a run whose monitor never evaluated
+        (directory / "summary.json").write_text(json.dumps({"final": final, "defense": {"name": "gaussian",
+                                                                                          "sigma": sigma}}))
+    main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "no run has leakage/expected_i2f_pixel_rmse" in out and "no run has privacy/epsilon" in out
+    assert not (tmp_path / "tradeoff.png").exists()
+    assert (tmp_path / "tradeoff.md").exists()
+    assert not [w for w in recwarn if "legend" in str(w.message).lower()]
+
+
+def test_report_draws_only_the_axes_some_run_has(tmp_path, capsys):
+    write_summary(tmp_path / "0", {"name": "dpsgd", "noise_multiplier": 1.0}, 0.9, None, epsilon=5.0)
+    main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "no run has leakage" in out and "privacy/epsilon" not in out.split("note:")[-1]
+    assert (tmp_path / "tradeoff.png").read_bytes().startswith(b"\x89PNG")

@@ -28,15 +28,12 @@ Choices (options) and rationale:
   those few near-null directions are specific to the reference images and transfer poorly); ``power`` = 0
   is uniform over the span. ε must match the damping of the estimator/attacker being defended against: it
   is ``damping`` (absolute, the estimator's ε) + ``relative_damping``·λ_max, and ``relative_damping=null``
-  means the I²F engine's own "undamped" fallback d_x·eps(dtype)·λ_max. Measured with
-  ``influence.expected_i2f`` on lenet_zhu (init), 16x16 digits, 8 reference / 8 held-out samples, at equal
-  energy: undamped estimator — uniform over the span 1.45x, power 0.5 1.83x, gain-matched power 1 2.06x the
-  Gaussian expected I²F; estimator ε = 1 with ``damping=1`` (the matched weights then favour the *large*
-  directions, gᵢ ≈ λᵢ/ε²) 3.62x (``benchmarks/results/defenses.md``). Mismatched damping can do worse than
-  uniform: match it to the estimator.
+  means the I²F engine's own "undamped" fallback rcond·λ_max (rcond = d_x · machine epsilon). At equal energy
+  the gain-matched weights beat both uniform weights over the span and ``power`` 0.5, and mismatched damping
+  can do worse than uniform: match it to the estimator (measurements: ``benchmarks/results/defenses.md``).
 * ``directions`` k: keep the k smallest (``which=smallest``) or largest eigen-directions; ``null`` keeps
   every numerically nonzero one (λᵢ > ``rcond``·λ_max). Dense (explicit Jᵀ, d_x products) when the
-  reference batch has d_x ≤ ``dense_max_dim``, else Lanczos (``influence.right_singular_vectors``).
+  reference batch has d_x ≤ ``dense_max_dim``, else Lanczos — both the engine's ``influence.row_space``.
 
 Used on its own (``defense=anisotropic``, not DP) and as the extra noise of ``dpsgd.noise_shape=anisotropic``,
 where the isotropic σC floor is kept and the directions get ``dp_extra_energy``·d_θ (per unit σC) on top.

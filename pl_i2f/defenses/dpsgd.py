@@ -53,6 +53,7 @@ from pl_i2f.defenses.base import (
 from pl_i2f.defenses.schedules import NoiseSchedule
 from pl_i2f.errors import ConfigError, unknown_name
 from pl_i2f.gradients import per_sample_gradients
+from pl_i2f.privacy import DEFAULT_RECONSTRUCTION_BASELINE, check_baseline, reconstruction_bound_from_history
 
 ACCOUNTANTS = ("rdp", "prv")
 NOISE_SHAPES = ("isotropic", "anisotropic")
@@ -173,6 +174,7 @@ class DPSGDDefense(Defense):
         anisotropic: Mapping[str, Any] | None = None,
         schedule: NoiseSchedule | Mapping[str, Any] | str | None = None,
         expected_batch_size: int | None = None,
+        reconstruction_baseline: float = DEFAULT_RECONSTRUCTION_BASELINE,
         seed: int = 0,
     ):
         super().__init__(seed=seed)
@@ -203,6 +205,7 @@ class DPSGDDefense(Defense):
         self.noise_shape = noise_shape
         self.schedule = NoiseSchedule.from_config(schedule)
         self.expected_batch_size = expected_batch_size
+        self.reconstruction_baseline = check_baseline(reconstruction_baseline)
         self.sample_rate: float | None = None
         self.anisotropic = AnisotropicNoise(**(anisotropic or {})) if noise_shape == "anisotropic" else None
         self.engine = _Engine(accountant, self.anisotropic)
@@ -325,8 +328,15 @@ class DPSGDDefense(Defense):
     def metrics(self, step: int) -> dict[str, float]:
         return {"defense/sigma": self.sigma_at(step)}
 
+    def reconstruction_bound(self) -> float:
+        """Bound on any reconstruction attack's success so far (Hayes et al. 2023, μ-GDP view of the recorded
+        (σ_t, q) history; :mod:`pl_i2f.privacy`), for an attack whose baseline success is
+        ``reconstruction_baseline``."""
+        return reconstruction_bound_from_history(self.engine.accountant.history, self.reconstruction_baseline,
+                                                 poisson=self.poisson_sampling)
+
     def epoch_metrics(self) -> dict[str, float]:
-        return {"privacy/epsilon": self.epsilon()}
+        return {"privacy/epsilon": self.epsilon(), "privacy/reconstruction_bound": self.reconstruction_bound()}
 
     # -- analysis ----------------------------------------------------------------------------------
     def _batch_size(self, fallback: int | None) -> int:
@@ -381,7 +391,8 @@ class DPSGDDefense(Defense):
             "name": self.name, "noise_multiplier": self.noise_multiplier, "target_epsilon": self.target_epsilon,
             "max_grad_norm": self.max_grad_norm, "delta": self.delta, "accountant": self.accountant,
             "poisson_sampling": self.poisson_sampling, "noise_shape": self.noise_shape,
-            "schedule": self.schedule.describe(), "seed": self.seed,
+            "schedule": self.schedule.describe(), "reconstruction_baseline": self.reconstruction_baseline,
+            "seed": self.seed,
         }
         if self.anisotropic is not None:
             out["anisotropic"] = self.anisotropic.describe()

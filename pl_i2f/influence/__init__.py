@@ -47,7 +47,6 @@ from the global RNG.
 from pl_i2f.influence.damping import Damping
 from pl_i2f.influence.expected import expected_i2f
 from pl_i2f.influence.operator import GradientJacobian
-from pl_i2f.influence.operator import _Linearised as _Linearised  # tests patch it
 from pl_i2f.influence.per_sample import per_sample_leakage, per_sample_product_seconds
 from pl_i2f.influence.results import (
     ConvergenceWarning,

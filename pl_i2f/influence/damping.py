@@ -57,30 +57,30 @@ class Damping:
         """Eigenvalues at or below this count as zero: rcond·λ_max."""
         return self.rcond * lambda_max
 
-    def node_floor(self, eps: float, lambda_max: Tensor) -> Tensor | float:
+    def node_floor(self, epsilon: float, lambda_max: Tensor) -> Tensor | float:
         """Quadrature nodes at or below this receive nothing from Jδ: the zero floor undamped (keeps 1/λ
         finite), none (−1) when damped. Shaped (N, 1, 1) for N problems' (N, p, m) nodes."""
-        return self.zero_floor(lambda_max).reshape(-1, 1, 1) if eps == 0 else -1.0
+        return self.zero_floor(lambda_max).reshape(-1, 1, 1) if epsilon == 0 else -1.0
 
     def fallback(self, lambda_max: float, reason: str) -> float:
         """Warn that JJᵀ is singular for ``reason`` and return the ε used instead: rcond·λ_max."""
-        eps_used = self.rcond * lambda_max if lambda_max > 0 else 1.0
+        fallback_epsilon = self.rcond * lambda_max if lambda_max > 0 else 1.0
         warn_caller(
             f"{self.caller}: JJᵀ is rank-deficient or ill-conditioned ({reason}); the undamped I²F is not "
-            f"defined there, so damping ε = rcond·λ_max = {eps_used:.3g} is used. Pass damping > 0 (paper "
+            f"defined there, so damping ε = rcond·λ_max = {fallback_epsilon:.3g} is used. Pass damping > 0 (paper "
             "default 1) to choose it yourself.",
             InfluenceWarning,
         )
-        return float(eps_used)
+        return float(fallback_epsilon)
 
     def resolve(self, d_x: int, d_theta: int, lambda_max: Tensor | Callable[[], float],
                 lambda_min: Tensor | None = None) -> float:
         """The ε to use for N problems: ``at(λ_max)`` when positive; else, when some JJᵀ is singular (d_x > d_θ,
         or λ_min ≤ rcond·λ_max), the warned fallback; else 0. ``lambda_max`` may be a callable, evaluated only
         when a fallback scale is needed (it may cost a Lanczos run)."""
-        eps = self.epsilon if callable(lambda_max) else self.at(lambda_max)
-        if eps > 0:
-            return eps
+        epsilon = self.epsilon if callable(lambda_max) else self.at(lambda_max)
+        if epsilon > 0:
+            return epsilon
         reason = None
         if d_x > d_theta:
             reason = f"d_x = {d_x} > d_θ = {d_theta}, so JJᵀ has at least {d_x - d_theta} zero eigenvalues"

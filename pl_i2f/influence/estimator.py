@@ -112,8 +112,8 @@ def slq_quadrature(apply: Apply, v0: Tensor, *, lambda_tol: float, quad_tol: flo
         if watch is None:
             return True
         theta, w = gauss_quadrature(lz)
-        eps_now = watch.at(theta.amax(dim=(-1, -2)))
-        estimate = (w * f_damped(theta, eps_now, -1.0 if eps_now > 0 else 0.0)).sum(-1)
+        epsilon = watch.at(theta.amax(dim=(-1, -2)))
+        estimate = (w * f_damped(theta, epsilon, -1.0 if epsilon > 0 else 0.0)).sum(-1)
         previous, state["previous"] = state["previous"], estimate
         state["settled"] = previous is not None and bool(
             ((estimate - previous).abs() <= quad_tol * estimate.abs()).all())
@@ -140,23 +140,23 @@ class Solution(NamedTuple):
         return bool(self.broken.any()) or not bool(torch.isfinite(self.z).all()) or bool((self.residual > tol).any())
 
 
-def solve_damped(apply: Apply, rhs: Tensor, damping: Damping, eps: float, *, d_x: int, d_theta: int, tol: float,
+def solve_damped(apply: Apply, rhs: Tensor, damping: Damping, epsilon: float, *, d_x: int, d_theta: int, tol: float,
                  maxiter: int, lambda_max: Callable[[], float]) -> Solution:
     """(A + εI) z = rhs by CG from zero, batched over rhs's leading dims. Undamped (ε = 0) and singular — known
     in advance (d_x > d_θ) or shown by CG (breakdown, no convergence, non-finite values) — it warns and solves
     with ε = rcond·λ_max instead (``lambda_max`` gives the scale, called only then)."""
-    if eps == 0:
-        eps = damping.resolve(d_x, d_theta, lambda_max)
-    sol = Solution(*cg(apply, rhs, eps, tol, maxiter), eps)
-    if eps == 0 and sol.failed(tol):
+    if epsilon == 0:
+        epsilon = damping.resolve(d_x, d_theta, lambda_max)
+    sol = Solution(*cg(apply, rhs, epsilon, tol, maxiter), epsilon)
+    if epsilon == 0 and sol.failed(tol):
         if bool(sol.broken.any()):
             why = "CG broke down (non-positive curvature)"
         elif bool(torch.isfinite(sol.z).all()):
             why = "CG did not converge"
         else:
             why = "CG produced non-finite values"
-        eps = damping.fallback(lambda_max(), why)
-        sol = Solution(*cg(apply, rhs, eps, tol, maxiter), eps)
+        epsilon = damping.fallback(lambda_max(), why)
+        sol = Solution(*cg(apply, rhs, epsilon, tol, maxiter), epsilon)
     return sol
 
 
@@ -167,21 +167,20 @@ def expected_squares(problems: Problems, quadrature: Quadrature | None, damping:
     Isotropic: the quadrature's estimates of tr f(JᵢJᵢᵀ) (k = chains, or 1 when dense). Otherwise ‖I²Fᵢ(δ_s)‖²
     of each draw, from ``jdeltas`` = Jᵢδ_s (N, s, n): by the dense eigen-decomposition when the quadrature has
     it (one J δ product per draw), else by one batched CG solve (``lambda_max``: the scale of a fallback)."""
-    eps = damping.epsilon
+    epsilon = damping.epsilon
     if quadrature is not None:
-        eps = damping.resolve(problems.n, problems.d_theta, quadrature.lambda_max, quadrature.smallest())
-        floor = damping.node_floor(eps, quadrature.lambda_max)
+        epsilon = damping.resolve(problems.n, problems.d_theta, quadrature.lambda_max, quadrature.smallest())
+        floor = damping.node_floor(epsilon, quadrature.lambda_max)
     if isotropic:
         assert quadrature is not None
-        return quadrature.terms(f_damped(quadrature.nodes, eps, floor)), eps
+        return quadrature.terms(f_damped(quadrature.nodes, epsilon, floor)), epsilon
     assert jdeltas is not None
     if quadrature is not None and quadrature.eigenvectors is not None:
-        lam = quadrature.nodes[:, 0, :]  # (N, n)
-        keep = lam > (floor[:, :, 0] if isinstance(floor, Tensor) else floor)  # undamped: zero λ receive nothing
-        inv = torch.where(keep, 1.0 / (lam + eps).clamp_min(TINY), torch.zeros_like(lam))
-        coefficients = torch.einsum("nsk,nkj->nsj", jdeltas, quadrature.eigenvectors) * inv.unsqueeze(1)
-        return coefficients.pow(2).sum(-1), eps  # ‖U diag(1/(λ+ε)) Uᵀ Jδ‖²
-    sol = solve_damped(problems.gram, jdeltas, damping, eps, d_x=problems.n, d_theta=problems.d_theta,
+        lam = quadrature.nodes  # (N, 1, n): every eigenvalue; undamped, the zero ones receive nothing
+        inv = torch.where(lam > floor, 1.0 / (lam + epsilon).clamp_min(TINY), torch.zeros_like(lam))
+        coefficients = torch.einsum("nsk,nkj->nsj", jdeltas, quadrature.eigenvectors) * inv
+        return coefficients.pow(2).sum(-1), epsilon  # ‖U diag(1/(λ+ε)) Uᵀ Jδ‖²
+    sol = solve_damped(problems.gram, jdeltas, damping, epsilon, d_x=problems.n, d_theta=problems.d_theta,
                        tol=DRAW_CG_TOL, maxiter=cg_maxiter, lambda_max=lambda_max)
     if sol.failed(DRAW_CG_TOL):
         warn_caller(f"CG reached only relative residual {float(sol.residual.max()):.2e} for some draws",

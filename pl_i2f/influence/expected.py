@@ -16,7 +16,7 @@ from pl_i2f.influence.estimator import (
     slq_quadrature,
 )
 from pl_i2f.influence.operator import GradientJacobian
-from pl_i2f.influence.results import ConvergenceWarning, ExpectedI2F, NoiseSampler, warn_caller
+from pl_i2f.influence.results import ConvergenceWarning, ExpectedI2F, NoiseSampler, renamed, warn_caller
 from pl_i2f.influence.settings import LAMBDA_SCALE_TOL, SLQ_MAX_STEPS, cg_maxiter
 from pl_i2f.influence.spectrum import check_operator, gram_matrix, lambda_max_scale
 from pl_i2f.rng import analysis_generator, rademacher
@@ -49,7 +49,7 @@ def expected_i2f(
     noise_sampler: NoiseSampler | None = None,
     damping: float = 0.0,
     *,
-    samples: int = 64,
+    noise_draws: int = 64,
     method: str = "auto",
     probes: int = 16,
     exact_max_dim: int = 2048,
@@ -57,6 +57,7 @@ def expected_i2f(
     maxiter: int | None = None,
     rcond: float | None = None,
     generator: torch.Generator | None = None,
+    samples: int | None = None,
 ) -> ExpectedI2F:
     """√E‖I²F(δ)‖², the expected reconstruction error, and its per-pixel (RMSE) scale value/√d_x.
 
@@ -67,11 +68,13 @@ def expected_i2f(
       every chain's quadrature changes by < ``tol`` relatively. Undamped SLQ needs the small end of the
       spectrum resolved (≈√κ steps); prefer ε > 0 or the exact path there.
     * Any noise (``noise_sampler``, see :data:`NoiseSampler`; DP-SGD, anisotropic...): Monte Carlo over
-      ``samples`` draws, √mean‖I²F(δ_s)‖². With the dense eigen-decomposition available (small d_x) each draw
+      ``noise_draws`` draws, √mean‖I²F(δ_s)‖². With the dense eigen-decomposition available (small d_x) each draw
       costs one J δ product; otherwise one batched CG solve per draw.
 
     Undamped and singular JJᵀ: :class:`InfluenceWarning` and ε = rcond·λ_max (the answer stays finite).
+    ``samples`` is the deprecated name of ``noise_draws``.
     """
+    noise_draws = renamed("noise_draws", noise_draws, "samples", samples)
     check_operator(op)
     if (noise_std is None) == (noise_sampler is None):
         raise ValueError("give exactly one of noise_std (isotropic Gaussian σ) and noise_sampler")
@@ -103,15 +106,15 @@ def expected_i2f(
             )
     jdeltas = None
     if noise_sampler is not None:
-        deltas = draw_noise(noise_sampler, op._params, samples, like, gen)
+        deltas = draw_noise(noise_sampler, op._params, noise_draws, like, gen)
         jdeltas = problems.matvec_shared(deltas)
-    squares, eps = expected_squares(
+    squares, epsilon = expected_squares(
         problems, quadrature, damp, isotropic=noise_std is not None, jdeltas=jdeltas,
         cg_maxiter=cg_maxiter(n) if maxiter is None else int(maxiter), lambda_max=lambda: lambda_max_scale(op, gen))
     root, se = root_mean_square(squares[0])
     if noise_std is None:
-        return ExpectedI2F(root, root / math.sqrt(n), se, "monte_carlo", samples, eps, n)
+        return ExpectedI2F(root, root / math.sqrt(n), se, "monte_carlo", noise_draws, 0, epsilon, n)
     value = noise_std * root
     if dense:
-        return ExpectedI2F(value, value / math.sqrt(n), torch.zeros_like(value), "exact", 0, eps, n)
-    return ExpectedI2F(value, value / math.sqrt(n), noise_std * se, "slq", probes, eps, n)
+        return ExpectedI2F(value, value / math.sqrt(n), torch.zeros_like(value), "exact", 0, 0, epsilon, n)
+    return ExpectedI2F(value, value / math.sqrt(n), noise_std * se, "slq", 0, probes, epsilon, n)

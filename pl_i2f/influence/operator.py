@@ -40,11 +40,9 @@ class _Linearised:
 
     Why not ``torch.func`` for single vectors: a ``torch.func.vjp`` closure back-propagates with
     ``create_graph=True`` on every call (so it can be transformed again), recording a graph it never uses,
-    and ``jvp`` over ``grad`` re-runs the forward and backward passes (primal *and* tangent) for every Jᵀ b.
-    (A ``torch.func.vjp`` *of that vjp closure* is worse still: 5.4 s per Jᵀ b on resnet18, against 0.53 s
-    for jvp over grad and ~0.25 s here, since it differentiates through the graph the closure records.)
-    Measured on lenet_zhu (32 digits, 1 thread): JJᵀ b 24-28 → 13-15 ms, building the graph 6-7 ms.
-    For several vectors at once the vmapped torch.func products are faster and are kept
+    and ``jvp`` over ``grad`` re-runs the forward and backward passes (primal *and* tangent) for every Jᵀ b;
+    this graph roughly halves the cost of JJᵀ b (measurements: ``benchmarks/results/influence.md``, "Design
+    measurements"). For several vectors at once the vmapped torch.func products are faster and are kept
     (``GradientJacobian.*_batch``). Entries of a gradient that do not depend on the other variable (an unused
     parameter, a structurally zero block) contribute zero rows/columns and are skipped.
     """
@@ -87,7 +85,7 @@ class _Linearised:
 
     def gram(self, b: Tensor) -> Tensor:
         """JJᵀ b for an x-shaped b, passing Jᵀ b between the two passes per parameter, never as one flat vector
-        (on resnet18, flattening the 11 M-entry Jᵀ b and splitting it again made the product 0.53 s, not 0.37 s)."""
+        (flattening and splitting an 11 M-entry Jᵀ b again is measurably slower on resnet18)."""
         if not self.g:
             return torch.zeros_like(self.x)
         parts = self._rmatvec_parts(b)
@@ -139,10 +137,6 @@ class GradientJacobian:
         self.d_theta = sum(p.numel() for p in params.values())
         self._lin: _Linearised | None = None
         self._vjp_fn: Callable | None = None  # torch.func's closure, for the vmapped (batched) J δ only
-        # How Jᵀ b is computed: "vjp" (∂⟨∇ₓL, b⟩/∂θ through the cached graph, the fast default) or "jvp"
-        # (``jvp`` over ``grad``, a fallback should the former raise). Fixed on first use.
-        self._transpose = "vjp"
-        self._transpose_tried = False
 
     # -- internals -------------------------------------------------------------------------------
     def _check_fresh(self) -> None:
@@ -164,31 +158,12 @@ class GradientJacobian:
         return self._lin
 
     def _reverse(self) -> Callable:
-        # Batched J δ: ``vmap`` over torch.func's vjp closure beats autograd's ``is_grads_batched`` on the cached
-        # graph (~2x at k = 32 on lenet_zhu) and a loop of single products (4.3 vs 8 ms per vector at k = 4..16).
-        # Built once, on first batched use.
+        # Batched J δ: ``vmap`` over torch.func's vjp closure beats both autograd's ``is_grads_batched`` on the
+        # cached graph and a loop of single products (benchmarks/results/influence.md). Built once, on first use.
         if self._vjp_fn is None:
             with eval_mode(self.model):
                 self._vjp_fn = vjp(self._grad_of_x, self.x)[1]
         return self._vjp_fn
-
-    def _rmatvec(self, b: Tensor) -> Tensor:
-        lin = self._linearised()
-        if self._transpose == "vjp":
-            if self._transpose_tried:
-                return lin.rmatvec(b)
-            try:
-                out = lin.rmatvec(b)
-            except (RuntimeError, NotImplementedError):
-                # Defensive: should the recorded graph fail for Jᵀ b (an op whose double-backward formula is
-                # incomplete), forward-over-reverse needs forward-mode formulas instead. Decided once per operator.
-                self._transpose = "jvp"
-            else:
-                self._transpose_tried = True
-                return out
-        self._transpose_tried = True
-        with eval_mode(self.model):
-            return jvp(self._grad_of_x, (self.x,), (b,))[1]
 
     def _x_vector(self, b: Tensor, batched: bool) -> Tensor:
         """An x-space vector (x-shaped or flat) or a batch of them ((k, *x.shape) or (k, d_x)), reshaped."""
@@ -220,14 +195,12 @@ class GradientJacobian:
     def rmatvec(self, b: Tensor) -> Tensor:
         """Jᵀ b (x-space → θ-space), flat: d/dt ∇_θL(x + t b) = ∂⟨∇ₓL(x), b⟩/∂θ (mixed partials commute)."""
         self._check_fresh()
-        return self._rmatvec(self._x_vector(b, batched=False).detach())
+        return self._linearised().rmatvec(self._x_vector(b, batched=False).detach())
 
     def gram(self, b: Tensor) -> Tensor:
         """JJᵀ b (x-space → x-space), shaped like x."""
-        if self._transpose == "vjp" and self._transpose_tried:  # the cached graph is known to work here
-            self._check_fresh()
-            return self._linearised().gram(self._x_vector(b, batched=False).detach())
-        return self.matvec(self.rmatvec(b))
+        self._check_fresh()
+        return self._linearised().gram(self._x_vector(b, batched=False).detach())
 
     def matvec_batch(self, deltas: Tensor) -> Tensor:
         """J δ for a batch of θ-vectors (k, d_θ) → (k, *x.shape), vectorised with ``vmap``."""
@@ -246,9 +219,8 @@ class GradientJacobian:
         bs = self._x_vector(bs, batched=True)
         if bs.shape[0] == 1:  # one vector: the cached graph, no vmap
             return self.rmatvec(bs[0]).unsqueeze(0)
-        # Several vectors: vmap of forward-over-reverse shares the primal computation between them; on lenet_zhu
-        # it beats a loop of cached-graph products from k ≈ 8 (4.6 vs 6.7 ms per vector at k = 16) and loses
-        # little below (6.0 vs 4.9 at k = 4), so one rule for all k ≥ 2 keeps this simple.
+        # Several vectors: vmap of forward-over-reverse shares the primal computation between them; it beats a
+        # loop of cached-graph products from k ≈ 8 and loses little below, so one rule for all k ≥ 2.
         with eval_mode(self.model):
             return vmap(lambda t: jvp(self._grad_of_x, (self.x,), (t,))[1])(bs)
 

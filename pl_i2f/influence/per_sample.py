@@ -25,7 +25,7 @@ from pl_i2f.influence.estimator import (
     slq_quadrature,
 )
 from pl_i2f.influence.krylov import check_stop
-from pl_i2f.influence.results import ConvergenceWarning, NoiseSampler, PerSampleLeakage, warn_caller
+from pl_i2f.influence.results import ConvergenceWarning, NoiseSampler, PerSampleLeakage, renamed, warn_caller
 from pl_i2f.influence.settings import EXACT_BLOCK_NUMBERS, cg_maxiter
 from pl_i2f.rng import analysis_generator, rademacher
 
@@ -134,7 +134,7 @@ def per_sample_leakage(
     method: str = "slq",
     expected: bool = True,
     probes: int = 4,
-    samples: int = 32,
+    noise_draws: int = 32,
     tol: float = 1e-4,
     stop: str = "eigenvalue",
     slq_tol: float = 1e-2,
@@ -142,6 +142,7 @@ def per_sample_leakage(
     chunk_size: int | None = None,
     rcond: float | None = None,
     generator: torch.Generator | None = None,
+    samples: int | None = None,
 ) -> PerSampleLeakage:
     """Leakage of every sample treated as its own private input x₀ = x[i] (J_i = ∂²ℓ(x_i, y_i)/∂x∂θ, one
     image, d_x = C·H·W), vectorised with ``torch.func.vmap`` (``chunk_size`` samples per call bounds memory).
@@ -156,22 +157,23 @@ def per_sample_leakage(
 
     Noise (optional; without it only λ_max and the trace are returned): ``noise_std`` = σ for isotropic
     δ ~ N(0, σ²I_θ), where E‖J_iδ‖² = σ² tr(J_iJ_iᵀ) and E‖I²F_i‖² = σ² Σ λ/(λ+ε)²; or ``noise_sampler``
-    (Monte Carlo over ``samples`` draws; the expected I²F then needs one batched CG per draw and sample).
+    (Monte Carlo over ``noise_draws`` draws; the expected I²F then needs one batched CG per draw and sample).
     ``lower_bound`` = √E‖J_iδ‖² / (λ_max + ε). ``expected=False`` skips the expected I²F.
 
     ``relative_damping`` = ρ adds ρ·median_i λ_max,i to ε: a damping on the spectrum's own scale, for models
     whose λ are far from 1 (a sigmoid LeNet at initialisation has λ_max ~ 1e-5, where ε = 1 would swamp
     everything); it also removes the low bias of undamped SLQ, whose quadrature misses the smallest λ.
-    One ε serves the whole batch (reported in ``damping``).
+    One ε serves the whole batch (reported in ``damping``). ``samples`` is the deprecated name of ``noise_draws``.
     """
+    noise_draws = renamed("noise_draws", noise_draws, "samples", samples)
     if method not in METHODS:
         raise ValueError(f"method must be 'slq' or 'exact', got {method!r}")
     if noise_std is not None and noise_sampler is not None:
         raise ValueError("give at most one of noise_std and noise_sampler")
     if noise_std is not None:
         check_nonnegative(noise_std, "noise_std")
-    if probes < 1 or samples < 1:
-        raise ValueError("probes and samples must be >= 1")
+    if probes < 1 or noise_draws < 1:
+        raise ValueError("probes and noise_draws must be >= 1")
     check_stop(stop)
     params, xs, ys = _per_sample_batch(model, x, y)
     ref = next(iter(params.values()))
@@ -182,7 +184,7 @@ def per_sample_leakage(
     like = torch.empty(0, dtype=ref.dtype, device=ref.device)
 
     # The defense's draws come first from the generator, so they are the same whatever the method.
-    deltas = draw_noise(noise_sampler, params, samples, like, gen) if noise_sampler is not None else None
+    deltas = draw_noise(noise_sampler, params, noise_draws, like, gen) if noise_sampler is not None else None
     with eval_mode(model):
         problems = PerSampleGram(model, xs, ys, loss_fn, chunk_size)
         if method == "exact":
@@ -200,7 +202,7 @@ def per_sample_leakage(
         lam_max = quadrature.lambda_max
         trace = quadrature.trace()
         expected_jdelta = lower = exp_i2f = None
-        eps = damp.at(lam_max)
+        epsilon = damp.at(lam_max)
         if noise_std is not None or deltas is not None:
             jdeltas = None if deltas is None else problems.matvec_shared(deltas)  # (N, s, n)
             if jdeltas is None:
@@ -208,13 +210,13 @@ def per_sample_leakage(
             else:
                 expected_jdelta = jdeltas.pow(2).sum(-1).mean(-1).sqrt()
             if expected:
-                squares, eps = expected_squares(problems, quadrature, damp, isotropic=jdeltas is None,
-                                                jdeltas=jdeltas, cg_maxiter=cg_maxiter(n),
-                                                lambda_max=lambda: float(lam_max.max()))
+                squares, epsilon = expected_squares(problems, quadrature, damp, isotropic=jdeltas is None,
+                                                    jdeltas=jdeltas, cg_maxiter=cg_maxiter(n),
+                                                    lambda_max=lambda: float(lam_max.max()))
                 exp_i2f = root_mean_square(squares)[0]
                 if noise_std is not None:
                     exp_i2f = noise_std * exp_i2f
-            lower = expected_jdelta / (lam_max + eps)
+            lower = expected_jdelta / (lam_max + epsilon)
 
     return PerSampleLeakage(
         lambda_max=lam_max,
@@ -227,6 +229,6 @@ def per_sample_leakage(
         converged=quadrature.converged,
         iterations=quadrature.steps,
         method=method,
-        damping=eps,
+        damping=epsilon,
         labels=ys,
     )

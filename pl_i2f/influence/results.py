@@ -8,6 +8,7 @@ import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -36,6 +37,17 @@ def warn_caller(message: str, category: type[Warning]) -> None:
     while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == _PACKAGE_DIR:
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
+
+
+T = TypeVar("T")
+
+
+def renamed(new_name: str, new_value: T, old_name: str, old_value: T | None) -> T:
+    """The value of a renamed keyword: the deprecated spelling wins when given, with a FutureWarning."""
+    if old_value is None:
+        return new_value
+    warn_caller(f"{old_name}= is deprecated and will be removed; use {new_name}=", FutureWarning)
+    return old_value
 
 
 @dataclass
@@ -77,15 +89,23 @@ class ExpectedI2F:
     """√E‖I²F(δ)‖² over the noise. ``rmse`` = value / √d_x (per-pixel RMSE scale, comparable with an
     attack's RMSE in the same normalisation as x); ``stderr`` the standard error of ``value`` (0 for the exact
     path); ``method`` one of ``exact`` (dense eigenvalues), ``slq`` (stochastic Lanczos quadrature),
-    ``monte_carlo``; ``samples`` probes or draws; ``damping`` the ε actually used."""
+    ``monte_carlo``; ``noise_draws`` the Monte Carlo draws and ``probes`` the SLQ probe vectors (0 where the
+    method uses none); ``damping`` the ε actually used."""
 
     value: Tensor
     rmse: Tensor
     stderr: Tensor
     method: str
-    samples: int
+    noise_draws: int
+    probes: int
     damping: float
     d_x: int
+
+    @property
+    def samples(self) -> int:
+        """Deprecated: ``noise_draws`` (Monte Carlo) or ``probes`` (SLQ), which this one name used to mean."""
+        warn_caller("ExpectedI2F.samples is deprecated; read noise_draws or probes", FutureWarning)
+        return self.noise_draws if self.method == "monte_carlo" else self.probes
 
 
 @dataclass

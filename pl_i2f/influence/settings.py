@@ -1,7 +1,7 @@
 """The engine's numerical settings in one place: tolerances, iteration limits and rounding floors.
 
-Thresholds written "k·eps" are k units of the working dtype's machine epsilon (:func:`machine_eps`), not the
-damping ε of (JJᵀ + εI)⁻¹ (see :mod:`pl_i2f.influence.damping`).
+Thresholds counted in ``*_ULPS`` are multiples of the working dtype's machine epsilon (:func:`machine_eps`,
+written "u" below), never the damping ε of (JJᵀ + εI)⁻¹ (:mod:`pl_i2f.influence.damping`).
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import torch
 
 # --- Lanczos ---------------------------------------------------------------------------------------
 BREAKDOWN_ULPS = 16
-"""A Lanczos step breaks down (invariant subspace: restart from a fresh vector) when β ≤ this·eps·√n·‖T‖."""
+"""A Lanczos step breaks down (invariant subspace: restart from a fresh vector) when β ≤ this·u·√n·‖T‖."""
 RITZ_FLOOR_ULPS = 64
-"""Convergence floor of a Ritz value: ‖r‖ ≤ this·eps·√n·|θ_max| is all the rounding of the products allows."""
+"""Convergence floor of a Ritz value: ‖r‖ ≤ this·u·√n·|θ_max| is all the rounding of the products allows."""
 TOP_RITZ_FLOOR_ULPS = 8
-"""For the largest eigenvalues the floor above is capped at max(tol, this·eps), so tol is honoured (float32)."""
+"""For the largest eigenvalues the floor above is capped at max(tol, this·u), so tol is honoured (float32)."""
 RITZ_CHECK_EVERY_STEP_UNTIL = 30
 """Ritz values are computed after every step up to this many, then about ``RITZ_CHECKS_PER_RUN`` times a run."""
 RITZ_CHECKS_PER_RUN = 20
@@ -52,7 +52,7 @@ def machine_eps(dtype: torch.dtype) -> float:
 
 
 def default_rcond(n: int, dtype: torch.dtype) -> float:
-    """Numerical rank threshold, as in numpy's ``matrix_rank``: eigenvalues of an n × n JJᵀ below n·eps·λ_max are
+    """Numerical rank threshold, as in numpy's ``matrix_rank``: eigenvalues of an n × n JJᵀ below n·u·λ_max are
     indistinguishable from zero given the rounding of the products themselves."""
     return n * machine_eps(dtype)
 

@@ -29,7 +29,7 @@ def i2f(
     converges to the minimum-norm solution. CG stops when the relative residual ≤ ``tol`` (default maxiter
     min(max(2·d_x, 50), 2000) products). With ε = 0 and a rank-deficient (d_x > d_θ) or numerically singular
     JJᵀ (CG breakdown, no convergence, non-finite values) an :class:`InfluenceWarning` is issued and the
-    system is re-solved with ε = rcond·λ_max (rcond default d_x·machine-eps), so the answer is always finite.
+    system is re-solved with ε = rcond·λ_max (rcond default d_x·machine epsilon), so the answer is always finite.
     """
     check_operator(op)
     jd = op.matvec(delta).reshape(-1)
@@ -39,8 +39,8 @@ def i2f(
     sol = solve_damped(op._apply_flat, jd.unsqueeze(0), damp, damp.epsilon, d_x=op.d_x, d_theta=op.d_theta, tol=tol,
                        maxiter=cg_maxiter(op.d_x) if maxiter is None else int(maxiter),
                        lambda_max=lambda: lambda_max_scale(op, generator))
-    z, eps = sol.z[0], sol.damping
-    true_rel = float((jd - op._apply_flat(z.unsqueeze(0))[0] - eps * z).norm() / jd.norm().clamp_min(TINY))
+    z, epsilon = sol.z[0], sol.damping
+    true_rel = float((jd - op._apply_flat(z.unsqueeze(0))[0] - epsilon * z).norm() / jd.norm().clamp_min(TINY))
     # judged on the true residual reported, not CG's recursive one: in float32 the recursion drifts below
     # a tol the products' rounding cannot reach (undamped: recursive 1e-8, true 1e-5)
     converged = true_rel <= tol and not bool(sol.broken.any())
@@ -57,20 +57,14 @@ def i2f(
         residual=true_rel,
         iterations=int(sol.iterations[0]),
         converged=converged,
-        damping=eps,
+        damping=epsilon,
         jdelta_norm=float(jd.norm()),
     )
 
 
-def i2f_lower_bound(
-    op: GradientJacobian,
-    delta: ThetaVector,
-    damping: float = 0.0,
-    *,
-    lambda_max: float | Tensor | None = None,
-    tol: float = 1e-8,
-    generator: torch.Generator | None = None,
-) -> Tensor:
+def i2f_lower_bound(op: GradientJacobian, delta: ThetaVector, damping: float = 0.0, *,
+                    lambda_max: float | Tensor | None = None, tol: float = 1e-8,
+                    generator: torch.Generator | None = None) -> Tensor:
     """‖Jδ‖ / (λ_max(JJᵀ) + ε) ≤ ‖I²F(δ)‖ — with ε = 0 the quantity the paper plots. Pass ``lambda_max`` to
     reuse an eigenvalue already computed."""
     check_operator(op)
@@ -98,8 +92,8 @@ def i2f_upper_bound(
         lam_min = spectrum(op, 1, "smallest", tol=tol, maxiter=maxiter, generator=generator).eigenvalues
     else:
         lam_min = torch.as_tensor(float(lambda_min), dtype=torch.float64).reshape(1)
-    eps = damp.epsilon
-    if eps == 0:
+    epsilon = damp.epsilon
+    if epsilon == 0:
         lam_max = torch.as_tensor(lambda_max_scale(op, generator), dtype=lam_min.dtype).reshape(1)
-        eps = damp.resolve(op.d_x, op.d_theta, lam_max, lam_min.reshape(1))
-    return op.matvec(delta).norm() / (max(float(lam_min[0]), 0.0) + eps)
+        epsilon = damp.resolve(op.d_x, op.d_theta, lam_max, lam_min.reshape(1))
+    return op.matvec(delta).norm() / (max(float(lam_min[0]), 0.0) + epsilon)
