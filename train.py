@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import hydra
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from pl_i2f.errors import ConfigError, is_config_exception, one_line, unknown_name
@@ -44,8 +45,13 @@ def _instantiate_group(group: DictConfig | None) -> list[Any]:
     """Instantiate every entry of a config group that names a ``_target_`` (callbacks, loggers)."""
     if not group:
         return []
-    return [hydra.utils.instantiate(entry) for entry in group.values() if isinstance(entry, DictConfig)
-            and "_target_" in entry]
+    try:
+        return [hydra.utils.instantiate(entry) for entry in group.values() if isinstance(entry, DictConfig)
+                and "_target_" in entry]
+    except InstantiationException as exc:  # a callback's own argument check: one line, not a traceback
+        if isinstance(exc.__cause__, ConfigError):
+            raise exc.__cause__ from None
+        raise
 
 
 def _plain(node: DictConfig) -> dict[str, Any]:

@@ -1,21 +1,25 @@
-"""Whole-run wall time with the default leakage callbacks over the same run without them.
+"""Whole-run wall time with the default leakage callbacks over the same run without them, and how often the
+monitor logged leakage.
 
     python benchmarks/bench_overhead.py                 # both scenarios, 2 repeats each
     python benchmarks/bench_overhead.py --scenarios digits --repeats 3
+    python benchmarks/bench_overhead.py --scenarios resnet18 --repeats 1
 
 "With" is ``callbacks=default`` (checkpointing, progress bar, I2FMonitor, TradeoffTracker); "without" drops
 the monitor and the tracker (``~callbacks.i2f_monitor ~callbacks.tradeoff_tracker``) so both runs do the
 same checkpointing and logging. Each run is a fresh ``python train.py`` process (imports, W&B offline init
 and all), alternating with/without so drifting machine load hits both. Also reported: the median of the
 paired ratios (each "with" over the "without" run next to it) and the monitor's own time as it logs it
-(``I2FMonitor: N evaluations in X s``) over the median "without" run — on a shared VM whole-run times of one
-configuration can vary by ±30%, and the monitor's own seconds show what it costs without that noise. Prints a
-markdown table; measures, asserts nothing.
+(``I2FMonitor: N evaluations at K steps in X s (Y% of T s training)``) over its own measured training time —
+on a shared VM whole-run times of one configuration can vary by ±30%, and the monitor's own seconds show what
+it costs without that noise — and the number of distinct steps with ``leakage/expected_i2f`` in the W&B run
+(step 0 and the final step included). Prints a markdown table; measures, asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import statistics
@@ -30,15 +34,31 @@ ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = {
     "digits": ("default digits run (lenet_zhu, 30 epochs)", []),
     "resnet18": (
-        "resnet18, CIFAR-size fake data (3x32x32), 1 epoch",
-        ["data=fake", "data.input_shape=[3,32,32]", "model=resnet18", "optim=sgd", "trainer.max_epochs=1"],
+        "resnet18, CIFAR-size fake data (3x32x32), 2 epochs",
+        ["data=fake", "data.input_shape=[3,32,32]", "model=resnet18", "optim=sgd", "trainer.max_epochs=2"],
     ),
 }
 WITHOUT = ["~callbacks.i2f_monitor", "~callbacks.tradeoff_tracker"]
 
 
-def timed_run(overrides: list[str]) -> tuple[float, float]:
-    """Wall seconds of one ``python train.py`` process, and the monitor's own seconds from its log line."""
+MONITOR_LINE = re.compile(r"I2FMonitor: (\d+) evaluations at (\d+) steps in ([0-9.]+)s"
+                          r"(?: \(([0-9.]+)% of ([0-9.]+)s training\))?; (\d+) reduced, (\d+) skipped")
+
+
+def leakage_steps(run_root: Path) -> list[int]:
+    """Distinct steps with leakage/expected_i2f in the offline W&B run under ``run_root``."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from wandb_offline import offline_runs, read_offline_run
+
+    runs = offline_runs(run_root)
+    if not runs:
+        return []
+    run = read_offline_run(runs[0])
+    return sorted({int(r["trainer/global_step"]) for r in run.history if "leakage/expected_i2f" in r})
+
+
+def timed_run(overrides: list[str]) -> dict:
+    """Wall seconds of one ``python train.py`` process, the monitor's log line, and the leakage steps logged."""
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
         start = time.perf_counter()
@@ -47,8 +67,16 @@ def timed_run(overrides: list[str]) -> tuple[float, float]:
             cwd=ROOT, env=env, check=True, capture_output=True, text=True,
         )
         wall = time.perf_counter() - start
-    found = re.search(r"I2FMonitor: \d+ evaluations in ([0-9.]+)s", done.stdout + done.stderr)
-    return wall, float(found.group(1)) if found else 0.0
+        steps = leakage_steps(Path(tmp))
+    found = MONITOR_LINE.search(done.stdout + done.stderr)
+    out = {"wall": wall, "monitor": 0.0, "training": math.nan, "steps": steps, "reduced": 0, "skipped": 0}
+    if found:
+        out.update(monitor=float(found.group(3)), training=float(found.group(5) or "nan"),
+                   reduced=int(found.group(6)), skipped=int(found.group(7)))
+    reductions = re.findall(r"I2FMonitor: step \d+ evaluated on ([^,]+(?:, [^,]+)*?), to stay within", done.stdout
+                            + done.stderr)
+    out["how"] = "; ".join(dict.fromkeys(reductions))
+    return out
 
 
 def main() -> None:
@@ -60,25 +88,35 @@ def main() -> None:
     load_before = os.getloadavg()
     for name in args.scenarios.split(","):
         label, overrides = SCENARIOS[name]
-        with_times, without_times, monitor_times = [], [], []
+        with_runs, without_times = [], []
         for i in range(args.repeats):
-            order = [(with_times, overrides), (without_times, overrides + WITHOUT)]
-            for times, ov in order if i % 2 == 0 else order[::-1]:
-                wall, monitor = timed_run(ov)
-                times.append(wall)
-                if times is with_times:
-                    monitor_times.append(monitor)
-                print(f"{name}: {'with' if times is with_times else 'without'} {wall:.1f}s"
-                      + (f" (monitor {monitor:.1f}s)" if times is with_times else ""), flush=True)
-        w, wo = statistics.median(with_times), statistics.median(without_times)
-        paired = statistics.median(a / b for a, b in zip(with_times, without_times))
-        rows.append((label, w, wo, w / wo, paired, statistics.median(monitor_times)))
+            order = [(True, overrides), (False, overrides + WITHOUT)]
+            for watched, ov in order if i % 2 == 0 else order[::-1]:
+                run = timed_run(ov)
+                if watched:
+                    with_runs.append(run)
+                    print(f"{name}: with {run['wall']:.1f}s (monitor {run['monitor']:.2f}s of "
+                          f"{run['training']:.1f}s training; leakage at {len(run['steps'])} steps "
+                          f"{run['steps'][:3]}..{run['steps'][-1:]}; {run['reduced']} reduced, "
+                          f"{run['skipped']} skipped{'; ' + run['how'] if run['how'] else ''})", flush=True)
+                else:
+                    without_times.append(run["wall"])
+                    print(f"{name}: without {run['wall']:.1f}s", flush=True)
+        w = statistics.median(r["wall"] for r in with_runs)
+        wo = statistics.median(without_times)
+        paired = statistics.median(r["wall"] / b for r, b in zip(with_runs, without_times))
+        share = statistics.median(r["monitor"] / r["training"] for r in with_runs)
+        steps = statistics.median(len(r["steps"]) for r in with_runs)
+        ends = all(r["steps"][:1] == [0] for r in with_runs)
+        rows.append((label, w, wo, w / wo, paired, statistics.median(r["monitor"] for r in with_runs), share, steps,
+                     ends, sum(r["skipped"] for r in with_runs)))
     print(f"\nload average before: {load_before[0]:.2f}, after: {os.getloadavg()[0]:.2f}\n")
     print("| scenario | with callbacks (s) | without (s) | ratio of medians | median paired ratio | monitor's own "
-          "time (s) | 1 + monitor / without |")
-    print("|---|---|---|---|---|---|---|")
-    for label, w, wo, ratio, paired, monitor in rows:
-        print(f"| {label} | {w:.1f} | {wo:.1f} | {ratio:.3f} | {paired:.3f} | {monitor:.1f} | {1 + monitor / wo:.3f} |")
+          "time (s) | monitor / training | leakage steps logged | step 0 logged | skipped |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for label, w, wo, ratio, paired, monitor, share, steps, ends, skipped in rows:
+        print(f"| {label} | {w:.1f} | {wo:.1f} | {ratio:.3f} | {paired:.3f} | {monitor:.2f} | {share:.1%} | "
+              f"{steps:g} | {'yes' if ends else 'no'} | {skipped} |")
 
 
 if __name__ == "__main__":

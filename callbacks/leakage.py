@@ -1,23 +1,44 @@
-"""I2FMonitor: the I²F leakage estimate of a fixed held-out probe batch, logged while training."""
+"""I2FMonitor: the I²F leakage estimate of a fixed held-out probe batch, logged all through training."""
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
-from torch import nn
+from torch import Tensor, nn
 
 from callbacks._logging import log_media, log_scalars_at_step, wandb_image, wandb_run
 from pl_i2f.defenses.base import analysis_model
 from pl_i2f.errors import ConfigError
-from pl_i2f.leakage import LeakageReport, NoiseModel, estimate_leakage_seconds, mean_pixel_std, measure_leakage
+from pl_i2f.influence import per_sample_product_seconds
+from pl_i2f.influence.warm import single_product_seconds
+from pl_i2f.leakage import (
+    DEFAULT_TARGET_PIXEL_RMSE,
+    LeakageReport,
+    NoiseModel,
+    mean_pixel_std,
+    measure_leakage,
+    monitor_leakage,
+    spectrum_products,
+)
+from pl_i2f.monitoring import DenseEarlySchedule, EvaluationPlan, OverheadBudget, ProductCost
+
+
+@functools.cache
+def _warm_up_transforms() -> None:
+    """torch.func's one-off set-up (~0.2 s per process), paid on a tiny model so that it does not count as
+    the price of a product (and costs a large model nothing)."""
+    tiny = nn.Sequential(nn.Flatten(), nn.Linear(2, 2))
+    per_sample_product_seconds(tiny, torch.zeros(1, 2), torch.zeros(1, dtype=torch.long))
 
 
 @dataclass
@@ -30,93 +51,148 @@ class _Snapshot:
 
 
 class I2FMonitor(Callback):
-    """Estimate, at step 0 and every ``every_n_steps`` optimizer steps, how well a gradient-inversion attacker
-    could rebuild each probe sample from the gradient the run's defense releases at that step.
+    """Estimate, all through training, how well a gradient-inversion attacker could rebuild each probe sample
+    from the gradient the run's defense releases.
 
-    Measured on the weights that produce step t's released gradient (before the update of step t), on
-    ``probe_size`` fixed held-out validation samples (``datamodule.probe_batch``; never a training batch),
-    each its own private input. Logs under ``leakage/``: ``expected_i2f`` (input-space norm),
-    ``expected_i2f_rmse`` and ``expected_i2f_pixel_rmse`` (per pixel; the latter on the [0, 1] scale of an
-    attack's RMSE), ``lower_bound`` (‖Jδ‖/λ_max), ``lambda_max``, ``lambda_min``, ``condition_number``,
-    ``unfairness_p90_p10``, ``unfairness_cv``, ``worst_k_pixel_rmse``; with W&B also a histogram of the
-    per-sample errors, a per-class table and bar chart, and the worst samples' images. ``method="slq"``
-    (default) estimates by Lanczos quadrature and takes λ_min/condition number from the exact spectra of the
-    first ``spectrum_samples`` probes; ``method="exact"`` forms every probe's JJᵀ (about 7x the cost).
+    **When**: at step 0, at ``first_step``·``growth``^k below ``every_n_steps`` (leakage changes fastest early),
+    at every multiple of ``every_n_steps``, and on the final weights (the run's last step) —
+    :class:`pl_i2f.monitoring.DenseEarlySchedule`. The default digits run (1,200 steps) gets 17 evaluations.
 
-    Cost control, ``max_overhead`` (fraction of the training time, default 0.1; ``None``: every scheduled
-    evaluation, at once):
+    **What**: measured on the weights that produce step t's released gradient (before the update of step t;
+    the final evaluation on the weights training ends with), on ``probe_size`` fixed held-out validation
+    samples (``datamodule.probe_batch``), each its own private input. Logs under ``leakage/``:
+    ``expected_i2f`` (input-space norm), ``expected_i2f_rmse``, ``expected_i2f_pixel_rmse`` (the headline: the
+    expected reconstruction RMSE on [0, 1] pixels, the undamped-as-possible I²F with ε = ``relative_damping``
+    × median λ_max), its standard error ``expected_i2f_pixel_rmse_stderr`` and ``relative_stderr``,
+    ``expected_attack_psnr`` (the PSNR that error implies), ``sigma_for_target`` (the isotropic Gaussian σ per
+    gradient coordinate that would bring the expected pixel RMSE to ``target_pixel_rmse``) and
+    ``noise_multiplier_for_target`` (the same as a DP-SGD noise multiplier at the run's clipping norm — the
+    defense's ``max_grad_norm``, else ``clipping_norm`` — and batch size), ``lower_bound`` (‖Jδ‖/λ_max),
+    ``lambda_max``, ``unfairness_p90_p10``, ``unfairness_cv``, ``worst_k_pixel_rmse``, ``probes`` (how many were
+    evaluated), ``warm_started``; at the first and last evaluation also ``lambda_min`` and
+    ``condition_number`` (exact spectra of ``spectrum_samples`` probes). With W&B and
+    ``log_per_sample_media``: a histogram of the per-sample errors at every evaluation, and at the first and
+    last the per-class table and bar chart and the worst samples' images.
 
-    * The step-0 evaluation runs on a snapshot of the initial weights (and the defense's noise at step 0)
-      after ``warmup_steps`` training steps, once the run's training time T̂ can be extrapolated from them
-      (``trainer.estimated_stepping_batches``). Its cost is predicted first
-      (:func:`pl_i2f.leakage.estimate_leakage_seconds`, which times a few JJᵀ products); it runs, and is
-      logged at step 0, only if it fits ``max_overhead`` × T̂. Otherwise it is skipped with a warning that
-      gives the numbers — e.g. resnet18 on CPU, where one evaluation of 16 CIFAR-size probes takes minutes.
-    * A later evaluation runs at its step only if the time spent so far plus its predicted cost (the last
-      measured one) stays within ``max_overhead`` × the training time so far; otherwise it is deferred to the
-      next multiple of ``every_n_steps``.
+    **How cheaply** (``method="lanczos"``, default): one Lanczos basis of ``lanczos_steps`` vectors per probe
+    from one Rademacher vector, built fresh at the first evaluation and then warm-started from the previous
+    evaluation's basis (two block products instead of ``lanczos_steps`` sequential ones;
+    :func:`pl_i2f.leakage.basis_leakage`). ``method="slq"`` or ``"exact"``: the full-precision
+    :func:`pl_i2f.leakage.measure_leakage` at every evaluation (several times the cost).
+
+    **Budget** (``max_overhead``, fraction of the training time; ``None``: no limit): the monitor's own time
+    (evaluations, timing, the step-0 weight copy) is held within ``max_overhead`` × this fit's training time,
+    measured as seconds per step so far × the fit's steps (:class:`pl_i2f.monitoring.OverheadBudget`). The
+    step-0 evaluation runs on a snapshot of the initial weights after ``warmup_steps`` training steps, once
+    seconds per step are known; an evaluation's cost is predicted by counting its products and pricing them
+    with a fit of the products already run (:class:`pl_i2f.monitoring.ProductCost`). An evaluation that does
+    not fit what is left — its own cost plus the warm-started evaluations still scheduled at its size — is
+    reduced: no exact spectra, then fewer probes (the first p of the probe batch, kept from then on: the same
+    samples keep the curve comparable and the basis warm), then a smaller Lanczos basis; the log says how.
+    It is skipped only when even one probe at the smallest basis cannot fit what is left.
 
     Analysis never touches training: hook-free model copies under DP-SGD, eval-mode functional calls, its own
     seeded generator (reseeded per step, so a resumed run measures the same noise draws).
     """
 
+    METHODS = ("lanczos", "slq", "exact")
+
     def __init__(
         self,
-        every_n_steps: int = 200,
+        every_n_steps: int = 100,
+        first_step: int = 10,
+        growth: float = 2.0,
         probe_size: int | None = None,
         damping: float = 0.0,
         relative_damping: float = 0.01,
-        per_sample: bool = True,
-        method: str = "slq",
-        spectrum_samples: int = 4,
+        log_per_sample_media: bool = True,
+        method: str = "lanczos",
+        lanczos_steps: int = 16,
+        spectrum_samples: int = 2,
         worst_k: int = 5,
         max_overhead: float | None = 0.1,
         warmup_steps: int = 3,
         samples: int = 32,
+        target_pixel_rmse: float = DEFAULT_TARGET_PIXEL_RMSE,
+        clipping_norm: float = 1.0,
         seed: int = 0,
+        per_sample: bool | None = None,
     ):
         super().__init__()
+        if per_sample is not None:
+            warnings.warn("I2FMonitor(per_sample=...) is deprecated; use log_per_sample_media (what it switches: "
+                          "the per-sample W&B histogram, per-class table and worst-sample images)",
+                          DeprecationWarning, stacklevel=2)
+            log_per_sample_media = per_sample
+        try:
+            self.schedule = DenseEarlySchedule(every_n_steps, first_step, growth)
+            OverheadBudget(max_overhead, self.schedule)
+        except ValueError as exc:
+            raise ConfigError(f"I2FMonitor: {exc}") from exc
+        for name, value in (("damping", damping), ("relative_damping", relative_damping)):
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"I2FMonitor.{name} must be a finite number >= 0, got {value}")
+        if method not in self.METHODS:
+            raise ConfigError(f"I2FMonitor.method must be one of {', '.join(self.METHODS)}, got {method!r}")
+        for name, value, low in (("lanczos_steps", lanczos_steps, 2), ("spectrum_samples", spectrum_samples, 0),
+                                 ("worst_k", worst_k, 0), ("warmup_steps", warmup_steps, 1), ("samples", samples, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ConfigError(f"I2FMonitor.{name} must be an integer >= {low}, got {value!r}")
+        if probe_size is not None and probe_size < 1:
+            raise ConfigError(f"I2FMonitor.probe_size must be >= 1 or null, got {probe_size}")
+        if not (0 < target_pixel_rmse < math.inf):
+            raise ConfigError(f"I2FMonitor.target_pixel_rmse must be > 0, got {target_pixel_rmse}")
+        if not (0 < clipping_norm < math.inf):
+            raise ConfigError(f"I2FMonitor.clipping_norm must be > 0, got {clipping_norm}")
         self.every_n_steps = every_n_steps
         self.probe_size = probe_size
         self.damping = damping
         self.relative_damping = relative_damping
-        self.per_sample = per_sample
+        self.log_per_sample_media = log_per_sample_media
         self.method = method
+        self.lanczos_steps = lanczos_steps
         self.spectrum_samples = spectrum_samples
         self.worst_k = worst_k
         self.max_overhead = max_overhead
         self.warmup_steps = warmup_steps
         self.samples = samples
+        self.target_pixel_rmse = target_pixel_rmse
+        self.clipping_norm = clipping_norm
         self.seed = seed
+        # progress (saved with checkpoints)
         self.last_step = -1
         self.evaluations = 0
-        self.deferred = 0
+        self.reduced = 0
         self.skipped = 0
         self.seconds = 0.0
+        self.steps_logged: list[int] = []
+        self.history: list[dict[str, float]] = []  # {"step": s, **scalars} per evaluation (small; checkpointed)
+        self.cost = ProductCost()
         self.last_report: LeakageReport | None = None
-        self.expected_seconds: float | None = None  # predicted, then measured, cost of one evaluation
-        self._probe: tuple[torch.Tensor, torch.Tensor] | None = None
+        # this fit
+        self.budget = OverheadBudget(max_overhead, self.schedule)
+        self._probe: tuple[Tensor, Tensor] | None = None
+        self._basis: Tensor | None = None  # (p, k, d_x): the Lanczos basis of the first p probes, last evaluation
         self._pending: _Snapshot | None = None
         self._decided_step = -1
         self._train_started = 0.0
-        self._session_seconds = 0.0
         self._start_step = 0
+        self._reductions: set[str] = set()
+        self._last_index = torch.arange(0)
+        self._last_products: tuple[int, int] | None = None
+
+    @property
+    def per_sample(self) -> bool:
+        """Deprecated alias of :attr:`log_per_sample_media`."""
+        warnings.warn("I2FMonitor.per_sample is deprecated; use log_per_sample_media", DeprecationWarning,
+                      stacklevel=2)
+        return self.log_per_sample_media
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(every_n_steps=self.every_n_steps, probe_size=self.probe_size)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self.every_n_steps < 1:
-            raise ConfigError(f"I2FMonitor.every_n_steps must be >= 1, got {self.every_n_steps}")
-        if self.damping < 0 or self.relative_damping < 0:
-            raise ConfigError(f"I2FMonitor damping must be >= 0, got {self.damping} and {self.relative_damping}")
-        if self.method not in ("exact", "slq"):
-            raise ConfigError(f"I2FMonitor.method must be slq or exact, got {self.method!r}")
-        if self.max_overhead is not None and self.max_overhead <= 0:
-            raise ConfigError(f"I2FMonitor.max_overhead must be > 0 or null, got {self.max_overhead}")
-        if self.warmup_steps < 1:
-            raise ConfigError(f"I2FMonitor.warmup_steps must be >= 1, got {self.warmup_steps}")
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "probe_batch"):
             raise ConfigError("I2FMonitor needs a pl_i2f datamodule (one with probe_batch())")
@@ -128,147 +204,244 @@ class I2FMonitor(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the overhead budget counts this fit call only (a resumed run starts a new one)
         self._train_started = time.perf_counter()
-        self._session_seconds = 0.0
         self._start_step = trainer.global_step
+        total = trainer.estimated_stepping_batches
+        self.budget = OverheadBudget(self.max_overhead, self.schedule,
+                                     int(total) if math.isfinite(total) else None)
         self._pending = None
 
-    # -- scheduling --------------------------------------------------------------------------------
-    def _training_seconds(self) -> float:
-        return time.perf_counter() - self._train_started - self._session_seconds
+    # -- small named predicates ---------------------------------------------------------------------
+    def _is_first_evaluation(self) -> bool:
+        return self.evaluations == 0 and self.skipped == 0
 
-    def _estimated_training_seconds(self, trainer: pl.Trainer) -> float:
-        """T̂: this fit's training time, extrapolated from the steps so far (the time so far if unbounded)."""
-        done = trainer.global_step - self._start_step
-        total = trainer.estimated_stepping_batches - self._start_step
-        elapsed = self._training_seconds()
-        return elapsed * total / done if done > 0 and math.isfinite(total) and total > done else elapsed
+    def _needs_timing(self) -> bool:
+        return self.budget.unlimited is False and not self.cost.known
 
+    def _warmed_up(self, trainer: pl.Trainer) -> bool:
+        return trainer.global_step - self._start_step >= self.warmup_steps
+
+    def _due_now(self, step: int) -> bool:
+        return step not in (self._decided_step, self.last_step) and self.schedule.due(step)
+
+    # -- bookkeeping ----------------------------------------------------------------------------------
     def _spend(self, seconds: float) -> None:
         self.seconds += seconds
-        self._session_seconds += seconds
+        self.budget.charge(seconds)
 
+    def _record_training(self, trainer: pl.Trainer) -> None:
+        elapsed = time.perf_counter() - self._train_started - self.budget.spent
+        self.budget.record_training(trainer.global_step - self._start_step, elapsed)
+
+    # -- hooks ----------------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         step = trainer.global_step
         if not trainer.is_global_zero or self._probe is None:
             return
-        if self._pending is not None and step - self._start_step >= self.warmup_steps:
+        self._record_training(trainer)
+        if self._pending is not None and self._warmed_up(trainer):
             pending, self._pending = self._pending, None
-            self._evaluate_if_affordable(trainer, pl_module, pending)
-        if step != self._decided_step and step != self.last_step and step % self.every_n_steps == 0:
-            self._decided_step = step  # once per step (several batches share one under gradient accumulation)
-            if self.max_overhead is None:
-                self._evaluate(trainer, pl_module, self._freeze(pl_module, step, copy_weights=False))
-            elif self.expected_seconds is None and self._pending is None:
-                # the first evaluation of this fit: its cost is unknown, and so is the run's length
-                start = time.perf_counter()
-                self._pending = self._freeze(pl_module, step, copy_weights=True)
-                self._spend(time.perf_counter() - start)  # the copy counts against the budget too
-            elif (self.expected_seconds is not None and self._session_seconds + self.expected_seconds
-                  <= self.max_overhead * self._training_seconds()):
-                self._evaluate(trainer, pl_module, self._freeze(pl_module, step, copy_weights=False))
-            else:
-                self.deferred += 1
+            self._evaluate_within_budget(trainer, pl_module, pending)
+        if not self._due_now(step):
+            return
+        self._decided_step = step  # once per step (several batches share one under gradient accumulation)
+        if self.budget.unlimited:
+            self._evaluate(trainer, pl_module, self._freeze(pl_module, step, copy_weights=False), self._full_plan())
+        elif self.budget.train_steps == 0 and self._pending is None:
+            # nothing measured yet this fit: evaluate this step's weights once seconds per step are known
+            start = time.perf_counter()
+            self._pending = self._freeze(pl_module, step, copy_weights=True)
+            self._spend(time.perf_counter() - start)  # the copy counts against the budget too
+        else:
+            self._evaluate_within_budget(trainer, pl_module, self._freeze(pl_module, step, copy_weights=False))
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or self._probe is None:
+            return
+        self._record_training(trainer)
+        if self._pending is not None:  # training ended within the warm-up
+            pending, self._pending = self._pending, None
+            self._evaluate_within_budget(trainer, pl_module, pending)
+        step = trainer.global_step
+        if step != self.last_step:  # the final weights, always on the schedule
+            self._evaluate_within_budget(trainer, pl_module, self._freeze(pl_module, step, copy_weights=False),
+                                         final=True)
+        training = self.budget.train_seconds
+        share = f" ({self.seconds / training:.1%} of {training:.1f}s training)" if training > 0 else ""
+        rank_zero_info(
+            f"I2FMonitor: {self.evaluations} evaluations at {len(set(self.steps_logged))} steps in "
+            f"{self.seconds:.1f}s{share}; {self.reduced} reduced, {self.skipped} skipped"
+            + (f" to stay within {self.max_overhead:.0%} overhead" if self.max_overhead is not None else "")
+        )
+
+    # -- evaluation -----------------------------------------------------------------------------------
     def _freeze(self, pl_module: pl.LightningModule, step: int, copy_weights: bool) -> _Snapshot:
         model = analysis_model(pl_module.model)  # hook-free (a copy already) under DP-SGD
         if copy_weights and model is pl_module.model:
             model = copy.deepcopy(model)
         return _Snapshot(step=step, model=model, noise=NoiseModel.of(pl_module.defense, step, model))
 
-    def _evaluate_if_affordable(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                                snapshot: _Snapshot) -> None:
-        budget = self.max_overhead * self._estimated_training_seconds(trainer) - self._session_seconds
-        x, y = self._probe
-        device = pl_module.device
-        predicted, calibration, extrapolated = estimate_leakage_seconds(
-            snapshot.model, x.to(device), y.to(device), spectrum_samples=self.spectrum_samples,
-            affordable=budget / 4,
-        )
-        self._spend(calibration)
-        if self.expected_seconds is None:
-            self.expected_seconds = predicted
-        if predicted <= budget - calibration:
-            self._evaluate(trainer, pl_module, snapshot)
-            return
-        self.skipped += 1
-        rank_zero_warn(
-            f"I2FMonitor: skipped the evaluation of step {snapshot.step}: {len(y)} probes are predicted to take "
-            f"{'up to ' if extrapolated else ''}{predicted:.1f}s, more than the {budget:.1f}s left of "
-            f"max_overhead={self.max_overhead:g} × the "
-            f"estimated {self._estimated_training_seconds(trainer):.0f}s of training (measuring the cost took "
-            f"{calibration:.1f}s). Lower probe_size, raise max_overhead (null: no limit), train longer, or use "
-            "a GPU."
-        )
+    def _full_plan(self, final: bool = False, model: nn.Module | None = None) -> EvaluationPlan:
+        """Every probe, starting with a fresh basis of half ``lanczos_steps`` vectors (it grows to the full
+        size over the next warm-started evaluations) — or, once a basis exists, the probes it covers (a reduced
+        first evaluation fixes the subset: the same samples every time keep the curve comparable and warm)."""
+        x, _ = self._probe
+        warm = self._basis is not None
+        probes = len(self._basis) if warm else len(x)
+        steps = self._basis.shape[1] if warm else max(2, self.lanczos_steps // 2)
+        spectra = self.spectrum_samples if (final or self._is_first_evaluation()) and x[0].numel() <= 1024 else 0
+        spectra = min(spectra, probes)
+        calls, vectors = spectrum_products(model, x[0].numel(), spectra) if spectra and model is not None else (0, 0)
+        return EvaluationPlan(probes=probes, steps=steps, warm=warm, spectra=spectra,
+                              spectrum_products=calls, spectrum_vectors=vectors)
 
-    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, snapshot: _Snapshot) -> None:
+    CALIBRATION_VECTORS = (1, 8, 64)
+    MIN_LANCZOS_STEPS = 3  # the last resort before skipping: one probe, a 3-vector basis (λ_max and a rough trace)
+
+    def _time_products(self, model: nn.Module, device: torch.device) -> None:
+        """Price products before the first evaluation: real products of 1, 8 and 64 vectors, each timed only
+        if the fit so far predicts it within 1/16 of the budget left — an overhead-bound model (lenet_zhu on
+        CPU: 8 vectors cost about what 1 does) gets its fixed and per-vector parts measured, a compute-bound
+        one (resnet18) stops at one vector, where per-vector cost is what matters."""
+        x, y = self._probe
         start = time.perf_counter()
-        report = self.measure(trainer, pl_module, snapshot.step, model=snapshot.model, noise=snapshot.noise)
-        self._log(trainer, report)
+        _warm_up_transforms()  # torch.func's one-off set-up, on a two-parameter model: not a price
+        for vectors in self.CALIBRATION_VECTORS:
+            if self.cost.known and self.cost.predict(1, vectors) > self.budget.left() / 16:
+                break
+            probes = min(vectors, len(x))
+            chains = -(-vectors // probes)
+            seconds = (single_product_seconds(model, x[:1].to(device), y[:1].to(device)) if vectors == 1 else
+                       per_sample_product_seconds(model, x[:probes].to(device), y[:probes].to(device), chains))
+            self.cost.observe(1, probes * chains, seconds)
+        self._spend(time.perf_counter() - start)
+
+    def _evaluate_within_budget(self, trainer: pl.Trainer, pl_module: pl.LightningModule, snapshot: _Snapshot,
+                                final: bool = False) -> None:
+        full = self._full_plan(final, snapshot.model)
+        if self._needs_timing():
+            self._time_products(snapshot.model, pl_module.device)
+        plan = self.budget.plan(snapshot.step, full, self.cost, final=final, later_steps=self.lanczos_steps,
+                                min_steps=self.MIN_LANCZOS_STEPS)
+        if plan is None:
+            self.skipped += 1
+            smallest = replace(full, probes=1, steps=self.MIN_LANCZOS_STEPS, warm=False, spectra=0)
+            rank_zero_warn(
+                f"I2FMonitor: skipped the evaluation of step {snapshot.step}: even one probe with a "
+                f"{self.MIN_LANCZOS_STEPS}-vector "
+                f"Lanczos basis is predicted at {self.cost.predict(*smallest.products()):.2f}s, more than the "
+                f"{max(self.budget.left(), 0):.2f}s left of max_overhead={self.max_overhead:g} × "
+                f"{self.budget.training_estimate() or 0:.1f}s of training. Raise max_overhead (null: no limit), "
+                "train longer, or use a GPU."
+            )
+            return
+        if plan != full:
+            # a smaller subset or basis than the stored one: this evaluation starts afresh
+            plan = replace(plan, warm=plan.warm and plan.steps == full.steps and plan.probes == full.probes)
+            how = plan.reduced_from(full)
+            if how:
+                self.reduced += 1
+                if how not in self._reductions:
+                    self._reductions.add(how)
+                    rank_zero_info(f"I2FMonitor: step {snapshot.step} evaluated on {how}, to stay within "
+                                   f"{self.max_overhead:.0%} overhead (later reductions of this kind are counted, "
+                                   "not repeated here)")
+        self._evaluate(trainer, pl_module, snapshot, plan, final=final)
+
+    def _subset(self, plan: EvaluationPlan) -> Tensor:
+        """The probes of a (possibly reduced) plan: the first ``plan.probes`` of the fixed probe batch."""
+        return torch.arange(min(plan.probes, len(self._probe[0])))
+
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, snapshot: _Snapshot,
+                  plan: EvaluationPlan, final: bool = False) -> None:
+        start = time.perf_counter()
+        report = self.measure(trainer, pl_module, snapshot.step, model=snapshot.model, noise=snapshot.noise,
+                              plan=plan)
+        first = self.evaluations == 0
+        self._log(trainer, report, media=first or final)
         elapsed = time.perf_counter() - start
         self._spend(elapsed)
-        self.expected_seconds = elapsed
+        if self._last_products is not None:  # what was really run (a window without bases starts afresh)
+            self.cost.observe(*self._last_products, elapsed)
         self.last_step = max(self.last_step, snapshot.step)
+        self.steps_logged.append(snapshot.step)
+        self.history.append({"step": snapshot.step, **report.scalars})
         self.evaluations += 1
         self.last_report = report
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
-                model: nn.Module | None = None, noise: NoiseModel | None = None) -> LeakageReport:
-        """The leakage report of the probe batch at ``step`` (library call; no logging): on ``model`` (default:
-        the module's current one) under ``noise`` (default: the defense's at ``step``)."""
+                model: nn.Module | None = None, noise: NoiseModel | None = None,
+                plan: EvaluationPlan | None = None) -> LeakageReport:
+        """The leakage report of the probes at ``step`` (library call; no logging): on ``model`` (default: the
+        module's current one) under ``noise`` (default: the defense's at ``step``), as ``plan`` says (default:
+        every probe, exact spectra as at a first evaluation)."""
         x, y = self._probe
         device = pl_module.device
-        return measure_leakage(
-            pl_module.model if model is None else model, x.to(device), y.to(device), pl_module.defense, step,
+        model = pl_module.model if model is None else model
+        plan = self._full_plan(final=True, model=model) if plan is None else plan
+        index = self._subset(plan)
+        self._last_index, self._last_products = index, None
+        xs, ys = x[index].to(device), y[index].to(device)
+        defense = pl_module.defense
+        common = dict(
             pixel_std=mean_pixel_std(trainer.datamodule), damping=self.damping,
-            relative_damping=self.relative_damping, method=self.method,
-            spectrum_samples=self.spectrum_samples, worst_k=self.worst_k, samples=self.samples,
-            generator=torch.Generator(device=device).manual_seed(self.seed + step), noise=noise,
+            relative_damping=self.relative_damping, spectrum_samples=plan.spectra, worst_k=self.worst_k,
+            samples=self.samples, generator=torch.Generator(device=device).manual_seed(self.seed + step),
+            noise=noise, target_pixel_rmse=self.target_pixel_rmse,
+            clipping_norm=float(getattr(defense, "max_grad_norm", None) or self.clipping_norm),
+            batch_size=self._batch_size(trainer, defense),
         )
+        if self.method != "lanczos":
+            return measure_leakage(model, xs, ys, defense, step, method=self.method, **common)
+        warm = plan.warm and self._basis is not None and self._basis.shape[:2] == (len(index), plan.steps)
+        report, fit = monitor_leakage(model, xs, ys, defense, step, basis=self._basis if warm else None,
+                                      steps=self.lanczos_steps if warm else plan.steps, **common)
+        calls, vectors = spectrum_products(model, x[0].numel(), plan.spectra) if plan.spectra else (0, 0)
+        self._last_products = (fit.products[0] + calls, fit.products[1] + vectors)
+        self._basis = fit.basis
+        return report
 
-    def _log(self, trainer: pl.Trainer, report: LeakageReport) -> None:
+    @staticmethod
+    def _batch_size(trainer: pl.Trainer, defense: Any) -> int | None:
+        expected = getattr(defense, "expected_batch_size", None)
+        return int(expected) if expected else getattr(trainer.datamodule, "batch_size", None)
+
+    def _log(self, trainer: pl.Trainer, report: LeakageReport, media: bool) -> None:
         log_scalars_at_step(trainer, report.scalars, "leakage", step=report.step)
-        if not self.per_sample or wandb_run(trainer) is None:
+        if not self.log_per_sample_media or wandb_run(trainer) is None:
             return
         import wandb
 
         values = report.pixel_rmse.detach().cpu().double().numpy()
-        per_class = wandb.Table(columns=["class", "expected_pixel_rmse"],
-                                data=[[c, v] for c, v in sorted(report.per_class.items())])
-        x, y = self._probe
-        images = trainer.datamodule.denormalize(x[[i for i, _ in report.worst]].cpu())
-        log_media(trainer, {
-            "leakage/per_sample_histogram": wandb.Histogram(values),
-            "leakage/per_class": per_class,
-            "leakage/per_class_bar": wandb.plot.bar(per_class, "class", "expected_pixel_rmse",
-                                                    title="expected reconstruction RMSE per class"),
-            "leakage/worst_samples": [
-                wandb_image(img, caption=f"probe {i} (class {int(y[i])}): rmse {v:.3g}")
-                for img, (i, v) in zip(images, report.worst)
-            ],
-        }, step=report.step)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        if self._pending is not None:  # training ended within the warm-up: its length is now known exactly
-            pending, self._pending = self._pending, None
-            self._evaluate_if_affordable(trainer, pl_module, pending)
-        if self.evaluations or self.skipped:
-            rank_zero_info(
-                f"I2FMonitor: {self.evaluations} evaluations in {self.seconds:.1f}s"
-                + (f", {self.skipped} skipped and {self.deferred} deferred to stay within "
-                   f"{self.max_overhead:.0%} overhead" if self.deferred or self.skipped else "")
-            )
+        payload: dict[str, Any] = {"leakage/per_sample_histogram": wandb.Histogram(values)}
+        if media:  # tables and images are files: first and last evaluation only
+            per_class = wandb.Table(columns=["class", "expected_pixel_rmse"],
+                                    data=[[c, v] for c, v in sorted(report.per_class.items())])
+            x, _ = self._probe
+            worst = self._last_index[[i for i, _ in report.worst]]
+            images = trainer.datamodule.denormalize(x[worst].cpu()) if len(worst) else []
+            payload.update({
+                "leakage/per_class": per_class,
+                "leakage/per_class_bar": wandb.plot.bar(per_class, "class", "expected_pixel_rmse",
+                                                        title="expected reconstruction RMSE per class"),
+                "leakage/worst_samples": [
+                    wandb_image(img, caption=f"probe (class {int(report.labels[i])}): rmse {v:.3g}")
+                    for img, (i, v) in zip(images, report.worst)
+                ],
+            })
+        log_media(trainer, payload, step=report.step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self.last_step, "evaluations": self.evaluations, "deferred": self.deferred,
-                "skipped": self.skipped, "seconds": self.seconds, "expected_seconds": self.expected_seconds}
+        return {"last_step": self.last_step, "evaluations": self.evaluations, "reduced": self.reduced,
+                "skipped": self.skipped, "seconds": self.seconds, "steps_logged": list(self.steps_logged),
+                "cost": self.cost.state_dict(), "history": list(self.history)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_step = state_dict["last_step"]
         self.evaluations = state_dict["evaluations"]
-        self.deferred = state_dict.get("deferred", 0)
+        self.reduced = state_dict.get("reduced", 0)
         self.skipped = state_dict.get("skipped", 0)
         self.seconds = state_dict.get("seconds", 0.0)
-        self.expected_seconds = state_dict.get("expected_seconds")
+        self.steps_logged = list(state_dict.get("steps_logged", []))
+        self.cost.load_state_dict(state_dict.get("cost", {}))
+        self.history = list(state_dict.get("history", []))

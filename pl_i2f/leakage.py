@@ -16,23 +16,19 @@ Scales: ``expected_i2f`` is ‖I²F‖ in the model's (normalised) input space; 
 
 from __future__ import annotations
 
-import functools
 import math
-import time
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from pl_i2f.defenses import Defense, NoiseSampler
 from pl_i2f.defenses.base import analysis_model
-from pl_i2f.influence import PerSampleLeakage, per_sample_leakage, per_sample_product_seconds
+from pl_i2f.influence import PerSampleLeakage, per_sample_leakage
+from pl_i2f.influence.warm import BasisLeakage, basis_leakage
 
-# Lanczos steps of a typical per-sample evaluation (λ_max to 1e-4 and settled quadratures): 6-25 measured on
-# lenet_zhu and resnet18; the first prediction of a run uses this, later ones the measured cost.
-TYPICAL_LANCZOS_STEPS = 12
-LANCZOS_CHAINS = 4  # Lanczos chains per probe sample in measure_leakage (and what estimate_leakage_seconds times)
+LANCZOS_CHAINS = 4  # Lanczos chains per probe sample in measure_leakage (full precision)
+DEFAULT_TARGET_PIXEL_RMSE = 0.1  # ≈ 20 dB PSNR: an attacker's reconstruction this far off is a blur
 
 
 @dataclass
@@ -86,6 +82,103 @@ def unfairness(values: Tensor) -> dict[str, float]:
     }
 
 
+def attack_psnr(pixel_rmse: Tensor) -> Tensor:
+    """PSNR (dB) of reconstructions with these [0, 1]-pixel RMSEs: 10·log10(1/MSE) (data range 1)."""
+    return -20 * torch.log10(pixel_rmse.double().clamp_min(1e-30))
+
+
+def sigma_for_target(unit_pixel_rmse: Tensor, target_pixel_rmse: float) -> float:
+    """The isotropic Gaussian σ (per gradient coordinate) at which the probes' mean expected pixel RMSE
+    reaches ``target_pixel_rmse``. E‖I²F‖ is linear in σ for isotropic noise (the damping does not depend on
+    σ), so σ* = target / (mean expected pixel RMSE at σ = 1)."""
+    unit = float(unit_pixel_rmse.double().mean())
+    return target_pixel_rmse / unit if unit > 0 else math.inf
+
+
+def _summarise(
+    report: LeakageReport,
+    unit_pixel: Tensor | None,
+    worst_k: int,
+    target_pixel_rmse: float,
+    clipping_norm: float | None,
+    batch_size: int | None,
+) -> None:
+    """Fill ``report.scalars``, ``per_class`` and ``worst`` from its per-sample values."""
+    result = report.per_sample
+    pixel = report.pixel_rmse.detach().double().cpu()
+    k = len(pixel)
+    mean = float(pixel.mean())
+    stderr = float(pixel.std() / math.sqrt(k)) if k > 1 else math.nan
+    psnr = attack_psnr(pixel)
+    scalars = {
+        "expected_i2f": float(result.expected_i2f.mean()),
+        "expected_i2f_rmse": float(result.expected_i2f_rmse.mean()),
+        "expected_i2f_pixel_rmse": mean,
+        # the standard error of that mean over the probes evaluated (their spread, which includes the
+        # trace estimator's own noise) and its relative size: how far to trust the logged number
+        "expected_i2f_pixel_rmse_stderr": stderr,
+        "relative_stderr": stderr / mean if mean > 0 else math.nan,
+        "probes": float(k),
+        "measured_at_step": float(report.step),
+        "expected_attack_psnr": float(psnr.mean()),
+        "lower_bound": float(result.lower_bound.mean()),
+        "lambda_max": float(result.lambda_max.mean()),
+        "noise_std": report.noise.std if report.noise.std is not None else float("nan"),
+        "per_unit_noise": float(report.noise.per_unit),
+        "converged_fraction": float(result.converged.double().mean()),
+        "damping": float(result.damping),
+    }
+    if unit_pixel is not None:
+        sigma = sigma_for_target(unit_pixel, target_pixel_rmse)
+        scalars["sigma_for_target"] = sigma
+        scalars["target_pixel_rmse"] = float(target_pixel_rmse)
+        if clipping_norm and batch_size:
+            # DP-SGD adds N(0, z²C²) to the sum of B clipped gradients: σ per coordinate of the mean is zC/B
+            scalars["noise_multiplier_for_target"] = sigma * batch_size / clipping_norm
+    scalars.update(unfairness(pixel))
+    order = torch.argsort(pixel, descending=True)[: max(0, worst_k)]
+    report.worst = [(int(i), float(pixel[i])) for i in order]
+    if report.worst:
+        scalars["worst_k_pixel_rmse"] = float(pixel[order].mean())
+    report.per_class = {
+        int(c): float(pixel[report.labels == c].mean()) for c in torch.unique(report.labels).tolist()
+    }
+    report.scalars = _finite(scalars)
+
+
+def _finite(scalars: dict[str, float]) -> dict[str, float]:
+    """Only the finite values: a non-isotropic noise has no single std, one probe has no standard error, λ_min = 0
+    has no condition number, and a dashboard must never show NaN/inf."""
+    return {k: v for k, v in scalars.items() if math.isfinite(v)}
+
+
+def _exact_spectra(model: nn.Module, x: Tensor, y: Tensor, count: int, exact_max_dim: int,
+                   generator: torch.Generator | None) -> PerSampleLeakage | None:
+    # an exact spectrum costs d_x products per sample: affordable for digits (256), not for CIFAR (3,072)
+    if count <= 0 or x[0].numel() > exact_max_dim:
+        return None
+    k = min(count, len(y))
+    return per_sample_leakage(model, x[:k], y[:k], method="exact", expected=False, generator=generator)
+
+
+def _add_spectra(report: LeakageReport, spectra: PerSampleLeakage) -> None:
+    """λ_min and the condition number, over the probes whose exact spectrum was computed."""
+    lam_min = spectra.lambda_min.double().clamp_min(0)
+    report.scalars.update(_finite({
+        "lambda_min": float(lam_min.mean()),
+        "condition_number": float((spectra.lambda_max.double() / lam_min).median()),
+    }))
+
+
+def spectrum_products(model: nn.Module, d_x: int, count: int) -> tuple[int, int]:
+    """(products, vectors) of the exact spectra of ``count`` samples (as :func:`per_sample_leakage` chunks
+    them), for the monitor's cost plan."""
+    d_theta = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    columns = max(1, min(d_x, (1 << 25) // max(1, count * d_theta)))
+    calls = math.ceil(d_x / columns)
+    return calls, count * d_x
+
+
 def measure_leakage(
     model: nn.Module,
     x: Tensor,
@@ -103,16 +196,23 @@ def measure_leakage(
     samples: int = 32,
     generator: torch.Generator | None = None,
     noise: NoiseModel | None = None,
+    target_pixel_rmse: float = DEFAULT_TARGET_PIXEL_RMSE,
+    clipping_norm: float | None = None,
+    batch_size: int | None = None,
 ) -> LeakageReport:
-    """Per-sample I²F leakage of ``(x, y)`` under ``defense``'s noise at ``step``. Never changes ``model``.
+    """Per-sample I²F leakage of ``(x, y)`` under ``defense``'s noise at ``step``, at full precision.
+    Never changes ``model``.
 
-    ``method="slq"`` (default): λ_max by Lanczos and the traces by stochastic Lanczos quadrature, ~7x cheaper
-    than ``"exact"``, which forms every sample's JJᵀ (d_x products each). λ_min and the condition number
-    need the exact spectrum: with ``"slq"`` they come from the first ``spectrum_samples`` samples only
-    (0: skip them), and only for inputs of at most ``exact_max_dim`` values (d_x products per sample). The
-    damping is ε = ``damping`` + ``relative_damping``·median λ_max (scale-free; see
+    ``method="slq"`` (default): λ_max by Lanczos and the traces by stochastic Lanczos quadrature (4 chains,
+    λ_max to 1e-4), ~7x cheaper than ``"exact"``, which forms every sample's JJᵀ (d_x products each). λ_min and
+    the condition number need the exact spectrum: with ``"slq"`` they come from the first ``spectrum_samples``
+    samples only (0: skip them), and only for inputs of at most ``exact_max_dim`` values. The damping is
+    ε = ``damping`` + ``relative_damping``·median λ_max (scale-free; see
     :func:`pl_i2f.influence.per_sample_leakage`); the ε used is logged as ``damping``. ``noise`` overrides
     the defense's noise at ``step`` (a :class:`NoiseModel` captured earlier, with a snapshot of the weights).
+    ``sigma_for_target`` (isotropic noise only) and ``noise_multiplier_for_target`` (with ``clipping_norm``
+    and ``batch_size``): see :func:`sigma_for_target`. The monitor's cheaper evaluation is
+    :func:`monitor_leakage`.
     """
     model = analysis_model(model)
     noise = NoiseModel.of(defense, step, model) if noise is None else noise
@@ -121,99 +221,79 @@ def measure_leakage(
         noise_std=noise.std, noise_sampler=noise.sampler, damping=damping, relative_damping=relative_damping,
         method=method, noise_draws=samples, probes=LANCZOS_CHAINS, generator=generator,
     )
+    spectra = result if result.lambda_min is not None else _exact_spectra(
+        model, x, y, spectrum_samples, exact_max_dim, generator)
     report = LeakageReport(per_sample=result, labels=y.detach().cpu(), pixel_std=pixel_std, noise=noise, step=step)
-    pixel = report.pixel_rmse.detach().double().cpu()
-    scalars = {
-        "expected_i2f": float(result.expected_i2f.mean()),
-        "expected_i2f_rmse": float(result.expected_i2f_rmse.mean()),
-        "expected_i2f_pixel_rmse": float(pixel.mean()),
-        "lower_bound": float(result.lower_bound.mean()),
-        "lambda_max": float(result.lambda_max.mean()),
-        "noise_std": noise.std if noise.std is not None else float("nan"),
-        "per_unit_noise": float(noise.per_unit),
-        "converged_fraction": float(result.converged.double().mean()),
-        "damping": float(result.damping),
-    }
-    spectra = result
-    # an exact spectrum costs d_x products per sample: affordable for digits (256), not for CIFAR (3,072)
-    if result.lambda_min is None and spectrum_samples > 0 and x[0].numel() <= exact_max_dim:
-        k = min(spectrum_samples, len(y))
-        spectra = per_sample_leakage(model, x[:k], y[:k], method="exact", expected=False, generator=generator)
-    if spectra.lambda_min is not None:
-        lam_min = spectra.lambda_min.double().clamp_min(0)
-        scalars["lambda_min"] = float(lam_min.mean())
-        scalars["condition_number"] = float((spectra.lambda_max.double() / lam_min).median())
-    scalars.update(unfairness(pixel))
-    order = torch.argsort(pixel, descending=True)[: max(0, worst_k)]
-    report.worst = [(int(i), float(pixel[i])) for i in order]
-    if report.worst:
-        scalars["worst_k_pixel_rmse"] = float(pixel[order].mean())
-    report.per_class = {
-        int(c): float(pixel[report.labels == c].mean()) for c in torch.unique(report.labels).tolist()
-    }
-    # never report NaN/inf (a non-isotropic noise has no single std; λ_min = 0 has no condition number)
-    report.scalars = {k: v for k, v in scalars.items() if math.isfinite(v)}
+    unit = None
+    if noise.std is not None:
+        unit = report.pixel_rmse.detach() / noise.std
+    _summarise(report, unit, worst_k, target_pixel_rmse, clipping_norm, batch_size)
+    if spectra is not None:
+        _add_spectra(report, spectra)
     return report
 
 
-
-
-class LeakageCost(NamedTuple):
-    """A prediction of :func:`estimate_leakage_seconds`: ``seconds`` predicted, ``calibration_seconds`` spent
-    predicting, and ``extrapolated`` — True when the batched product was too dear to time in full, so
-    ``seconds`` is an upper estimate (it assumes no further speed-up from vmap)."""
-
-    seconds: float
-    calibration_seconds: float
-    extrapolated: bool
-
-
-@functools.cache
-def _warm_up_transforms() -> None:
-    """torch.func's one-off set-up (~0.2 s per process) on a two-parameter model, so that it does not count as
-    the cost of a product in :func:`estimate_leakage_seconds`."""
-    tiny = nn.Sequential(nn.Flatten(), nn.Linear(2, 2))
-    per_sample_product_seconds(tiny, torch.zeros(1, 2), torch.zeros(1, dtype=torch.long))
-
-
-def estimate_leakage_seconds(
+def monitor_leakage(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
+    defense: Defense,
+    step: int,
     *,
-    spectrum_samples: int = 4,
+    basis: Tensor | None = None,
+    steps: int = 16,
+    pixel_std: float = 1.0,
+    damping: float = 0.0,
+    relative_damping: float = 0.01,
+    spectrum_samples: int = 0,
     exact_max_dim: int = 1024,
-    steps: int = TYPICAL_LANCZOS_STEPS,
-    affordable: float = math.inf,
-) -> LeakageCost:
-    """Predicted wall time of :func:`measure_leakage` on ``(x, y)`` (method ``"slq"``) without running it.
+    worst_k: int = 5,
+    samples: int = 32,
+    generator: torch.Generator | None = None,
+    noise: NoiseModel | None = None,
+    target_pixel_rmse: float = DEFAULT_TARGET_PIXEL_RMSE,
+    clipping_norm: float | None = None,
+    batch_size: int | None = None,
+) -> tuple[LeakageReport, BasisLeakage]:
+    """The leakage monitor's evaluation: :func:`measure_leakage`'s report at monitoring precision.
 
-    A Lanczos step is one batched product (every sample × 4 chains); the prediction is ``steps`` of them, plus
-    the exact spectra of ``spectrum_samples`` samples (d_x products each) when inputs have at most
-    ``exact_max_dim`` values. The batched product is timed on growing sub-batches — 1 sample × 1 vector,
-    1 × 4, 4 × 4, 16 × 4, all — and extrapolated linearly from the largest one timed. A sub-batch is timed
-    only if that extrapolation from the previous one stays within ``affordable`` seconds, so calibrating a
-    compute-bound model costs about one product (resnet18: ~0.4 s per vector, no gain from vmap) while a
-    small one gets its real vmap speed-up measured (lenet_zhu: 32 × 4 vectors in 60 ms, one vector 20 ms)."""
+    One Lanczos basis of ``steps`` vectors per probe (:func:`basis_leakage`), warm-started from ``basis``
+    (the previous evaluation's, returned for the next call) — two block products instead of a fresh
+    Lanczos run; one Rademacher vector per probe (the mean's standard error over the probes is logged).
+    Isotropic noise uses E‖I²F‖ = σ·(its value at σ = 1); other noise (anisotropic) adds Monte Carlo over
+    the defense's draws (:func:`pl_i2f.influence.per_sample_leakage`). ``spectrum_samples`` > 0 adds the
+    exact spectra (λ_min, condition number) of that many probes — the monitor asks for them at its first
+    and last evaluation only. Within 5% of the full-precision computation along a digits run (tested).
+    """
     model = analysis_model(model)
-    started = time.perf_counter()
-    _warm_up_transforms()
-    n_samples, d_x = x.shape[0], x[0].numel()
-    units_all = n_samples * LANCZOS_CHAINS
-    sizes = [(1, 1), (1, 1), (1, LANCZOS_CHAINS), *((k, LANCZOS_CHAINS) for k in (4, 16) if k < n_samples),
-             (n_samples, LANCZOS_CHAINS)]  # (1, 1) twice: the first call of a process is a warm-up
-    measured: tuple[float, int] | None = None
-    for k, chains in sizes:
-        k = min(k, n_samples)
-        if measured is not None and measured[0] * k * chains / measured[1] > affordable:
-            break
-        measured = (per_sample_product_seconds(model, x[:k], y[:k], chains), k * chains)
-    assert measured is not None
-    step = measured[0] * units_all / measured[1]
-    predicted = steps * step
-    if spectrum_samples > 0 and d_x <= exact_max_dim:
-        predicted += step * min(spectrum_samples, n_samples) * d_x / units_all
-    return LeakageCost(predicted, time.perf_counter() - started, measured[1] < units_all)
+    noise = NoiseModel.of(defense, step, model) if noise is None else noise
+    fit = basis_leakage(model, x, y, steps=steps, basis=basis, damping=damping, relative_damping=relative_damping,
+                        generator=generator)
+    n = x[0].numel()
+    unit = fit.unit_i2f_sq.clamp_min(0).sqrt()
+    if noise.std is not None:
+        expected_i2f = noise.std * unit
+        expected_jdelta = noise.std * fit.trace.clamp_min(0).sqrt()
+        converged = fit.lambda_max_residual <= 1e-2 * fit.lambda_max.abs()
+        damping_used = fit.damping
+    else:  # a sampler: Monte Carlo over its draws, at the damping the basis chose
+        mc = per_sample_leakage(model, x, y, noise_sampler=noise.sampler, damping=fit.damping, probes=1,
+                                noise_draws=samples, tol=1e-2, generator=generator)
+        expected_i2f, expected_jdelta, converged, damping_used = (mc.expected_i2f, mc.expected_jdelta, mc.converged,
+                                                                   mc.damping)
+    spectra = _exact_spectra(model, x, y, spectrum_samples, exact_max_dim, generator)
+    result = PerSampleLeakage(
+        lambda_max=fit.lambda_max, lambda_min=None, trace=fit.trace, expected_jdelta=expected_jdelta,
+        lower_bound=expected_jdelta / (fit.lambda_max + damping_used), expected_i2f=expected_i2f,
+        expected_i2f_rmse=expected_i2f / math.sqrt(n), converged=converged, iterations=fit.products[0],
+        method="warm" if fit.warm else "lanczos", damping=damping_used, labels=y,
+    )
+    report = LeakageReport(per_sample=result, labels=y.detach().cpu(), pixel_std=pixel_std, noise=noise, step=step)
+    _summarise(report, unit / math.sqrt(n) * pixel_std, worst_k, target_pixel_rmse, clipping_norm, batch_size)
+    if spectra is not None:
+        _add_spectra(report, spectra)
+    report.scalars["warm_started"] = float(fit.warm)
+    return report, fit
 
 
 def mean_pixel_std(datamodule: object) -> float:

@@ -42,7 +42,8 @@ def final_weights(cfg) -> list[torch.Tensor]:
 @pytest.mark.parametrize("budget", ["max_overhead=null", "max_overhead=1000"])
 def test_callbacks_do_not_change_training(make_cfg, budget):
     """Same seed, with and without all three callbacks: bitwise identical final weights — evaluating at once
-    (no budget) or, under a budget, the step-0 evaluation on a snapshot after the warm-up steps."""
+    (no budget) or, under a budget, the step-0 evaluation on a snapshot after the warm-up steps, the products
+    timed and the later evaluations warm-started."""
     import pytorch_lightning as pl
 
     pl.seed_everything(7)
@@ -53,7 +54,8 @@ def test_callbacks_do_not_change_training(make_cfg, budget):
     assert {I2FMonitor, AttackAudit, TradeoffTracker} <= kinds
     monitor = next(cb for cb in trainer.callbacks if isinstance(cb, I2FMonitor))
     audit = next(cb for cb in trainer.callbacks if isinstance(cb, AttackAudit))
-    assert monitor.evaluations == 4 and audit.audits == 2  # steps 0, 3, 6, 9; epochs 0, 1
+    assert monitor.evaluations == 5 and audit.audits == 2  # steps 0, 3, 6, 9 and the final 12; epochs 0, 1
+    assert monitor.steps_logged == [0, 3, 6, 9, 12] and monitor.skipped == 0
     assert all(torch.equal(a, b) for a, b in zip(plain, watched))
 
 
@@ -63,6 +65,8 @@ def test_offline_wandb_run_holds_leakage_audit_and_media(make_cfg, tmp_path):
     (run_dir,) = offline_runs(tmp_path)
     run = read_offline_run(run_dir)
     for key in ("leakage/expected_i2f", "leakage/expected_i2f_pixel_rmse", "leakage/lower_bound",
+                "leakage/expected_attack_psnr", "leakage/sigma_for_target", "leakage/noise_multiplier_for_target",
+                "leakage/expected_i2f_pixel_rmse_stderr", "leakage/relative_stderr", "leakage/probes",
                 "leakage/lambda_max", "leakage/lambda_min", "leakage/condition_number",
                 "leakage/unfairness_p90_p10", "leakage/unfairness_cv",
                 "audit/rmse", "audit/psnr", "audit/ssim", "audit/predicted_pixel_rmse", "audit/rank_correlation"):
@@ -77,12 +81,17 @@ def test_offline_wandb_run_holds_leakage_audit_and_media(make_cfg, tmp_path):
     assert "media/table/tradeoff/points" in files
     # leakage rows share the trainer's step axis, starting at the initialisation (step 0)
     steps = [row["trainer/global_step"] for row in run.history if "leakage/lambda_max" in row]
-    assert steps[0] == 0 and steps == sorted(steps)
+    assert steps[0] == 0 and steps == sorted(steps) and steps[-1] == 12  # the final step too
+    # exact spectra at the first and last evaluation only
+    spectra = [row["trainer/global_step"] for row in run.history if "leakage/lambda_min" in row]
+    assert spectra == [0, 12]
     assert run.config["threat_model"]["labels_known"] is True
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {"val/acc", "test/acc", "leakage/expected_i2f_pixel_rmse", "audit/rmse"} <= set(summary["final"])
     assert summary["run_config"]["threat_model"]["batch_size"] == cfg.data.batch_size
     assert len(summary["points"]) == 2 and summary["points"][1]["audit_rmse"] is not None
+    # each point carries the leakage measured nearest to it, and where: epoch ends at steps 6 and 12
+    assert [(p["step"], p["leakage_step"]) for p in summary["points"]] == [(6, 6), (12, 12)]
 
 
 def test_callback_state_survives_checkpoint_resume(make_cfg, tmp_path):
@@ -104,7 +113,8 @@ def test_callback_state_survives_checkpoint_resume(make_cfg, tmp_path):
     monitor = next(cb for cb in trainer.callbacks if isinstance(cb, I2FMonitor))
     assert audit.pairs[:4] == pairs and len(audit.pairs) == 6  # continued, not restarted
     assert tracker.points[:2] == points and [p["epoch"] for p in tracker.points] == [0, 1, 2]
-    assert monitor.evaluations == 6  # 4 before the checkpoint, then steps 12 and 15
+    assert monitor.evaluations == 7  # 0, 3, 6, 9, 12 before the checkpoint; then 15 and the final 18
+    assert monitor.steps_logged == [0, 3, 6, 9, 12, 15, 18]  # the schedule continues, step 12 is not redone
 
 
 @pytest.mark.parametrize("sigmas", [(0.5, 2.0)])
@@ -132,19 +142,37 @@ def test_monitor_uses_dpsgd_noise_at_the_current_sigma(make_cfg, sigmas):
 def test_bad_callback_settings_fail_clearly(make_cfg):
     from pl_i2f.errors import ConfigError
 
-    cfg = make_cfg([*SMALL, *CALLBACKS, "callbacks.i2f_monitor.every_n_steps=0"])
+    # at construction, not when fit starts — also through the config (train.py unwraps Hydra's error)
     with pytest.raises(ConfigError, match="every_n_steps must be >= 1"):
-        final_weights(cfg)
+        I2FMonitor(every_n_steps=0)
+    for bad, match in (({"method": "fast"}, "method must be one of"), ({"max_overhead": 0}, "max_overhead"),
+                       ({"target_pixel_rmse": 0}, "target_pixel_rmse"), ({"lanczos_steps": 1}, "lanczos_steps"),
+                       ({"growth": 1.0}, "growth"), ({"relative_damping": -1}, "relative_damping")):
+        with pytest.raises(ConfigError, match=match):
+            I2FMonitor(**bad)
+    with pytest.raises(ConfigError, match="log_every_n_epochs"):
+        TradeoffTracker(log_every_n_epochs=0)
+    with pytest.raises(ConfigError, match="every_n_steps must be >= 1"):
+        train.build(make_cfg([*SMALL, *CALLBACKS, "callbacks.i2f_monitor.every_n_steps=0"]))
     cfg = make_cfg([*SMALL, *CALLBACKS, "attack=gradinversion"])
     with pytest.raises(ConfigError, match="bn_statistics_known is false"):
         final_weights(cfg)
+
+
+def test_per_sample_is_a_deprecated_alias():
+    with pytest.warns(DeprecationWarning, match="log_per_sample_media"):
+        monitor = I2FMonitor(per_sample=False)
+    assert monitor.log_per_sample_media is False
+    with pytest.warns(DeprecationWarning):
+        assert monitor.per_sample is False
 
 
 def monitor_run(make_cfg, *overrides: str) -> I2FMonitor:
     import pytorch_lightning as pl
 
     pl.seed_everything(3)
-    cfg = make_cfg([*SMALL, *CALLBACKS, "seed=3", "callbacks.i2f_monitor.every_n_steps=1000", *overrides])
+    cfg = make_cfg([*SMALL, *CALLBACKS, "seed=3", "callbacks.i2f_monitor.every_n_steps=1000",
+                    "callbacks.i2f_monitor.first_step=1000", *overrides])
     _, trainer = final_weights(cfg)
     return next(cb for cb in trainer.callbacks if isinstance(cb, I2FMonitor))
 
@@ -154,37 +182,14 @@ def test_budgeted_step0_evaluation_uses_the_initial_weights(make_cfg):
     evaluating at step 0 directly, filed under step 0."""
     at_once = monitor_run(make_cfg)
     later = monitor_run(make_cfg, "callbacks.i2f_monitor.max_overhead=1000", "callbacks.i2f_monitor.warmup_steps=4")
-    assert at_once.evaluations == later.evaluations == 1 and later.skipped == 0
-    assert later.last_report.step == 0 and at_once.last_report.step == 0
-    assert later.last_report.scalars == at_once.last_report.scalars
-    assert later.expected_seconds is not None and later.seconds >= later.expected_seconds
+    assert at_once.evaluations == later.evaluations == 2 and later.skipped == 0  # step 0 and the final step
+    assert at_once.steps_logged == later.steps_logged == [0, 12]
+    assert later.history[0] == at_once.history[0] and later.history[0]["step"] == 0
+    assert later.cost.known and later.seconds > 0
 
 
 def test_unaffordable_evaluation_is_skipped_with_a_warning(make_cfg):
-    with pytest.warns(UserWarning, match=r"skipped the evaluation of step 0: 8 probes are predicted to take up to"):
+    with pytest.warns(UserWarning, match=r"skipped the evaluation of step 0: even one probe"):
         monitor = monitor_run(make_cfg, "callbacks.i2f_monitor.max_overhead=1e-9", "data.probe_size=8")
-    assert monitor.evaluations == 0 and monitor.skipped == 1 and monitor.last_report is None
-    assert 0 < monitor.seconds < 5  # only the cost prediction was paid
-
-
-def test_leakage_cost_prediction_is_close_on_digits():
-    """The cost prediction used by the budget is within a factor 3 of the measured evaluation on digits."""
-    import time
-
-    from pl_i2f.data import build_datamodule
-    from pl_i2f.defenses import build as build_defense
-    from pl_i2f.leakage import estimate_leakage_seconds, measure_leakage
-    from pl_i2f.models import build_model
-
-    torch.manual_seed(0)
-    model = build_model("lenet_zhu", (1, 16, 16), 10, init="xavier_uniform")
-    x, y = build_datamodule("digits").probe_batch(32)
-    defense = build_defense(name="none")
-    measure_leakage(model, x, y, defense, 0)  # warm-up
-    predicted, calibration, extrapolated = estimate_leakage_seconds(model, x, y)
-    assert not extrapolated  # no limit on what calibrating may cost: the full batched product was timed
-    start = time.perf_counter()
-    measure_leakage(model, x, y, defense, 0)
-    actual = time.perf_counter() - start
-    assert actual / 3 < predicted < 3 * actual, (predicted, actual)
-    assert calibration < actual
+    assert monitor.evaluations == 0 and monitor.skipped == 2 and monitor.last_report is None
+    assert 0 < monitor.seconds < 5  # only the product timing was paid

@@ -1,0 +1,231 @@
+"""The monitor's pure schedule/budget objects (no Trainer) and its cheap evaluation against full precision."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from pl_i2f.monitoring import DenseEarlySchedule, EvaluationPlan, OverheadBudget, ProductCost, reductions
+
+# --- schedule ---------------------------------------------------------------------------------------
+
+
+def test_default_schedule_is_dense_early_and_ends_on_the_final_step():
+    schedule = DenseEarlySchedule()  # every 100, first 10, growth 2
+    steps = schedule.steps(1200)  # the default digits run: 30 epochs x 40 steps
+    assert steps == [0, 10, 20, 40, 80, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000, 1100, 1200]
+    assert len(steps) >= 15
+    assert [s for s in range(1201) if schedule.due(s, 1200)] == steps
+    assert schedule.steps(57) == [0, 10, 20, 40, 57] and schedule.remaining(20, 57) == 3
+    assert DenseEarlySchedule(every_n_steps=3, first_step=10).steps(12) == [0, 3, 6, 9, 12]
+
+
+@pytest.mark.parametrize("bad", [{"every_n_steps": 0}, {"first_step": 0}, {"growth": 1.0}])
+def test_schedule_rejects_bad_values(bad):
+    with pytest.raises(ValueError):
+        DenseEarlySchedule(**bad)
+
+
+# --- product cost --------------------------------------------------------------------------------------
+
+
+def test_product_cost_separates_fixed_and_per_vector_parts():
+    cost = ProductCost()
+    for vectors in (1, 8, 64):
+        cost.observe(1, vectors, 0.08 + 0.002 * vectors)  # overhead-bound, like lenet_zhu under vmap
+    a, b = cost.coefficients()
+    assert a == pytest.approx(0.08) and b == pytest.approx(0.002)
+    assert cost.predict(16, 16 * 32) == pytest.approx(16 * 0.08 + 0.002 * 512)
+    one_size = ProductCost()
+    one_size.observe(1, 1, 0.5)  # compute-bound, timed at one vector only: linear, the safe side
+    assert one_size.coefficients() == (0.0, 0.5) and one_size.predict(2, 64) == pytest.approx(32.0)
+    restored = ProductCost()
+    restored.load_state_dict(cost.state_dict())
+    assert restored.coefficients() == pytest.approx(cost.coefficients())
+
+
+def test_plan_counts_products():
+    fresh = EvaluationPlan(probes=8, steps=16)
+    warm = EvaluationPlan(probes=8, steps=16, warm=True, spectra=2, spectrum_products=1, spectrum_vectors=512)
+    assert fresh.products() == (16, 128)
+    assert warm.products() == (2 + 1, 2 * 128 + 512)
+    plans = reductions(warm)
+    assert plans[0] == warm and plans[1].spectra == 0
+    assert [p.probes for p in plans[2:6]] == [4, 2, 1, 1][: len(plans[2:6])]
+    assert plans[-1].probes == 1 and plans[-1].steps == 4 and not plans[-1].warm
+    assert "4 of 8 probes" in plans[2].reduced_from(warm) and "no exact spectra" in plans[1].reduced_from(warm)
+
+
+# --- budget ---------------------------------------------------------------------------------------------
+
+
+def overhead_bound_cost() -> ProductCost:
+    cost = ProductCost()
+    for vectors in (1, 8, 64):
+        cost.observe(1, vectors, 0.1 + 0.001 * vectors)
+    return cost
+
+
+def test_budget_is_a_fraction_of_the_measured_training_time():
+    budget = OverheadBudget(0.1, DenseEarlySchedule(), total_steps=1200)
+    assert budget.total() == 0 and budget.training_estimate() is None  # nothing measured yet
+    budget.record_training(steps=3, seconds=0.15)  # 50 ms per step
+    assert budget.training_estimate() == pytest.approx(60.0) and budget.total() == pytest.approx(6.0)
+    budget.charge(1.0)
+    assert budget.left() == pytest.approx(5.0)
+    assert budget.share(0) == pytest.approx(5.0 / 17)
+    assert budget.affordable(0.2, 0) and not budget.affordable(0.5, 0) and budget.affordable(4.9, 1200, final=True)
+    assert OverheadBudget(None, DenseEarlySchedule()).left() == math.inf
+
+
+def test_plan_is_full_when_affordable_reduced_when_not_and_skipped_last():
+    cost = overhead_bound_cost()
+    full = EvaluationPlan(probes=32, steps=8, spectra=2, spectrum_products=1, spectrum_vectors=512)
+    roomy = OverheadBudget(0.1, DenseEarlySchedule(), total_steps=1200)
+    roomy.record_training(3, 3 * 1.0)  # slow steps: a large budget
+    assert roomy.plan(0, full, cost, later_steps=16) == full
+    tight = OverheadBudget(0.1, DenseEarlySchedule(), total_steps=1200)
+    tight.record_training(3, 3 * 0.04)  # 4.8 s for 17 evaluations: a fresh start plus 16 warm ones
+    plan = tight.plan(0, full, cost, later_steps=16)
+    assert plan is not None and plan != full and plan.spectra == 0
+    later = cost.predict(*EvaluationPlan(plan.probes, 16, warm=True).products()) * 16
+    assert cost.predict(*plan.products()) + later <= tight.left()  # fits with the later evaluations
+    broke = OverheadBudget(0.1, DenseEarlySchedule(), total_steps=1200)
+    broke.record_training(3, 3 * 1e-4)
+    assert broke.plan(0, full, cost) is None  # not even one probe: skip (the caller warns)
+    assert OverheadBudget(None, DenseEarlySchedule()).plan(0, full, cost) == full
+
+
+def test_plan_does_not_depend_on_machine_load():
+    """Load that slows training and products alike leaves the decision unchanged (both are measured)."""
+    full = EvaluationPlan(probes=32, steps=8)
+    plans = []
+    for slowdown in (1.0, 3.0, 10.0):
+        cost = ProductCost()
+        for vectors in (1, 8, 64):
+            cost.observe(1, vectors, slowdown * (0.02 + 0.0005 * vectors))
+        budget = OverheadBudget(0.1, DenseEarlySchedule(), total_steps=1200)
+        budget.record_training(3, slowdown * 3 * 0.015)
+        plans.append(budget.plan(0, full, cost, later_steps=16))
+    assert plans[0] is not None and plans[0] == plans[1] == plans[2]
+
+
+# --- the cheap evaluation against full precision ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits_run():
+    """lenet_zhu (Xavier) trained with Adam on digits, weights kept along the way (the default run's model)."""
+    from pl_i2f.data import build_datamodule
+    from pl_i2f.models import build_model
+
+    dm = build_datamodule("digits", seed=0)
+    dm.setup("fit")
+    torch.manual_seed(0)
+    model = build_model("lenet_zhu", (1, 16, 16), 10, init="xavier_uniform")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    keep, kept, step = (0, 10, 20, 40, 80, 100, 200, 300, 400), {}, 0
+    kept[0] = copy.deepcopy(model)
+    while step < keep[-1]:
+        for xb, yb in dm.train_dataloader():
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xb), yb).backward()
+            opt.step()
+            step += 1
+            if step in keep:
+                kept[step] = copy.deepcopy(model)
+            if step >= keep[-1]:
+                break
+    x, y = dm.probe_batch(8)
+    return dm, kept, x, y
+
+
+def test_monitoring_estimate_agrees_with_full_precision_along_a_run(digits_run):
+    """The warm-started chain of evaluations (as the monitor runs them) against exact spectra on the same
+    weights: the mean expected I²F within 5% at every checkpoint."""
+    from pl_i2f.defenses import build as build_defense
+    from pl_i2f.influence import per_sample_leakage
+    from pl_i2f.leakage import monitor_leakage
+
+    _, kept, x, y = digits_run
+    defense = build_defense(name="none")
+    basis, errors, warm = None, {}, []
+    for step, model in kept.items():
+        report, fit = monitor_leakage(model, x, y, defense, step, basis=basis, steps=16 if basis is not None else 8)
+        basis = fit.basis
+        warm.append(fit.warm)
+        exact = per_sample_leakage(model, x, y, noise_std=1.0, relative_damping=0.01, method="exact")
+        errors[step] = report.scalars["expected_i2f"] / float(exact.expected_i2f.mean()) - 1
+        assert report.scalars["damping"] == pytest.approx(exact.damping, rel=0.05)  # Ritz λ_max
+    assert warm[0] is False and all(warm[1:])
+    assert max(abs(e) for e in errors.values()) < 0.05, errors
+
+
+def test_sigma_for_target_reaches_the_target_through_the_engine(digits_run):
+    """Gaussian noise of the σ the monitor names, drawn and pushed through the engine (dense spectra, Monte
+    Carlo over the draws), gives the target expected pixel RMSE within 5%."""
+    from pl_i2f.defenses import build as build_defense
+    from pl_i2f.influence import per_sample_leakage
+    from pl_i2f.leakage import mean_pixel_std, monitor_leakage
+
+    dm, kept, x, y = digits_run
+    model, target = kept[100], 0.05
+    report, _ = monitor_leakage(model, x, y, build_defense(name="none"), 100, pixel_std=mean_pixel_std(dm),
+                                target_pixel_rmse=target, steps=16)
+    sigma = report.scalars["sigma_for_target"]
+    d_theta = sum(p.numel() for p in model.parameters())
+
+    def gaussian(generator: torch.Generator) -> torch.Tensor:
+        return sigma * torch.randn(64, d_theta, generator=generator)
+
+    noisy = per_sample_leakage(model, x, y, noise_sampler=gaussian, noise_draws=256, relative_damping=0.01,
+                               method="exact", generator=torch.Generator().manual_seed(1))
+    pixel = noisy.expected_i2f_rmse * mean_pixel_std(dm)
+    assert float(pixel.mean()) == pytest.approx(target, rel=0.05)
+
+
+def test_sigma_for_target_within_a_factor_two_of_the_real_dlg_attack():
+    """On the DLG setting (lenet_zhu, uniform ±0.5 init, one digit, labels known) the undamped estimate's σ
+    for a 0.03 pixel RMSE makes DLG's reconstruction land within a factor 2 of 0.03 (measured: 0.026-0.029)."""
+    from pl_i2f.attacks import invert
+    from pl_i2f.data import build_datamodule
+    from pl_i2f.defenses import build as build_defense
+    from pl_i2f.gradients import flat_gradient
+    from pl_i2f.leakage import mean_pixel_std, monitor_leakage
+    from pl_i2f.metrics import reconstruction_metrics
+    from pl_i2f.models import build_model
+
+    dm = build_datamodule("digits")
+    x, y = dm.probe_batch(1)
+    torch.manual_seed(0)
+    model = build_model("lenet_zhu", (1, 16, 16), 10, init="uniform")
+    target = 0.03
+    report, _ = monitor_leakage(model, x, y, build_defense(name="none"), 0, pixel_std=mean_pixel_std(dm),
+                                target_pixel_rmse=target, relative_damping=0.0, steps=16)
+    sigma = report.scalars["sigma_for_target"]
+    released = flat_gradient(model, x, y)
+    released = released + sigma * torch.randn(released.shape, generator=torch.Generator().manual_seed(0))
+    result = invert(model, released, y, x.shape, preset="dlg", iterations=200, progress=False)
+    rmse = reconstruction_metrics(result.x, x, denormalize=dm.denormalize)["rmse"]
+    assert target / 2 < rmse < 2 * target, rmse
+
+
+def test_i2f_converged_is_judged_on_the_true_residual():
+    """Found by the cross-check: an undamped float32 solve used to report converged=True (CG's recursive
+    residual met tol 1e-8) beside a true residual of ~1e-5, without a warning."""
+    from pl_i2f.influence import ConvergenceWarning, GradientJacobian, i2f
+    from pl_i2f.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("lenet_zhu", (1, 8, 8), 10, init="uniform")
+    x, y = torch.randn(1, 1, 8, 8), torch.tensor([3])
+    op = GradientJacobian(model, x, y)
+    delta = torch.randn(op.d_theta, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(ConvergenceWarning, match="relative residual"):
+        result = i2f(op, delta, tol=1e-8)
+    assert result.residual > 1e-8 and result.converged is False
+    loose = i2f(op, delta, tol=max(10 * result.residual, 1e-3))
+    assert loose.converged is True and loose.residual <= max(10 * result.residual, 1e-3)
