@@ -36,7 +36,7 @@ LR_SCHEDULERS = ("cosine", "multistep", "none", "step")
 NOISE_SCHEDULES = ("constant", "cosine", "exponential", "linear", "step")
 SCHEDULE_UNITS = ("epoch", "step")
 ACCOUNTANTS = ("prv", "rdp")
-MONITOR_METHODS = ("exact", "slq")
+MONITOR_METHODS = ("exact", "lanczos", "slq")
 # Options each defense accepts (its constructor's parameters, ``name`` included).
 _NOISY = ("name", "sigma", "clip", "schedule", "seed")
 DEFENSE_OPTIONS: dict[str, tuple[str, ...]] = {
@@ -303,7 +303,7 @@ def _check_callbacks(callbacks: Mapping[str, Any], cfg: Mapping[str, Any]) -> No
         require_number(f"{key}.damping", monitor.get("damping", 0.0), low=0.0)
         require_number(f"{key}.relative_damping", monitor.get("relative_damping", 0.0), low=0.0)
         require_number(f"{key}.max_overhead", monitor.get("max_overhead"), low=0.0, low_open=True, optional=True)
-        require_name("leakage method", monitor.get("method", "slq"), MONITOR_METHODS, f"{key}.method")
+        require_name("leakage method", monitor.get("method", "lanczos"), MONITOR_METHODS, f"{key}.method")
         for option in ("spectrum_samples", "worst_k", "warmup_steps"):
             if option in monitor:
                 require_int(f"{key}.{option}", monitor[option], 0)

@@ -160,6 +160,7 @@ def test_validation_imports_no_torch():
 
 
 def test_validation_name_lists_match_the_registries():
+    from callbacks import I2FMonitor
     from pl_i2f import defenses, models
     from pl_i2f.data import DATAMODULES
     from pl_i2f.defenses.dpsgd import ACCOUNTANTS
@@ -173,6 +174,7 @@ def test_validation_name_lists_match_the_registries():
     assert set(validation.NOISE_SCHEDULES) == set(defenses.SCHEDULES)
     assert set(validation.ACCOUNTANTS) == set(ACCOUNTANTS)
     assert set(validation.OPTIMIZERS) == set(OPTIMIZERS) and set(validation.LR_SCHEDULERS) == set(SCHEDULERS)
+    assert set(validation.MONITOR_METHODS) == set(I2FMonitor.METHODS)
 
 
 @pytest.mark.parametrize("name", ["gaussian", "anisotropic", "pruning", "dpsgd"])
