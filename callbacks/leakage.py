@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from callbacks._logging import log_media, log_scalars_at_step, wandb_image, wandb_run
 from pl_i2f.defenses.base import analysis_model
 from pl_i2f.errors import ConfigError
-from pl_i2f.influence import per_sample_product_seconds
+from pl_i2f.influence import InfluenceWarning, per_sample_product_seconds
 from pl_i2f.influence.warm import single_product_seconds
 from pl_i2f.leakage import (
     DEFAULT_TARGET_PIXEL_RMSE,
@@ -178,6 +178,7 @@ class I2FMonitor(Callback):
         self._train_started = 0.0
         self._start_step = 0
         self._reductions: set[str] = set()
+        self._warned: set[str] = set()  # kinds of engine warning already shown this run
         self._last_index = torch.arange(0)
         self._last_products: tuple[int, int] | None = None
 
@@ -348,6 +349,20 @@ class I2FMonitor(Callback):
                                    "not repeated here)")
         self._evaluate(trainer, pl_module, snapshot, plan, final=final)
 
+    def _warn_once(self, caught: list[warnings.WarningMessage]) -> None:
+        """Pass the engine's warnings on (e.g. an ill-conditioned J falling back to the damped estimate), each
+        kind once per run: the same fallback at every evaluation would bury the log."""
+        for record in caught:
+            if not issubclass(record.category, InfluenceWarning):
+                warnings.warn_explicit(record.message, record.category, record.filename, record.lineno)
+                continue
+            kind = f"{record.category.__name__}:{record.filename}:{record.lineno}"
+            if kind in self._warned:
+                continue
+            self._warned.add(kind)
+            rank_zero_warn(f"I2FMonitor: {record.message} (warnings of this kind are shown once per run)",
+                           category=record.category)
+
     def _subset(self, plan: EvaluationPlan) -> Tensor:
         """The probes of a (possibly reduced) plan: the first ``plan.probes`` of the fixed probe batch."""
         return torch.arange(min(plan.probes, len(self._probe[0])))
@@ -355,8 +370,11 @@ class I2FMonitor(Callback):
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, snapshot: _Snapshot,
                   plan: EvaluationPlan, final: bool = False) -> None:
         start = time.perf_counter()
-        report = self.measure(trainer, pl_module, snapshot.step, model=snapshot.model, noise=snapshot.noise,
-                              plan=plan)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", InfluenceWarning)
+            report = self.measure(trainer, pl_module, snapshot.step, model=snapshot.model, noise=snapshot.noise,
+                                  plan=plan)
+        self._warn_once(caught)
         first = self.evaluations == 0
         self._log(trainer, report, media=first or final)
         elapsed = time.perf_counter() - start

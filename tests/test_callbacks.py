@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -196,3 +197,24 @@ def test_unaffordable_evaluation_is_skipped_with_a_warning(make_cfg):
         monitor = monitor_run(make_cfg, "callbacks.i2f_monitor.max_overhead=1e-9", "data.probe_size=8")
     assert monitor.evaluations == 0 and monitor.skipped == 2 and monitor.last_report is None
     assert 0 < monitor.seconds < 5  # only the product timing was paid
+
+
+def test_engine_warnings_reach_the_log_once_per_kind():
+    """The damped fallback warns at every evaluation in the engine; the monitor shows each kind once per run."""
+    from pl_i2f.influence import ConvergenceWarning, InfluenceWarning
+
+    monitor = I2FMonitor()
+
+    def record(message: str, category: type[Warning], line: int) -> warnings.WarningMessage:
+        return warnings.WarningMessage(message, category, "pl_i2f/leakage.py", line)
+
+    fallback = [record(f"JJᵀ is singular at step {s}; damped with ε = 1e-9", InfluenceWarning, 120) for s in range(4)]
+    with pytest.warns(InfluenceWarning) as shown:
+        monitor._warn_once(fallback)
+        monitor._warn_once([*fallback, record("CG reached only 1e-3", ConvergenceWarning, 140)])
+    messages = [str(w.message) for w in shown if issubclass(w.category, InfluenceWarning)]
+    assert len(messages) == 2
+    assert "step 0" in messages[0] and "shown once per run" in messages[0]
+    assert "CG reached" in messages[1]
+    with pytest.warns(UserWarning, match="not the engine's"):  # other warnings pass through untouched
+        monitor._warn_once([record("not the engine's", UserWarning, 7)])
