@@ -20,6 +20,7 @@ from callbacks._logging import log_media, log_scalars_at_step, wandb_image, wand
 from pl_i2f.defenses.base import analysis_model
 from pl_i2f.errors import ConfigError
 from pl_i2f.influence import InfluenceWarning, per_sample_product_seconds
+from pl_i2f.influence.results import renamed
 from pl_i2f.influence.warm import single_product_seconds
 from pl_i2f.leakage import (
     DEFAULT_TARGET_PIXEL_RMSE,
@@ -70,7 +71,7 @@ class I2FMonitor(Callback):
     defense's ``max_grad_norm``, else ``clipping_norm`` — and batch size), ``lower_bound`` (‖Jδ‖/λ_max),
     ``lambda_max``, ``unfairness_p90_p10``, ``unfairness_cv``, ``worst_k_pixel_rmse``, ``probes`` (how many were
     evaluated), ``warm_started``; at the first and last evaluation also ``lambda_min`` and
-    ``condition_number`` (exact spectra of ``spectrum_samples`` probes). With W&B and
+    ``condition_number`` (exact spectra of ``exact_spectrum_probes`` probes). With W&B and
     ``log_per_sample_media``: a histogram of the per-sample errors at every evaluation, and at the first and
     last the per-class table and bar chart and the worst samples' images.
 
@@ -108,17 +109,23 @@ class I2FMonitor(Callback):
         log_per_sample_media: bool = True,
         method: str = "lanczos",
         lanczos_steps: int = 16,
-        spectrum_samples: int = 2,
+        exact_spectrum_probes: int = 2,
         worst_k: int = 5,
         max_overhead: float | None = 0.1,
         warmup_steps: int = 3,
-        samples: int = 32,
+        noise_draws: int = 32,
         target_pixel_rmse: float = DEFAULT_TARGET_PIXEL_RMSE,
         clipping_norm: float = 1.0,
         seed: int = 0,
         per_sample: bool | None = None,
+        spectrum_samples: int | None = None,
+        samples: int | None = None,
     ):
         super().__init__()
+        # the old spellings mixed up probes and noise draws; configs may still set them
+        exact_spectrum_probes = renamed("exact_spectrum_probes", exact_spectrum_probes, "spectrum_samples",
+                                        spectrum_samples)
+        noise_draws = renamed("noise_draws", noise_draws, "samples", samples)
         if per_sample is not None:
             warnings.warn("I2FMonitor(per_sample=...) is deprecated; use log_per_sample_media (what it switches: "
                           "the per-sample W&B histogram, per-class table and worst-sample images)",
@@ -134,8 +141,10 @@ class I2FMonitor(Callback):
                 raise ConfigError(f"I2FMonitor.{name} must be a finite number >= 0, got {value}")
         if method not in self.METHODS:
             raise ConfigError(f"I2FMonitor.method must be one of {', '.join(self.METHODS)}, got {method!r}")
-        for name, value, low in (("lanczos_steps", lanczos_steps, 2), ("spectrum_samples", spectrum_samples, 0),
-                                 ("worst_k", worst_k, 0), ("warmup_steps", warmup_steps, 1), ("samples", samples, 1)):
+        for name, value, low in (("lanczos_steps", lanczos_steps, 2),
+                                 ("exact_spectrum_probes", exact_spectrum_probes, 0),
+                                 ("worst_k", worst_k, 0), ("warmup_steps", warmup_steps, 1),
+                                 ("noise_draws", noise_draws, 1)):
             if not isinstance(value, int) or value < low:
                 raise ConfigError(f"I2FMonitor.{name} must be an integer >= {low}, got {value!r}")
         if probe_size is not None and probe_size < 1:
@@ -151,11 +160,11 @@ class I2FMonitor(Callback):
         self.log_per_sample_media = log_per_sample_media
         self.method = method
         self.lanczos_steps = lanczos_steps
-        self.spectrum_samples = spectrum_samples
+        self.exact_spectrum_probes = exact_spectrum_probes
         self.worst_k = worst_k
         self.max_overhead = max_overhead
         self.warmup_steps = warmup_steps
-        self.samples = samples
+        self.noise_draws = noise_draws
         self.target_pixel_rmse = target_pixel_rmse
         self.clipping_norm = clipping_norm
         self.seed = seed
@@ -290,7 +299,7 @@ class I2FMonitor(Callback):
         warm = self._basis is not None
         probes = len(self._basis) if warm else len(x)
         steps = self._basis.shape[1] if warm else max(2, self.lanczos_steps // 2)
-        spectra = self.spectrum_samples if (final or self._is_first_evaluation()) and x[0].numel() <= 1024 else 0
+        spectra = self.exact_spectrum_probes if (final or self._is_first_evaluation()) and x[0].numel() <= 1024 else 0
         spectra = min(spectra, probes)
         calls, vectors = spectrum_products(model, x[0].numel(), spectra) if spectra and model is not None else (0, 0)
         return EvaluationPlan(probes=probes, steps=steps, warm=warm, spectra=spectra,
@@ -403,8 +412,8 @@ class I2FMonitor(Callback):
         defense = pl_module.defense
         common = dict(
             pixel_std=mean_pixel_std(trainer.datamodule), damping=self.damping,
-            relative_damping=self.relative_damping, spectrum_samples=plan.spectra, worst_k=self.worst_k,
-            samples=self.samples, generator=torch.Generator(device=device).manual_seed(self.seed + step),
+            relative_damping=self.relative_damping, exact_spectrum_probes=plan.spectra, worst_k=self.worst_k,
+            noise_draws=self.noise_draws, generator=torch.Generator(device=device).manual_seed(self.seed + step),
             noise=noise, target_pixel_rmse=self.target_pixel_rmse,
             clipping_norm=float(getattr(defense, "max_grad_norm", None) or self.clipping_norm),
             batch_size=self._batch_size(trainer, defense),

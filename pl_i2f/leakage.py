@@ -190,10 +190,10 @@ def measure_leakage(
     damping: float = 0.0,
     relative_damping: float = 0.01,
     method: str = "slq",
-    spectrum_samples: int = 4,
+    exact_spectrum_probes: int = 4,
     exact_max_dim: int = 1024,
     worst_k: int = 5,
-    samples: int = 32,
+    noise_draws: int = 32,
     generator: torch.Generator | None = None,
     noise: NoiseModel | None = None,
     target_pixel_rmse: float = DEFAULT_TARGET_PIXEL_RMSE,
@@ -205,7 +205,7 @@ def measure_leakage(
 
     ``method="slq"`` (default): λ_max by Lanczos and the traces by stochastic Lanczos quadrature (4 chains,
     λ_max to 1e-4), ~7x cheaper than ``"exact"``, which forms every sample's JJᵀ (d_x products each). λ_min and
-    the condition number need the exact spectrum: with ``"slq"`` they come from the first ``spectrum_samples``
+    the condition number need the exact spectrum: with ``"slq"`` they come from the first ``exact_spectrum_probes``
     samples only (0: skip them), and only for inputs of at most ``exact_max_dim`` values. The damping is
     ε = ``damping`` + ``relative_damping``·median λ_max (scale-free; see
     :func:`pl_i2f.influence.per_sample_leakage`); the ε used is logged as ``damping``. ``noise`` overrides
@@ -219,10 +219,10 @@ def measure_leakage(
     result = per_sample_leakage(
         model, x, y,
         noise_std=noise.std, noise_sampler=noise.sampler, damping=damping, relative_damping=relative_damping,
-        method=method, noise_draws=samples, probes=LANCZOS_CHAINS, generator=generator,
+        method=method, noise_draws=noise_draws, probes=LANCZOS_CHAINS, generator=generator,
     )
     spectra = result if result.lambda_min is not None else _exact_spectra(
-        model, x, y, spectrum_samples, exact_max_dim, generator)
+        model, x, y, exact_spectrum_probes, exact_max_dim, generator)
     report = LeakageReport(per_sample=result, labels=y.detach().cpu(), pixel_std=pixel_std, noise=noise, step=step)
     unit = None
     if noise.std is not None:
@@ -245,10 +245,10 @@ def monitor_leakage(
     pixel_std: float = 1.0,
     damping: float = 0.0,
     relative_damping: float = 0.01,
-    spectrum_samples: int = 0,
+    exact_spectrum_probes: int = 0,
     exact_max_dim: int = 1024,
     worst_k: int = 5,
-    samples: int = 32,
+    noise_draws: int = 32,
     generator: torch.Generator | None = None,
     noise: NoiseModel | None = None,
     target_pixel_rmse: float = DEFAULT_TARGET_PIXEL_RMSE,
@@ -261,7 +261,7 @@ def monitor_leakage(
     (the previous evaluation's, returned for the next call) — two block products instead of a fresh
     Lanczos run; one Rademacher vector per probe (the mean's standard error over the probes is logged).
     Isotropic noise uses E‖I²F‖ = σ·(its value at σ = 1); other noise (anisotropic) adds Monte Carlo over
-    the defense's draws (:func:`pl_i2f.influence.per_sample_leakage`). ``spectrum_samples`` > 0 adds the
+    the defense's draws (:func:`pl_i2f.influence.per_sample_leakage`). ``exact_spectrum_probes`` > 0 adds the
     exact spectra (λ_min, condition number) of that many probes — the monitor asks for them at its first
     and last evaluation only. Within 5% of the full-precision computation along a digits run (tested).
     """
@@ -278,10 +278,10 @@ def monitor_leakage(
         damping_used = fit.damping
     else:  # a sampler: Monte Carlo over its draws, at the damping the basis chose
         mc = per_sample_leakage(model, x, y, noise_sampler=noise.sampler, damping=fit.damping, probes=1,
-                                noise_draws=samples, tol=1e-2, generator=generator)
+                                noise_draws=noise_draws, tol=1e-2, generator=generator)
         expected_i2f, expected_jdelta, converged, damping_used = (mc.expected_i2f, mc.expected_jdelta, mc.converged,
                                                                    mc.damping)
-    spectra = _exact_spectra(model, x, y, spectrum_samples, exact_max_dim, generator)
+    spectra = _exact_spectra(model, x, y, exact_spectrum_probes, exact_max_dim, generator)
     result = PerSampleLeakage(
         lambda_max=fit.lambda_max, lambda_min=None, trace=fit.trace, expected_jdelta=expected_jdelta,
         lower_bound=expected_jdelta / (fit.lambda_max + damping_used), expected_i2f=expected_i2f,

@@ -304,7 +304,7 @@ def _check_callbacks(callbacks: Mapping[str, Any], cfg: Mapping[str, Any]) -> No
         require_number(f"{key}.relative_damping", monitor.get("relative_damping", 0.0), low=0.0)
         require_number(f"{key}.max_overhead", monitor.get("max_overhead"), low=0.0, low_open=True, optional=True)
         require_name("leakage method", monitor.get("method", "lanczos"), MONITOR_METHODS, f"{key}.method")
-        for option in ("spectrum_samples", "worst_k", "warmup_steps"):
+        for option in ("exact_spectrum_probes", "spectrum_samples", "worst_k", "warmup_steps", "noise_draws"):
             if option in monitor:
                 require_int(f"{key}.{option}", monitor[option], 0)
     audit = callbacks.get("attack_audit")

@@ -252,7 +252,7 @@ def test_leakage_scalars_are_never_nan_or_inf():
     torch.manual_seed(0)
     model = build_model("mlp", input_shape=(1, 3, 3), num_classes=3, hidden=[4])
     x, y = torch.randn(3, 1, 3, 3), torch.tensor([0, 1, 2])
-    report = measure_leakage(model, x, y, SamplerOnly(sigma=0.1), 0, worst_k=0, spectrum_samples=2,
+    report = measure_leakage(model, x, y, SamplerOnly(sigma=0.1), 0, worst_k=0, exact_spectrum_probes=2,
                              generator=torch.Generator().manual_seed(0))
     assert report.scalars and all(math.isfinite(v) for v in report.scalars.values()), report.scalars
     assert "noise_std" not in report.scalars and "expected_i2f" in report.scalars

@@ -218,3 +218,15 @@ def test_engine_warnings_reach_the_log_once_per_kind():
     assert "CG reached" in messages[1]
     with pytest.warns(UserWarning, match="not the engine's"):  # other warnings pass through untouched
         monitor._warn_once([record("not the engine's", UserWarning, 7)])
+
+
+def test_old_monitor_option_names_still_work_with_a_warning():
+    """``spectrum_samples`` and ``samples`` (probes vs noise draws, once both called "samples") are deprecated
+    aliases of ``exact_spectrum_probes`` and ``noise_draws``."""
+    with pytest.warns(FutureWarning, match="spectrum_samples= is deprecated"):
+        monitor = I2FMonitor(spectrum_samples=3)
+    assert monitor.exact_spectrum_probes == 3
+    with pytest.warns(FutureWarning, match="samples= is deprecated"):
+        monitor = I2FMonitor(samples=7)
+    assert monitor.noise_draws == 7
+    assert I2FMonitor(exact_spectrum_probes=1, noise_draws=2).noise_draws == 2
