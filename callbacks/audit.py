@@ -41,7 +41,8 @@ class AttackAudit(Callback):
     console (and ``train.log``) every ``progress_seconds``.
 
     Logs ``audit/rmse``, ``audit/psnr``, ``audit/ssim`` (reconstruction vs original, [0, 1] pixels),
-    ``audit/predicted_pixel_rmse`` (I²F), ``audit/failed``, ``audit/out_of_time``, ``audit/seconds`` and, over
+    ``audit/predicted_pixel_rmse`` (I²F), ``audit/rmse_over_predicted`` (attack RMSE / prediction, same
+    samples), ``audit/failed``, ``audit/out_of_time``, ``audit/seconds`` and, over
     all audits so far, ``audit/rank_correlation`` of (predicted, actual) — the live calibration of the
     estimator; with W&B an image grid (originals above reconstructions) and a predicted-vs-actual scatter plot.
 
@@ -174,6 +175,8 @@ class AttackAudit(Callback):
                                                  [p["attack_rmse"] for p in self.pairs]),
             "seconds": time.perf_counter() - start,
         }
+        if float(predicted.mean()) > 0:  # how far to trust the estimate: 1 = the attack did what I²F predicted
+            scalars["rmse_over_predicted"] = float(actual.mean()) / float(predicted.mean())
         log_scalars(pl_module, scalars, "audit")
         self._log_media(trainer, datamodule.denormalize(x.cpu()), datamodule.denormalize(recon.cpu()))
         self.audits += 1
