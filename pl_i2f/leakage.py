@@ -83,8 +83,10 @@ def unfairness(values: Tensor) -> dict[str, float]:
 
 
 def attack_psnr(pixel_rmse: Tensor) -> Tensor:
-    """PSNR (dB) of reconstructions with these [0, 1]-pixel RMSEs: 10·log10(1/MSE) (data range 1)."""
-    return -20 * torch.log10(pixel_rmse.double().clamp_min(1e-30))
+    """PSNR (dB) of reconstructions with these [0, 1]-pixel RMSEs: 10·log10(1/MSE) (data range 1). A
+    reconstruction in [0, 1] is never further than RMSE 1 from the image, so a larger predicted error (the
+    linear estimate of an attack that fails outright) scores 0 dB, not a negative PSNR."""
+    return -20 * torch.log10(pixel_rmse.double().clamp(1e-30, 1.0))
 
 
 def sigma_for_target(unit_pixel_rmse: Tensor, target_pixel_rmse: float) -> float:
@@ -120,7 +122,6 @@ def _summarise(
         "relative_stderr": stderr / mean if mean > 0 else math.nan,
         "probes": float(k),
         "measured_at_step": float(report.step),
-        "expected_attack_psnr": float(psnr.mean()),
         "lower_bound": float(result.lower_bound.mean()),
         "lambda_max": float(result.lambda_max.mean()),
         "noise_std": report.noise.std if report.noise.std is not None else float("nan"),
@@ -128,6 +129,10 @@ def _summarise(
         "converged_fraction": float(result.converged.double().mean()),
         "damping": float(result.damping),
     }
+    if not report.noise.per_unit:
+        # with no noise (defense=none) the values are per unit σ: no attack scores that, so no PSNR is
+        # shown; sigma_for_target is then the headline
+        scalars["expected_attack_psnr"] = float(psnr.mean())
     if unit_pixel is not None:
         sigma = sigma_for_target(unit_pixel, target_pixel_rmse)
         scalars["sigma_for_target"] = sigma

@@ -66,12 +66,15 @@ def test_offline_wandb_run_holds_leakage_audit_and_media(make_cfg, tmp_path):
     (run_dir,) = offline_runs(tmp_path)
     run = read_offline_run(run_dir)
     for key in ("leakage/expected_i2f", "leakage/expected_i2f_pixel_rmse", "leakage/lower_bound",
-                "leakage/expected_attack_psnr", "leakage/sigma_for_target", "leakage/noise_multiplier_for_target",
+                "leakage/sigma_for_target", "leakage/noise_multiplier_for_target",
                 "leakage/expected_i2f_pixel_rmse_stderr", "leakage/relative_stderr", "leakage/probes",
                 "leakage/lambda_max", "leakage/lambda_min", "leakage/condition_number",
                 "leakage/unfairness_p90_p10", "leakage/unfairness_cv",
                 "audit/rmse", "audit/psnr", "audit/ssim", "audit/predicted_pixel_rmse", "audit/rank_correlation"):
         assert key in run.history_keys, key
+    # defense=none: values are per unit σ, which no attack scores, so no PSNR (tests/test_monitoring.py checks it
+    # where there is noise)
+    assert "leakage/expected_attack_psnr" not in run.history_keys
     # media are nested records in the log: <key>/_type
     assert run.summary["leakage/per_sample_histogram/_type"] == "histogram"
     assert run.summary["leakage/per_class/_type"] == "table-file"

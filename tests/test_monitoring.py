@@ -229,3 +229,23 @@ def test_i2f_converged_is_judged_on_the_true_residual():
     assert result.residual > 1e-8 and result.converged is False
     loose = i2f(op, delta, tol=max(10 * result.residual, 1e-3))
     assert loose.converged is True and loose.residual <= max(10 * result.residual, 1e-3)
+
+
+def test_expected_attack_psnr_is_an_attack_score_only_where_there_is_noise():
+    """Gaussian noise: the mean of per-probe PSNRs of the expected pixel RMSE, never below 0 dB (a [0, 1]
+    reconstruction is within RMSE 1). No noise (values per unit σ): no PSNR, and σ for the target instead."""
+    from pl_i2f.defenses import Defense, GaussianDefense
+    from pl_i2f.leakage import measure_leakage
+    from pl_i2f.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mlp", input_shape=(1, 3, 3), num_classes=3, hidden=[4])
+    x, y = torch.randn(3, 1, 3, 3), torch.tensor([0, 1, 2])
+    for sigma in (1e-4, 10.0):
+        report = measure_leakage(model, x, y, GaussianDefense(sigma=sigma), 0, worst_k=0,
+                                 generator=torch.Generator().manual_seed(0))
+        expected = (-20 * torch.log10(report.pixel_rmse.double().clamp(max=1.0))).mean()
+        assert report.scalars["expected_attack_psnr"] == pytest.approx(float(expected))
+        assert report.scalars["expected_attack_psnr"] >= 0
+    report = measure_leakage(model, x, y, Defense(), 0, worst_k=0, generator=torch.Generator().manual_seed(0))
+    assert "expected_attack_psnr" not in report.scalars and report.scalars["sigma_for_target"] > 0
