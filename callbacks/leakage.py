@@ -66,7 +66,8 @@ class I2FMonitor(Callback):
     expected reconstruction RMSE on [0, 1] pixels, the undamped-as-possible I²F with ε = ``relative_damping``
     × median λ_max), its standard error ``expected_i2f_pixel_rmse_stderr`` and ``relative_stderr``,
     ``expected_attack_psnr`` (the PSNR that error implies; not for ``defense=none``), ``sigma_for_target``
-    (the isotropic Gaussian σ per gradient coordinate that would bring the expected pixel RMSE to ``target_pixel_rmse``) and
+    (the isotropic Gaussian σ per gradient coordinate that would bring the expected pixel RMSE to
+    ``target_pixel_rmse``) and
     ``noise_multiplier_for_target`` (the same as a DP-SGD noise multiplier at the run's clipping norm — the
     defense's ``max_grad_norm``, else ``clipping_norm`` — and batch size), ``lower_bound`` (‖Jδ‖/λ_max),
     ``lambda_max``, ``unfairness_p90_p10``, ``unfairness_cv``, ``worst_k_pixel_rmse``, ``probes`` (how many were
