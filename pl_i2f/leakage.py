@@ -140,7 +140,8 @@ def _summarise(
         if clipping_norm and batch_size:
             # DP-SGD adds N(0, z²C²) to the sum of B clipped gradients: σ per coordinate of the mean is zC/B
             scalars["noise_multiplier_for_target"] = sigma * batch_size / clipping_norm
-    scalars.update(unfairness(pixel))
+    if k > 1:  # a spread needs two probes: one probe has no unfairness to report (not 0, not 1)
+        scalars.update(unfairness(pixel))
     order = torch.argsort(pixel, descending=True)[: max(0, worst_k)]
     report.worst = [(int(i), float(pixel[i])) for i in order]
     if report.worst:

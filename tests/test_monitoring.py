@@ -249,3 +249,18 @@ def test_expected_attack_psnr_is_an_attack_score_only_where_there_is_noise():
         assert report.scalars["expected_attack_psnr"] >= 0
     report = measure_leakage(model, x, y, Defense(), 0, worst_k=0, generator=torch.Generator().manual_seed(0))
     assert "expected_attack_psnr" not in report.scalars and report.scalars["sigma_for_target"] > 0
+
+
+def test_one_probe_reports_no_unfairness():
+    """Unfairness is a spread over probes: a reduced one-probe evaluation has none to report."""
+    from pl_i2f.defenses import GaussianDefense
+    from pl_i2f.leakage import measure_leakage
+    from pl_i2f.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mlp", input_shape=(1, 3, 3), num_classes=3, hidden=[4])
+    x, y = torch.randn(3, 1, 3, 3), torch.tensor([0, 1, 2])
+    one = measure_leakage(model, x[:1], y[:1], GaussianDefense(sigma=0.1), 0, generator=torch.Generator())
+    three = measure_leakage(model, x, y, GaussianDefense(sigma=0.1), 0, generator=torch.Generator())
+    assert "unfairness_cv" not in one.scalars and "unfairness_p90_p10" not in one.scalars
+    assert three.scalars["unfairness_cv"] > 0 and three.scalars["unfairness_p90_p10"] >= 1
