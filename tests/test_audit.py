@@ -56,9 +56,9 @@ def test_the_audit_budget_is_split_over_the_samples_left():
     audit = AttackAudit(max_seconds=100.0)
     import time
 
-    start = time.perf_counter()
-    assert audit._seconds_for_sample(start, 0, 4, None) == pytest.approx(25.0, abs=0.5)
-    assert audit._seconds_for_sample(start - 60, 2, 4, None) == pytest.approx(20.0, abs=0.5)  # 40 s left, 2 samples
+    start = time.perf_counter()  # a reference point, not a timing: the tolerances absorb a stalled machine
+    assert audit._seconds_for_sample(start, 0, 4, None) == pytest.approx(25.0, abs=5)
+    assert audit._seconds_for_sample(start - 60, 2, 4, None) == pytest.approx(20.0, abs=5)  # 40 s left, 2 samples
     assert audit._seconds_for_sample(start, 0, 4, 5.0) == 5.0  # the attack's own, smaller budget
     assert audit._seconds_for_sample(start - 200, 3, 4, None) == pytest.approx(1e-3)  # spent: stop at once
     assert AttackAudit(max_seconds=None)._seconds_for_sample(start, 0, 4, None) is None
