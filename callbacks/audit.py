@@ -144,7 +144,7 @@ class AttackAudit(Callback):
             labels = y[i : i + 1] if self.threat_model.get("labels_known", True) else None
             options = {"bounds": (lo.to(x), hi.to(x)), "seed": self.seed + i, **self.overrides,
                        "progress_callback": self._progress(i, n, start)}
-            seconds = self._seconds_for_sample(start, i, n, options.get("max_seconds"))
+            seconds = self._seconds_for_sample(time.perf_counter() - start, i, n, options.get("max_seconds"))
             if seconds is not None:
                 options["max_seconds"] = seconds
             result = invert(model, released, labels, tuple(x.shape[1:]), preset=self.preset, **options)
@@ -183,12 +183,12 @@ class AttackAudit(Callback):
         self.last_epoch = epoch
         return scalars
 
-    def _seconds_for_sample(self, start: float, i: int, n: int, own: float | None) -> float | None:
-        """Sample ``i``'s share of what is left of the audit's ``max_seconds`` (and at most the attack's own
-        ``max_seconds``): an even split, so a slow sample cannot starve the later ones."""
+    def _seconds_for_sample(self, elapsed: float, i: int, n: int, own: float | None) -> float | None:
+        """Sample ``i``'s share of what is left of the audit's ``max_seconds`` after ``elapsed`` seconds (and at
+        most the attack's own ``max_seconds``): an even split, so a slow sample cannot starve the later ones."""
         if self.max_seconds is None:
             return own
-        share = max(self.max_seconds - (time.perf_counter() - start), 0.0) / (n - i)
+        share = max(self.max_seconds - elapsed, 0.0) / (n - i)
         share = max(share, 1e-3)  # spent: the attack then stops at its first check, with what it has
         return share if own is None else min(own, share)
 
