@@ -47,6 +47,7 @@ from pl_i2f.data import build_datamodule
 from pl_i2f.gradients import flat_gradient
 from pl_i2f.metrics import reconstruction_metrics
 from pl_i2f.models import build_model
+from pl_i2f.reference import OriginalDLG
 
 
 def load() -> str:
@@ -101,23 +102,10 @@ def fast_psnr(recon: torch.Tensor, x0: torch.Tensor, dm) -> float:
 
 def original_dlg(model, target: list[torch.Tensor], y0, start: torch.Tensor, outer_steps: int = 300):
     """The DLG loop (Zhu et al., 2019; labels known): L-BFGS lr 1, torch's defaults, 300 outer steps."""
-    dummy = start.clone().requires_grad_()
-    optimizer = torch.optim.LBFGS([dummy], lr=1)
-    calls = 0
-
-    def closure():
-        nonlocal calls
-        calls += 1
-        optimizer.zero_grad()
-        loss = F.cross_entropy(model(dummy), y0)
-        grads = torch.autograd.grad(loss, model.parameters(), create_graph=True)
-        diff = sum(((g - t) ** 2).sum() for g, t in zip(grads, target))
-        diff.backward()
-        return diff
-
+    loop = OriginalDLG(model, target, y0, start)
     for _ in range(outer_steps):
-        optimizer.step(closure)
-    return dummy.detach(), calls
+        loop.step()
+    return loop.x, loop.evaluations
 
 
 def run_dlg(seeds: list[int], batches: list[int], target_db: float) -> None:

@@ -18,6 +18,7 @@ from pl_i2f.errors import ConfigError
 from pl_i2f.gradients import flat_gradient
 from pl_i2f.metrics import reconstruction_metrics
 from pl_i2f.models import build_model
+from pl_i2f.reference import OriginalDLG
 
 CONF_ATTACK = Path(__file__).resolve().parents[1] / "conf" / "attack"
 
@@ -275,26 +276,14 @@ def test_dlg_visits_the_original_loops_points_without_repeating_evaluations(digi
         ours_points, seen[:] = list(seen), []
         dummy = invert(model, list(target), y0, x0.shape, preset="dlg", iterations=0, progress=False).x
         seen.clear()
-        dummy = dummy.clone().requires_grad_()
-        optimizer = torch.optim.LBFGS([dummy], lr=1)
-        calls = 0
-
-        def closure():
-            nonlocal calls
-            calls += 1
-            optimizer.zero_grad()
-            grads = torch.autograd.grad(F.cross_entropy(model(dummy), y0), list(model.parameters()),
-                                        create_graph=True)
-            diff = sum(((g - t) ** 2).sum() for g, t in zip(grads, target))
-            diff.backward()
-            return diff
-
+        original = OriginalDLG(model, target, y0, dummy)
         for _ in range(ours.iterations):  # as many outer steps as ours took
-            optimizer.step(closure)
-        end = dummy.detach().clone()
+            original.step()
+        end = original.x.clone()
         for _ in range(3):  # the original stands still from here on
-            optimizer.step(closure)
-        assert torch.equal(dummy.detach(), end)
+            original.step()
+        assert torch.equal(original.x, end)
+        calls = original.evaluations
     finally:
         hook.remove()
     distinct = [p for i, p in enumerate(seen) if i == 0 or not torch.equal(p, seen[i - 1])]
