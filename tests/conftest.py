@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -64,3 +65,13 @@ def run_training(make_cfg):
         return train.run(make_cfg(overrides, fast=fast))
 
     return runner
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: attacks and studies are many tiny kernels, fastest on one thread (and they
+    do not fight other processes for the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -23,13 +23,7 @@ from pl_i2f.reference import OriginalDLG
 CONF_ATTACK = Path(__file__).resolve().parents[1] / "conf" / "attack"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The attack's many tiny kernels run fastest on one thread (and do not fight other processes)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: many tiny kernels, fastest on one thread
 
 
 @pytest.fixture(scope="module")

@@ -25,12 +25,7 @@ from pl_i2f.studies.i2f_vs_attack import PREDICTORS
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: many tiny kernels, fastest on one thread
 
 
 @pytest.fixture(scope="module")
