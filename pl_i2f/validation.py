@@ -33,7 +33,7 @@ ACTIVATIONS = ("elu", "gelu", "relu", "sigmoid", "tanh")
 DATASETS = ("cifar10", "cifar100", "digits", "fake", "fashion_mnist", "mnist")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULERS = ("cosine", "multistep", "none", "step")
-NOISE_SCHEDULES = ("constant", "cosine", "exponential", "linear", "step")
+NOISE_SCHEDULES = ("constant", "cosine", "exponential", "leakage_target", "linear", "step")
 SCHEDULE_UNITS = ("epoch", "step")
 ACCOUNTANTS = ("prv", "rdp")
 MONITOR_METHODS = ("exact", "lanczos", "slq")
@@ -203,6 +203,11 @@ def _check_schedule(schedule: Any, key: str) -> None:
     if not isinstance(schedule, Mapping):
         raise ConfigError(f"{key} must be a noise schedule mapping, got {schedule!r}")
     require_name("noise schedule", schedule.get("name", "constant"), NOISE_SCHEDULES, f"{key}.name")
+    if schedule.get("name") == "leakage_target":
+        from pl_i2f.autopilot import check_options  # torch-free
+
+        check_options(schedule)
+        return
     require_name("noise schedule unit", schedule.get("by", "step"), SCHEDULE_UNITS, f"{key}.by")
     if "final" in schedule:
         require_number(f"{key}.final", schedule["final"], low=0.0)
@@ -322,6 +327,31 @@ def _check_callbacks(callbacks: Mapping[str, Any], cfg: Mapping[str, Any]) -> No
             require_number("attack.lr", attack["lr"], low=0.0, low_open=True)
 
 
+def _check_autopilot(cfg: Mapping[str, Any]) -> None:
+    """``noise_schedule=leakage_target``: a noisy defense, the monitor and the autopilot callback, and an ε cap
+    only where there is an ε."""
+    defense = _section(cfg, "defense")
+    schedule = defense.get("schedule", cfg.get("noise_schedule"))
+    if not isinstance(schedule, Mapping) or schedule.get("name") != "leakage_target":
+        return
+    name = defense.get("name")
+    if name not in ("gaussian", "anisotropic", "dpsgd"):
+        raise ConfigError(f"noise_schedule=leakage_target sets the noise of defense=gaussian, anisotropic or dpsgd; "
+                          f"defense={name} has no noise to set")
+    callbacks = _section(cfg, "callbacks")
+    for key, what in (("i2f_monitor", "the leakage monitor, which measures what σ is set from"),
+                      ("leakage_autopilot", "the callback that sets σ")):
+        if not isinstance(callbacks.get(key), Mapping):
+            raise ConfigError(f"noise_schedule=leakage_target needs callbacks.{key} ({what}); use callbacks=default "
+                              "or callbacks=audit")
+    if name == "dpsgd" and defense.get("target_epsilon") is not None:
+        raise ConfigError("noise_schedule=leakage_target sets σ from measured leakage, so defense.target_epsilon "
+                          "cannot calibrate it; give defense.noise_multiplier and cap ε with "
+                          "noise_schedule.target_epsilon")
+    if schedule.get("target_epsilon") is not None and name != "dpsgd":
+        raise ConfigError(f"noise_schedule.target_epsilon caps DP-SGD's ε; defense={name} has no ε")
+
+
 def validate_config(cfg: Mapping[str, Any]) -> None:
     """Raise :class:`ConfigError` (one line, naming the option) for the first invalid option of a resolved
     run config given as plain containers; return ``None`` when the config can run."""
@@ -345,6 +375,7 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     if "model_mode" in threat:
         require_name("model mode", threat["model_mode"], ("eval", "train"), "threat_model.model_mode")
     _check_callbacks(_section(cfg, "callbacks"), cfg)
+    _check_autopilot(cfg)
     ckpt = cfg.get("ckpt_path")
     if ckpt is not None:
         path = Path(str(ckpt)).expanduser()

@@ -253,6 +253,9 @@ class Defense:
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint must carry to resume the defense exactly (generator state, accountant …)."""
         state: dict[str, Any] = {"name": self.name}
+        schedule = getattr(self, "schedule", None)
+        if hasattr(schedule, "state_dict"):  # an adaptive noise schedule (leakage_target): its σ history
+            state["schedule"] = schedule.state_dict()
         if self._generator is not None:
             state["generator"] = self._generator.get_state()
         elif self._pending_generator_state is not None:
@@ -263,6 +266,9 @@ class Defense:
         """Restore what :meth:`state_dict` saved (called before optimizers are configured)."""
         if state.get("name", self.name) != self.name:
             raise ConfigError(f"checkpoint was trained with defense {state.get('name')!r}, not {self.name!r}")
+        schedule = getattr(self, "schedule", None)
+        if "schedule" in state and hasattr(schedule, "load_state_dict"):
+            schedule.load_state_dict(state["schedule"])
         if "generator" in state:
             gen_state = torch.as_tensor(state["generator"]).cpu()
             if self._generator is not None:

@@ -210,6 +210,10 @@ class DPSGDDefense(Defense):
         self.fix_model = bool(fix_model)
         self.noise_shape = noise_shape
         self.schedule = NoiseSchedule.from_config(schedule)
+        if getattr(self.schedule, "adaptive", False) and self.target_epsilon is not None:
+            raise ConfigError("noise_schedule=leakage_target sets σ from measured leakage, so defense.target_epsilon "
+                              "cannot calibrate it; give defense.noise_multiplier and cap ε with "
+                              "noise_schedule.target_epsilon")
         self.expected_batch_size = expected_batch_size
         self.reconstruction_baseline = check_baseline(reconstruction_baseline)
         self.sample_rate: float | None = None
@@ -239,7 +243,8 @@ class DPSGDDefense(Defense):
             self._validated = True
         super().setup(module, datamodule)
         self._shapes = [p.shape for p in module.model.parameters() if p.requires_grad] if model is not None else None
-        self.schedule = self.schedule.bind(total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch)
+        self.schedule = self.schedule.bind(total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
+                                           base=self.noise_multiplier)
         if datamodule is not None:
             self._datamodule = datamodule
             if self.poisson_sampling:

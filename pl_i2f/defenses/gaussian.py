@@ -47,7 +47,8 @@ class NoisyDefense(Defense):
 
     def setup(self, module: Any, datamodule: Any | None) -> None:
         super().setup(module, datamodule)
-        self.schedule = self.schedule.bind(total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch)
+        self.schedule = self.schedule.bind(total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
+                                           base=self.sigma)
 
     def sigma_at(self, step: int) -> float:
         """σ_t: the noise std per coordinate of the averaged gradient at ``step``."""

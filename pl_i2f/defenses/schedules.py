@@ -17,6 +17,11 @@ same unit; ``horizon: null`` means the whole run, filled in from the trainer):
 =============  =====================================================================  ==============
 
 ``final`` is the multiplier of σ₀ reached at the horizon (``final < 1`` anneals the noise, ``> 1`` grows it).
+
+``leakage_target`` is the one schedule that is not a function of the step alone: σ is set at each leakage
+monitor evaluation from what it measured (:class:`pl_i2f.autopilot.LeakageTargetSchedule`, driven by the
+``LeakageAutopilot`` callback); its history is a function of the recorded measurements and is checkpointed
+with the defense, so resume stays exact. :meth:`NoiseSchedule.from_config` returns that class for it.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from typing import Any
 
 from pl_i2f.errors import ConfigError, unknown_name
 
-SCHEDULES = ("constant", "linear", "exponential", "step", "cosine")
+FIXED_SCHEDULES = ("constant", "linear", "exponential", "step", "cosine")
+SCHEDULES = (*FIXED_SCHEDULES, "leakage_target")  # every name a config may give
 UNITS = ("step", "epoch")
 
 
@@ -46,8 +52,8 @@ class NoiseSchedule:
     steps_per_epoch: int | None = None
 
     def __post_init__(self) -> None:
-        if self.name not in SCHEDULES:
-            raise unknown_name("noise schedule", self.name, SCHEDULES)
+        if self.name not in FIXED_SCHEDULES:
+            raise unknown_name("noise schedule", self.name, FIXED_SCHEDULES)
         if self.by not in UNITS:
             raise unknown_name("noise schedule unit (noise_schedule.by)", self.by, UNITS)
         if not (self.final >= 0 and math.isfinite(self.final)):
@@ -62,15 +68,19 @@ class NoiseSchedule:
             raise ConfigError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
 
     @classmethod
-    def from_config(cls, config: NoiseSchedule | Mapping[str, Any] | str | None) -> NoiseSchedule:
+    def from_config(cls, config: NoiseSchedule | Mapping[str, Any] | str | None) -> Any:
         """From a ``conf/noise_schedule`` node (a dict with ``name`` and its options), a name, or ``None``
-        (constant)."""
+        (constant). ``name: leakage_target`` gives a :class:`pl_i2f.autopilot.LeakageTargetSchedule`."""
         if config is None:
             return cls()
-        if isinstance(config, NoiseSchedule):
+        if isinstance(config, NoiseSchedule) or getattr(config, "adaptive", False):
             return config
         if isinstance(config, str):
-            return cls(name=config)
+            config = {"name": config}
+        if isinstance(config, Mapping) and config.get("name") == "leakage_target":
+            from pl_i2f.autopilot import LeakageTargetSchedule
+
+            return LeakageTargetSchedule.from_config({k: v for k, v in config.items() if k != "name"})
         if not isinstance(config, Mapping):
             raise ConfigError(f"noise schedule must be a mapping with a name, got {type(config).__name__}")
         known = {"name", "by", "final", "gamma", "step_size", "horizon", "steps_per_epoch"}
@@ -79,8 +89,10 @@ class NoiseSchedule:
             raise ConfigError(f"noise schedule got unknown options {sorted(extra)}; valid: {sorted(known)}")
         return cls(**dict(config))
 
-    def bind(self, *, total_steps: int | None, steps_per_epoch: int | None) -> NoiseSchedule:
-        """A copy with the run's length filled in where the config left it open (``horizon: null``)."""
+    def bind(self, *, total_steps: int | None, steps_per_epoch: int | None,
+             base: float | None = None) -> NoiseSchedule:
+        """A copy with the run's length filled in where the config left it open (``horizon: null``). ``base``
+        (the defense's σ₀) is not needed by these schedules; ``leakage_target`` uses it for its default bounds."""
         spe = self.steps_per_epoch or steps_per_epoch
         horizon = self.horizon
         if horizon is None and total_steps is not None:
