@@ -462,7 +462,10 @@ class I2FMonitor(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"last_step": self.last_step, "evaluations": self.evaluations, "reduced": self.reduced,
                 "skipped": self.skipped, "seconds": self.seconds, "steps_logged": list(self.steps_logged),
-                "cost": self.cost.state_dict(), "history": list(self.history)}
+                "cost": self.cost.state_dict(), "history": list(self.history),
+                # the warm-start basis: a resumed run's next evaluation then measures what the uninterrupted
+                # run's did (the leakage autopilot sets σ from it)
+                "basis": self._basis}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.last_step = state_dict["last_step"]
@@ -473,3 +476,4 @@ class I2FMonitor(Callback):
         self.steps_logged = list(state_dict.get("steps_logged", []))
         self.cost.load_state_dict(state_dict.get("cost", {}))
         self.history = list(state_dict.get("history", []))
+        self._basis = state_dict.get("basis", self._basis)

@@ -18,7 +18,8 @@ s/m the relative standard error of the probes' mean pixel RMSE (what the monitor
 ``relative_stderr``; it includes the trace estimator's own noise).
 
 **What is then applied** (:func:`next_sigma`): σ_required limited to at most ``max_increase`` × and at
-least 1/``max_decrease`` × the σ in force (rate limit), then to [``sigma_min``, ``sigma_max``], then raised
+least 1/``max_decrease`` × the σ in force (rate limit; not on the first measurement, which replaces the
+initial guess rather than a measurement), then to [``sigma_min``, ``sigma_max``], then raised
 to the ε-cap floor when DP-SGD runs with ``target_epsilon`` (:func:`epsilon_floor`: the smallest constant σ
 for the remaining steps that keeps the run's final ε within the cap — the cap wins over ``sigma_max``).
 σ is **held** between evaluations: no extrapolation.
@@ -285,8 +286,11 @@ class LeakageTargetSchedule:
         required = required_sigma(sigma_measured, protected, self.target_psnr, margin)
         enough = len(values) >= self.min_probes
         if apply and enough:
+            # the first measurement replaces a guess (the initial σ), not a measurement: no rate limit on it
+            first = not any(d.applied and d.measured_step >= 0 for d in self.decisions)
             sigma, reason = next_sigma(required, current, sigma_min=self.lower, sigma_max=self.upper,
-                                       max_increase=self.max_increase, max_decrease=self.max_decrease, floor=floor)
+                                       max_increase=math.inf if first else self.max_increase,
+                                       max_decrease=math.inf if first else self.max_decrease, floor=floor)
         else:
             sigma, reason = current, ("" if enough else "too_few_probes")
         decision = Decision(
