@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import pytorch_lightning as pl
@@ -73,6 +74,11 @@ class LeakageAutopilot(Callback):
         if schedule.target_epsilon is not None and getattr(pl_module.defense, "name", "") != "dpsgd":
             raise ConfigError("noise_schedule.target_epsilon caps DP-SGD's ε; it needs defense=dpsgd")
         self._monitor = monitors[0]
+        every = schedule.monitor_every_n_steps
+        if every is not None and every != self._monitor.every_n_steps:
+            # denser evaluations: σ is re-planned at each one (the monitor's checkpoint key keeps its own value)
+            self._monitor.schedule = replace(self._monitor.schedule, every_n_steps=every)
+            rank_zero_info(f"LeakageAutopilot: the leakage monitor evaluates every {every} steps for this run")
         if self._monitor.max_overhead != schedule.monitor_max_overhead:
             self._monitor.max_overhead = schedule.monitor_max_overhead  # read by the monitor's on_train_start
             rank_zero_info(f"LeakageAutopilot: the leakage monitor's max_overhead set to "
@@ -98,7 +104,8 @@ class LeakageAutopilot(Callback):
         step = trainer.global_step
         floor = self._epsilon_floor(trainer, pl_module, schedule, step)
         decision = schedule.observe(report.step, step, report.pixel_rmse.detach().double().cpu().tolist(),
-                                    floor=floor, apply=not trainer.should_stop)
+                                    floor=floor, apply=not trainer.should_stop,
+                                    next_evaluation=self._next_evaluation(step, pl_module))
         self._log_decision(trainer, decision)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -118,6 +125,13 @@ class LeakageAutopilot(Callback):
                            f"{schedule.sigma_at(trainer.global_step):.4g}")
 
     # -- helpers --------------------------------------------------------------------------------------
+    def _next_evaluation(self, step: int, pl_module: pl.LightningModule) -> int | None:
+        """The monitor's next evaluation step after ``step`` (the run's last step at the latest)."""
+        total = getattr(pl_module.defense, "total_steps", None)
+        if total is None or step >= total:
+            return None
+        return next((s for s in self._monitor.schedule.steps(total) if s > step), total)
+
     def _epsilon_floor(self, trainer: pl.Trainer, pl_module: pl.LightningModule, schedule: LeakageTargetSchedule,
                        step: int) -> float | None:
         """The ε cap's σ floor from ``step`` to the end (``None`` without a cap)."""

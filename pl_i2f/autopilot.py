@@ -17,12 +17,18 @@ where the safety margin is z standard errors of the measurement, in dB: margin =
 s/m the relative standard error of the probes' mean pixel RMSE (what the monitor logs as
 ``relative_stderr``; it includes the trace estimator's own noise).
 
+**Held until the next evaluation** (:meth:`LeakageTargetSchedule.planned_sigma`): leakage per unit σ grows
+as the model trains (on digits about 100× over the first 200 steps) and its reading jitters by ±2 dB between
+evaluations, so σ is planned for the interval ahead: the largest requirement of the last ``memory``
+measurements, and, when the requirement rose since the previous measurement, its log-linear trend extended to
+the next evaluation (at most ``max_extrapolation``×). ``extra_margin_db`` (1 dB) is added to the margin.
+
 **What is then applied** (:func:`next_sigma`): σ_required limited to at most ``max_increase`` × and at
 least 1/``max_decrease`` × the σ in force (rate limit; not on the first measurement, which replaces the
 initial guess rather than a measurement), then to [``sigma_min``, ``sigma_max``], then raised
 to the ε-cap floor when DP-SGD runs with ``target_epsilon`` (:func:`epsilon_floor`: the smallest constant σ
 for the remaining steps that keeps the run's final ε within the cap — the cap wins over ``sigma_max``).
-σ is **held** between evaluations: no extrapolation.
+σ is **held** between evaluations (set once, at the planned level).
 
 **Pure.** The schedule's σ history is a function of the recorded measurements (their steps, the σ they were
 taken under, the probes' pixel RMSEs) and of the ε floors, all kept in :meth:`LeakageTargetSchedule.state_dict`,
@@ -183,7 +189,7 @@ class LeakageTargetSchedule:
     """``noise_schedule=leakage_target``: σ set from the leakage monitor's measurements (module docstring).
 
     σ values are in the defense's own unit (``gaussian``/``anisotropic``: ``defense.sigma``'s absolute std per
-    coordinate; ``dpsgd``: the noise multiplier). ``sigma_min``/``sigma_max`` ``None``: σ₀/10 and 10·σ₀ of the
+    coordinate; ``dpsgd``: the noise multiplier). ``sigma_min``/``sigma_max`` ``None``: σ₀/100 and 100·σ₀ of the
     defense's configured σ₀; ``initial_sigma`` ``None``: ``sigma_max`` (the most protection allowed, until the
     first measurement says how much is needed).
     """
@@ -195,12 +201,17 @@ class LeakageTargetSchedule:
     sigma_min: float | None = None
     sigma_max: float | None = None
     initial_sigma: float | None = None
-    max_increase: float = 4.0
+    max_increase: float | None = None
     max_decrease: float = 2.0
     z: float = 1.0
+    extra_margin_db: float = 1.0
+    memory: int = 2
+    extrapolate: bool = True
+    max_extrapolation: float = 4.0
     min_probes: int = 8
     target_epsilon: float | None = None
     monitor_max_overhead: float | None = None
+    monitor_every_n_steps: int | None = 50
     name: str = "leakage_target"
     base: float | None = None  # the defense's σ₀ (filled in by bind)
     total_steps: int | None = None
@@ -242,11 +253,11 @@ class LeakageTargetSchedule:
 
     @property
     def lower(self) -> float:
-        return self._bound(self.sigma_min, 0.1)
+        return self._bound(self.sigma_min, 0.01)
 
     @property
     def upper(self) -> float:
-        return self._bound(self.sigma_max, 10.0)
+        return self._bound(self.sigma_max, 100.0)
 
     @property
     def initial(self) -> float:
@@ -272,24 +283,43 @@ class LeakageTargetSchedule:
         measured = [d.measured_step for d in self.decisions if d.measured_step >= 0]
         return max(measured) if measured else -1
 
+    def planned_sigma(self, required: float, measured_step: int, next_evaluation: int | None) -> float:
+        """The σ to hold until the next evaluation, before limits: the largest requirement of the last
+        ``memory`` measurements (this one included: one low reading does not drop the protection), and — with
+        ``extrapolate`` — this one grown along its upward trend since the previous measurement, log-linearly
+        to ``next_evaluation``, by at most ``max_extrapolation``×."""
+        usable = [d for d in self.measured() if d.probes >= self.min_probes and d.measured_step < measured_step]
+        recent = [d.sigma_required for d in usable[-(self.memory - 1):]] if self.memory > 1 else []
+        planned = max([required, *recent])
+        if self.extrapolate and usable and next_evaluation is not None and next_evaluation > measured_step:
+            previous = usable[-1]
+            if required > previous.sigma_required and measured_step > previous.measured_step:
+                rate = math.log(required / previous.sigma_required) / (measured_step - previous.measured_step)
+                growth = min(math.exp(rate * (next_evaluation - measured_step)), self.max_extrapolation)
+                planned = max(planned, required * growth)
+        return planned
+
     def observe(self, measured_step: int, effective_step: int, pixel_rmse: Sequence[float],
-                floor: float | None = None, apply: bool = True) -> Decision:
+                floor: float | None = None, apply: bool = True, next_evaluation: int | None = None) -> Decision:
         """Record a measurement (the probes' expected pixel RMSEs at ``measured_step``, under the σ then in
         force) and, when ``apply`` and there are at least ``min_probes`` probes, set σ from
-        ``effective_step`` on. Returns the decision."""
+        ``effective_step`` on (``next_evaluation``: the step of the monitor's next evaluation, for the
+        extrapolation). Returns the decision."""
         sigma_measured = self.sigma_at(measured_step)
         current = self.sigma_at(effective_step)
         values = [float(v) for v in pixel_rmse]
         psnr = probe_psnr(values)
         protected = protected_psnr(psnr, self.protect, self.quantile, self.worst_k)
-        margin = margin_db(values, self.z)
+        margin = margin_db(values, self.z) + self.extra_margin_db
         required = required_sigma(sigma_measured, protected, self.target_psnr, margin)
         enough = len(values) >= self.min_probes
         if apply and enough:
             # the first measurement replaces a guess (the initial σ), not a measurement: no rate limit on it
             first = not any(d.applied and d.measured_step >= 0 for d in self.decisions)
-            sigma, reason = next_sigma(required, current, sigma_min=self.lower, sigma_max=self.upper,
-                                       max_increase=math.inf if first else self.max_increase,
+            planned = self.planned_sigma(required, measured_step, next_evaluation)
+            sigma, reason = next_sigma(planned, current, sigma_min=self.lower, sigma_max=self.upper,
+                                       max_increase=math.inf if first or self.max_increase is None
+                                       else self.max_increase,
                                        max_decrease=math.inf if first else self.max_decrease, floor=floor)
         else:
             sigma, reason = current, ("" if enough else "too_few_probes")
@@ -359,7 +389,7 @@ def check_options(options: Mapping[str, Any]) -> None:
     q = number("quantile", 0.0, strict=False)
     if q is not None and q > 1:
         raise ConfigError(f"noise_schedule.quantile must be in [0, 1], got {q}")
-    for key, low in (("worst_k", 1), ("min_probes", 2)):
+    for key, low in (("worst_k", 1), ("min_probes", 2), ("memory", 1)):
         value = options.get(key, low)
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ConfigError(f"noise_schedule.{key} must be an integer >= {low}, got {value!r}")
@@ -368,9 +398,17 @@ def check_options(options: Mapping[str, Any]) -> None:
     if lo is not None and hi is not None and lo > hi:
         raise ConfigError(f"noise_schedule.sigma_min={lo} is above noise_schedule.sigma_max={hi}")
     number("initial_sigma", 0.0, optional=True)
-    number("max_increase", 1.0, strict=False)
+    number("max_increase", 1.0, strict=False, optional=True)
     number("max_decrease", 1.0, strict=False)
+    number("max_extrapolation", 1.0, strict=False)
     number("z", 0.0, strict=False)
+    number("extra_margin_db", 0.0, strict=False)
+    if "monitor_every_n_steps" in options and options["monitor_every_n_steps"] is not None:
+        value = options["monitor_every_n_steps"]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"noise_schedule.monitor_every_n_steps must be an integer >= 1 or null, got {value!r}")
+    if not isinstance(options.get("extrapolate", True), bool):
+        raise ConfigError(f"noise_schedule.extrapolate must be true or false, got {options['extrapolate']!r}")
     number("target_epsilon", 0.0, optional=True)
     number("monitor_max_overhead", 0.0, optional=True)
 
