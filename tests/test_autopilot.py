@@ -236,7 +236,7 @@ def test_gaussian_run_changes_sigma_and_meets_the_target(tmp_path):
 
 def test_anisotropic_run_sets_sigma(tmp_path):
     train.run(compose_config([*DIGITS, "defense=anisotropic", "trainer.max_epochs=1", "trainer.limit_train_batches=12",
-                              "defense.reference_size=4", "callbacks.i2f_monitor.noise_draws=8",
+                              "defense.reference_size=4", "+callbacks.i2f_monitor.noise_draws=8",
                               "callbacks.i2f_monitor.probe_size=8"], tmp_path))
     measured = [d for d in _decisions(tmp_path) if d["measured_step"] >= 0]
     assert len(measured) >= 2 and measured[0]["sigma"] != measured[0]["sigma_measured"]
