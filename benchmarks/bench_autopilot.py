@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--dp-epochs", type=int, default=20)
     parser.add_argument("--target", type=float, default=20.0)
-    parser.add_argument("--dp-target", type=float, default=30.0)
+    parser.add_argument("--dp-target", type=float, default=35.0)
     parser.add_argument("--dp-sigma-min", type=float, default=0.8)
     parser.add_argument("--tries", type=int, default=2)
     parser.add_argument("--skip-dp", action="store_true")
@@ -112,14 +112,15 @@ def main() -> None:
 
             dp = ["defense=dpsgd", "defense.noise_multiplier=2.0", f"trainer.max_epochs={args.dp_epochs}",
                   "noise_schedule=leakage_target", f"noise_schedule.target_psnr={args.dp_target}",
-                  f"noise_schedule.sigma_min={args.dp_sigma_min}", "seed=0"]
+                  f"noise_schedule.sigma_min={args.dp_sigma_min}", "noise_schedule.sigma_max=20.0", "seed=0"]
             dp_auto = run("dpsgd_autopilot", dp, out)
             rows.append(row(f"dpsgd, autopilot (target {args.dp_target:g} dB, floor {args.dp_sigma_min:g})", dp_auto))
             print(rows[-1], flush=True)
             q = dp_auto["history"][0][1]
             sigma_c = float(get_noise_multiplier(target_epsilon=dp_auto["epsilon"], target_delta=1e-5, sample_rate=q,
                                                  steps=dp_auto["steps"], accountant="rdp", epsilon_tolerance=0.001))
-            dp_const = run("dpsgd_constant", [*dp, *pinned(sigma_c)], out)
+            dp_const = run("dpsgd_constant", [*[o for o in dp if not o.startswith("noise_schedule.sigma_")],
+                                              *pinned(sigma_c)], out)
             rows.append(row(f"dpsgd, constant σ = {sigma_c:.4g} (same final ε)", dp_const))
             print(rows[-1], flush=True)
     load_after = os.getloadavg()
