@@ -9,7 +9,8 @@ constant σ that meets the same target over the whole run. That σ is found from
 measurements: the largest σ it found required (``sigma_required``, margins included) is the first candidate,
 run as a constant; then a 1.5× grid search — down while ≥ 90% of the run's evaluations meet target + 1 dB, up
 while they do not — until the meeting/failing boundary is bracketed (at most ``--tries`` runs).
-DP-SGD: the autopilot (floor ``--dp-sigma-min``) against the constant noise multiplier that spends the same final ε over the same steps (Opacus' ``get_noise_multiplier``).
+DP-SGD: the autopilot (floor ``--dp-sigma-min``) against the constant noise multiplier that spends the same
+final ε over the same steps (Opacus' ``get_noise_multiplier``).
 
 Every run measures the protected PSNR the same way: the constant runs use ``leakage_target`` with
 ``sigma_min = sigma_max = initial_sigma`` = the constant, so σ never moves but the autopilot callback records
