@@ -48,6 +48,7 @@ class LeakageAutopilot(Callback):
     def __init__(self) -> None:
         super().__init__()
         self._monitor: I2FMonitor | None = None
+        self._warned_probes = False
 
     # -- small named predicates -----------------------------------------------------------------------
     @staticmethod
@@ -107,6 +108,11 @@ class LeakageAutopilot(Callback):
                                     floor=floor, apply=not trainer.should_stop,
                                     next_evaluation=self._next_evaluation(step, pl_module))
         self._log_decision(trainer, decision)
+        if decision.limited_by == "too_few_probes" and not self._warned_probes:
+            self._warned_probes = True
+            rank_zero_warn(f"LeakageAutopilot: the monitor evaluated {decision.probes} probes, fewer than "
+                           f"noise_schedule.min_probes={schedule.min_probes}; σ is held at {decision.sigma:.4g} "
+                           "(raise data.probe_size or lower min_probes)")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         schedule = self.schedule_of(pl_module)
