@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--dp-epochs", type=int, default=20)
     parser.add_argument("--target", type=float, default=20.0)
-    parser.add_argument("--dp-target", type=float, default=35.0)
+    parser.add_argument("--dp-target", type=float, default=50.0)
     parser.add_argument("--dp-sigma-min", type=float, default=0.8)
     parser.add_argument("--tries", type=int, default=4)
     parser.add_argument("--skip-dp", action="store_true")
@@ -137,7 +137,8 @@ def main() -> None:
               "| seconds |", "|---|---|---|---|---|---|---|---|"]
     text = "\n".join([
         "# Leakage autopilot benchmark", "",
-        f"`python benchmarks/bench_autopilot.py --epochs {args.epochs} --dp-epochs {args.dp_epochs}` "
+        f"`python benchmarks/bench_autopilot.py --epochs {args.epochs} --dp-epochs {args.dp_epochs} "
+        f"--dp-target {args.dp_target:g}` "
         f"(digits, lenet_zhu; DP-SGD: the dpsgd recipe). Load average {load_before[0]:.1f} before, "
         f"{load_after[0]:.1f} after. {time.strftime('%Y-%m-%d %H:%M')}.", "",
         *header, *rows, "",
