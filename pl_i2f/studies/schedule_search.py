@@ -209,9 +209,10 @@ def load_trial(job: Path, tolerance: float = DEFAULT_EPSILON_TOLERANCE) -> Trial
 
 def job_dirs(run_dir: Path) -> list[Path]:
     """The multirun's job folders (those Hydra made: a ``.hydra`` folder or a summary), by job number."""
-    jobs = {p.parent for p in Path(run_dir).glob("*/.hydra")} | {p.parent for p in Path(run_dir).glob(f"*/{SUMMARY_FILE}")}
-    if (Path(run_dir) / SUMMARY_FILE).exists():
-        jobs.add(Path(run_dir))
+    run_dir = Path(run_dir)
+    jobs = {p.parent for p in run_dir.glob("*/.hydra")} | {p.parent for p in run_dir.glob(f"*/{SUMMARY_FILE}")}
+    if (run_dir / SUMMARY_FILE).exists():
+        jobs.add(run_dir)
     return sorted(jobs, key=lambda p: (int(p.name) if p.name.isdigit() else 10**9, str(p)))
 
 
@@ -378,13 +379,15 @@ def plot_search(rows: list[TrialResult], best: TrialResult | None, constant: Tri
             continue
         x = SHAPES.index(r.schedule) if r.schedule in SHAPES else len(SHAPES)
         jitter = ((r.number * 0.37) % 1 - 0.5) * 0.3
+        highlight = {"edgecolors": "red", "linewidths": 2, "s": 90} if r is best else {"s": 36}
         ax.scatter(x + jitter, 100 * r.val_acc, color=colors.get(r.lr, "gray"), marker="o" if r.feasible else "x",
-                   s=90 if r is best else 36, edgecolors="red" if r is best else "none", linewidths=2)
+                   **highlight)
         if r.end_ratio is not None and r.schedule != "constant":
             ax.annotate(f"r={r.end_ratio:.2g}", (x + jitter, 100 * r.val_acc), fontsize=7,
                         textcoords="offset points", xytext=(4, 2))
     if constant is not None:
-        ax.axhline(100 * constant.val_acc, color="gray", ls="--", lw=1, label=f"best constant ({100 * constant.val_acc:.1f}%)")
+        ax.axhline(100 * constant.val_acc, color="gray", ls="--", lw=1,
+                   label=f"best constant ({100 * constant.val_acc:.1f}%)")
     for lr in rates:
         ax.scatter([], [], color=colors[lr], label=f"lr {lr:g}")
     ax.scatter([], [], color="white", edgecolors="red", linewidths=2, s=90, label="best feasible")
@@ -440,7 +443,8 @@ def _print(summary: dict[str, Any]) -> None:
             s = seeds[key]
             print(f"seeds {s['seeds']} {key}: val acc {s['val_acc']['mean']:.4f} ± {s['val_acc']['std'] or 0:.4f}, "
                   f"test acc {s['test_acc']['mean']:.4f} ± {s['test_acc']['std'] or 0:.4f}")
-        print(f"gain over constant, mean over seeds: val {seeds['val_acc_gain']:+.4f}, test {seeds['test_acc_gain']:+.4f}")
+        print(f"gain over constant, mean over seeds: val {seeds['val_acc_gain']:+.4f}, "
+              f"test {seeds['test_acc_gain']:+.4f}")
     for key, command in summary["rerun_commands"].items():
         print(f"rerun {key} on fresh seeds: {command}")
 
