@@ -110,7 +110,8 @@ def test_an_infeasible_trial_is_reported_and_never_best(tmp_path):
     assert summary["optuna"]["best_trial_feasible"] is False  # Optuna's pick broke the constraint: said so
     assert summary["best"]["end_ratio"] == pytest.approx(0.4)   # cosine reaches `final` at its horizon
     assert (tmp_path / "schedule_search.png").exists()
-    assert "noise_schedule=cosine" in summary["rerun_commands"]["best"]
+    assert summary["best_non_constant"]["number"] == 2 and summary["non_constant_val_acc_gain"] == pytest.approx(0.05)
+    assert "noise_schedule=cosine" in summary["rerun_commands"]["best_non_constant"]
 
 
 def test_search_space_spans_the_same_end_ratios_for_every_shape():

@@ -250,9 +250,9 @@ def _optuna(run_dir: Path, rows: list[TrialResult]) -> dict[str, Any] | None:
 def _rerun_command(row: TrialResult, target: float | None, epochs: int | None) -> str:
     options = [f"noise_schedule={row.schedule}"]
     if row.final is not None:
-        options += [f"noise_schedule.final={row.final:.6g}", f"noise_schedule.horizon={max((epochs or 2) - 1, 1)}"]
+        options += [f"noise_schedule.final={row.final:.10g}", f"noise_schedule.horizon={max((epochs or 2) - 1, 1)}"]
     if row.gamma is not None:
-        options.append(f"noise_schedule.gamma={row.gamma:.6g}")
+        options.append(f"noise_schedule.gamma={row.gamma:.10g}")
     if row.step_size is not None:
         options.append(f"noise_schedule.step_size={row.step_size}")
     if row.lr is not None:
@@ -286,60 +286,72 @@ def _difference(best: dict | None, constant: dict | None, key: str) -> float | N
     return best[key]["mean"] - constant[key]["mean"]
 
 
+def _gain(a: TrialResult | None, b: TrialResult | None, key: str) -> float | None:
+    values = (getattr(a, key, None), getattr(b, key, None))
+    return values[0] - values[1] if None not in values else None
+
+
 def analyze(run_dir: str | Path, out_dir: str | Path | None = None, seed_runs: list[str | Path] | None = None,
             tolerance: float | None = None, plot: bool = True) -> dict[str, Any]:
-    """Read a finished (or partial) schedule_search multirun, write ``schedule_search_trials.csv``,
+    """Read a finished (or partial) schedule_search multirun, write ``schedule_search_trials.csv``/``.json``,
     ``schedule_search.json`` and ``schedule_search.png`` into ``out_dir`` (default: the run directory), and
-    return the summary: the best feasible trial, the best constant one, the difference in accuracy, the
-    infeasible and failed trials, Optuna's own pick, and with ``seed_runs`` (multiruns of
-    ``hparams_search=schedule_search_seeds``) both configurations' accuracy over fresh seeds."""
+    return the summary: the best feasible trial, the best constant and the best non-constant one, their
+    differences in accuracy, the infeasible and failed trials, Optuna's own pick, and with ``seed_runs``
+    (multiruns of ``hparams_search=schedule_search_seeds``) the constant and the best non-constant schedule
+    over fresh seeds."""
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir else run_dir
     jobs = job_dirs(run_dir)
+    if not jobs:
+        raise FileNotFoundError(f"no job folders (with .hydra/ or {SUMMARY_FILE}) below {run_dir}")
     if tolerance is None:
-        first = _job_config(jobs[0]) if jobs else {}
+        first = _job_config(jobs[0])
         tolerance = float((first.get("schedule_search") or {}).get("epsilon_tolerance", DEFAULT_EPSILON_TOLERANCE))
     rows = [load_trial(job, tolerance) for job in jobs]
-    if not rows:
-        raise FileNotFoundError(f"no job folders (with .hydra/ or {SUMMARY_FILE}) below {run_dir}")
     best = _best(rows)
     constant = _best([r for r in rows if r.schedule == "constant"])
+    challenger = _best([r for r in rows if r.schedule != "constant"])  # the best schedule that is not constant
     targets = sorted({r.target_epsilon for r in rows if r.target_epsilon is not None})
+    target = targets[0] if len(targets) == 1 else None
     epochs = max((r.epochs for r in rows if r.epochs), default=None)
     summary: dict[str, Any] = {
         "run_dir": str(run_dir),
         "constraint": f"final ε <= target·(1 + {tolerance:g}) at δ of the run (DP-SGD, σ₀ calibrated per trial)",
-        "target_epsilon": targets[0] if len(targets) == 1 else targets,
+        "target_epsilon": target if target is not None else targets,
         "epochs": epochs,
         "trials": len(rows),
+        "distinct_configurations": len({_config_key(r) for r in rows}),
         "failed": [r.number for r in rows if r.status == "failed"],
         "infeasible": [r.number for r in rows if r.status == "ok" and not r.feasible],
         "max_epsilon": max((r.epsilon for r in rows if r.epsilon is not None), default=None),
         "best": asdict(best) if best else None,
         "best_constant": asdict(constant) if constant else None,
+        "best_non_constant": asdict(challenger) if challenger else None,
         "best_is_constant": bool(best and best.schedule == "constant"),
-        "val_acc_gain_over_constant": (best.val_acc - constant.val_acc) if best and constant else None,
-        "test_acc_gain_over_constant": (best.test_acc - constant.test_acc)
-        if best and constant and best.test_acc is not None and constant.test_acc is not None else None,
+        "val_acc_gain_over_constant": _gain(best, constant, "val_acc"),
+        "test_acc_gain_over_constant": _gain(best, constant, "test_acc"),
+        "non_constant_val_acc_gain": _gain(challenger, constant, "val_acc"),
+        "non_constant_test_acc_gain": _gain(challenger, constant, "test_acc"),
         "best_per_shape": {shape: asdict(b) for shape in SHAPES
                            if (b := _best([r for r in rows if r.schedule == shape])) is not None},
         "optuna": _optuna(run_dir, rows),
-        "rerun_commands": {key: _rerun_command(r, targets[0] if len(targets) == 1 else None, epochs)
-                           for key, r in (("best", best), ("constant", constant)) if r is not None},
+        "rerun_commands": {key: _rerun_command(r, target, epochs)
+                           for key, r in (("best_non_constant", challenger), ("constant", constant)) if r is not None},
     }
     if seed_runs:
         seed_rows = [load_trial(job, tolerance) for directory in seed_runs for job in job_dirs(Path(directory))]
-        seeds_best = seed_statistics(seed_rows, best) if best else None
+        seeds_challenger = seed_statistics(seed_rows, challenger) if challenger else None
         seeds_constant = seed_statistics(seed_rows, constant) if constant else None
-        summary["seeds"] = {"runs": [str(d) for d in seed_runs], "best": seeds_best, "constant": seeds_constant,
-                            "val_acc_gain": _difference(seeds_best, seeds_constant, "val_acc"),
-                            "test_acc_gain": _difference(seeds_best, seeds_constant, "test_acc"),
+        summary["seeds"] = {"runs": [str(d) for d in seed_runs], "best_non_constant": seeds_challenger,
+                            "constant": seeds_constant,
+                            "val_acc_gain": _difference(seeds_challenger, seeds_constant, "val_acc"),
+                            "test_acc_gain": _difference(seeds_challenger, seeds_constant, "test_acc"),
                             "rows": [asdict(r) for r in seed_rows]}
     out.mkdir(parents=True, exist_ok=True)
     write_trials(rows, out)
     (out / f"{NAME}.json").write_text(json.dumps(summary, indent=2, default=str))
     if plot:
-        summary["figure"] = str(plot_search(rows, best, constant, summary, out / f"{NAME}.png"))
+        summary["figure"] = str(plot_search(rows, best, constant, challenger, summary, out / f"{NAME}.png"))
         (out / f"{NAME}.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
@@ -361,53 +373,68 @@ def _curve(row: TrialResult, key: str) -> tuple[list[int], list[float]]:
     return [e for e, _ in pairs], [v for _, v in pairs]
 
 
+SHAPE_COLORS = {"constant": "black", "linear": "tab:blue", "cosine": "tab:orange", "exponential": "tab:green",
+                "step": "tab:purple"}
+LR_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
 def plot_search(rows: list[TrialResult], best: TrialResult | None, constant: TrialResult | None,
-                summary: dict[str, Any], path: Path) -> Path:
-    """Three panels: validation accuracy of every trial by shape (the best constant as a line, infeasible trials
-    as crosses); ε spent per epoch and validation accuracy per epoch of the best vs the best constant trial."""
+                challenger: TrialResult | None, summary: dict[str, Any], path: Path) -> Path:
+    """(1) validation accuracy of every trial against its end/start noise ratio, one colour per shape, one marker
+    per learning rate (infeasible trials as crosses, the best one ringed, the best constant as a line);
+    (2) ε spent per epoch and (3) validation accuracy per epoch of the best constant vs the best non-constant
+    schedule; (4) with seed reruns, both on fresh seeds (mean ± std)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    seeds = summary.get("seeds") or {}
+    with_seeds = bool(seeds.get("constant") and seeds.get("best_non_constant"))
+    fig, axes = plt.subplots(1, 4 if with_seeds else 3, figsize=(21 if with_seeds else 16, 4.6))
     ax = axes[0]
     rates = sorted({r.lr for r in rows if r.lr is not None})
-    colors = {lr: plt.cm.viridis(i / max(len(rates) - 1, 1)) for i, lr in enumerate(rates)}
+    markers = {lr: LR_MARKERS[i % len(LR_MARKERS)] for i, lr in enumerate(rates)}
     for r in rows:
-        if r.status != "ok" or r.val_acc is None:
+        if r.status != "ok" or r.val_acc is None or r.end_ratio is None:
             continue
-        x = SHAPES.index(r.schedule) if r.schedule in SHAPES else len(SHAPES)
-        jitter = ((r.number * 0.37) % 1 - 0.5) * 0.3
-        highlight = {"edgecolors": "red", "linewidths": 2, "s": 90} if r is best else {"s": 36}
-        ax.scatter(x + jitter, 100 * r.val_acc, color=colors.get(r.lr, "gray"), marker="o" if r.feasible else "x",
-                   **highlight)
-        if r.end_ratio is not None and r.schedule != "constant":
-            ax.annotate(f"r={r.end_ratio:.2g}", (x + jitter, 100 * r.val_acc), fontsize=7,
-                        textcoords="offset points", xytext=(4, 2))
+        color = SHAPE_COLORS.get(r.schedule, "gray")
+        if r.feasible:
+            ax.scatter(r.end_ratio, 100 * r.val_acc, color=color, marker=markers.get(r.lr, "o"), s=40, alpha=0.85)
+        else:
+            ax.scatter(r.end_ratio, 100 * r.val_acc, color=color, marker="x", s=50)
+    if best is not None and best.end_ratio is not None:
+        ax.scatter(best.end_ratio, 100 * best.val_acc, facecolors="none", edgecolors="red", s=180, linewidths=1.5,
+                   label="best feasible")
     if constant is not None:
         ax.axhline(100 * constant.val_acc, color="gray", ls="--", lw=1,
                    label=f"best constant ({100 * constant.val_acc:.1f}%)")
+    for shape in SHAPES:
+        if any(r.schedule == shape for r in rows):
+            ax.scatter([], [], color=SHAPE_COLORS[shape], marker="o", label=shape)
     for lr in rates:
-        ax.scatter([], [], color=colors[lr], label=f"lr {lr:g}")
-    ax.scatter([], [], color="white", edgecolors="red", linewidths=2, s=90, label="best feasible")
+        ax.scatter([], [], color="gray", marker=markers[lr], label=f"lr {lr:g}")
     if any(r.status == "ok" and not r.feasible for r in rows):
         ax.scatter([], [], color="gray", marker="x", label="infeasible (ε > target)")
-    ax.set_xticks(range(len(SHAPES)), SHAPES)
-    ax.set_xlabel("noise schedule shape (r = σ_last / σ_first)")
+    ax.set_xscale("log")
+    ratios = [r.end_ratio for r in rows if r.end_ratio] or [1.0]
+    ticks = [t for t in (0.125, 0.25, 0.5, 1.0, 2.0, 4.0) if min(ratios) / 1.5 <= t <= max(ratios) * 1.5]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("end/start noise ratio r = σ_last / σ_first (log; < 1: annealed)")
     ax.set_ylabel("validation accuracy (%)")
-    ax.set_title(f"{len(rows)} trials at ε = {summary['target_epsilon']}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    pairs = [(r, name, style) for r, name, style in ((best, "best", "-"), (constant, "constant", "--"))
-             if r is not None]
+    ax.set_title(f"{len(rows)} trials, every one at ε = {summary['target_epsilon']}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right", ncol=2)
+    pairs = [(r, name, style) for r, name, style in ((challenger, "best non-constant", "-"),
+                                                     (constant, "best constant", "--")) if r is not None]
     for ax, key, ylabel in ((axes[1], "epsilon", "ε spent so far (δ = 1e-5)"),
                             (axes[2], "val_acc", "validation accuracy (%)")):
         for r, name, style in pairs:
             epochs, values = _curve(r, key)
             scale = 100 if key == "val_acc" else 1
-            ax.plot(epochs, [scale * v for v in values], style, marker="o", ms=3,
-                    label=f"{name}: {r.label}, lr {r.lr:g}" if r.lr is not None else f"{name}: {r.label}")
+            label = f"{name}: {r.label}" + (f", lr {r.lr:g}" if r.lr is not None else "")
+            ax.plot(epochs, [scale * v for v in values], style, marker="o", ms=3, label=label)
         if key == "epsilon" and isinstance(summary["target_epsilon"], float):
             ax.axhline(summary["target_epsilon"], color="red", lw=0.8, ls=":", label="target ε")
         ax.set_xlabel("epoch")
@@ -415,8 +442,24 @@ def plot_search(rows: list[TrialResult], best: TrialResult | None, constant: Tri
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[1].set_title("privacy spent: same budget, different timing")
-    axes[2].set_title("best schedule vs constant, same ε")
-    fig.suptitle(f"DP-SGD noise schedules at a fixed privacy budget ({summary['epochs']} epochs)")
+    axes[2].set_title("training at the same ε (search seed)")
+    if with_seeds:
+        ax = axes[3]
+        for i, key in enumerate(("constant", "best_non_constant")):
+            stats = seeds[key]
+            for j, metric in enumerate(("val_acc", "test_acc")):
+                mean, std = stats[metric]["mean"], stats[metric]["std"] or 0.0
+                ax.bar(i + 0.38 * (j - 0.5), 100 * mean, width=0.36, yerr=100 * std, capsize=4,
+                       color=("tab:gray", "tab:blue")[j], label=("validation", "test")[j] if i == 0 else None)
+        ax.set_xticks([0, 1], ["best constant", "best non-constant"])
+        low = min(100 * seeds[k][m]["mean"] for k in ("constant", "best_non_constant") for m in ("val_acc", "test_acc"))
+        ax.set_ylim(max(0.0, low - 10), 100)
+        ax.set_ylabel("accuracy (%), mean ± std")
+        ax.set_title(f"fresh seeds {seeds['constant']['seeds']}")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"DP-SGD noise schedules at a fixed privacy budget ({summary['epochs']} epochs, σ₀ calibrated "
+                 "per trial)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -430,20 +473,26 @@ def _print(summary: dict[str, Any]) -> None:
         return (f"trial {row['number']} {row['label']} lr {row['lr']:g}: val acc {row['val_acc']:.4f}, "
                 f"test acc {row['test_acc']:.4f}, ε {row['epsilon']:.4g}")
 
-    print(f"{summary['trials']} trials at target ε {summary['target_epsilon']}; failed {summary['failed']}, "
-          f"infeasible {summary['infeasible']}, max ε {summary['max_epsilon']}")
-    print(f"best feasible:  {describe(summary['best'])}")
-    print(f"best constant:  {describe(summary['best_constant'])}")
+    print(f"{summary['trials']} trials ({summary['distinct_configurations']} distinct) at target ε "
+          f"{summary['target_epsilon']}; failed {summary['failed']}, infeasible {summary['infeasible']}, "
+          f"max ε {summary['max_epsilon']}")
+    print(f"best feasible:      {describe(summary['best'])}")
+    print(f"best constant:      {describe(summary['best_constant'])}")
+    print(f"best non-constant:  {describe(summary['best_non_constant'])}")
     if summary["val_acc_gain_over_constant"] is not None:
-        print(f"gain over constant at the same ε: val acc {summary['val_acc_gain_over_constant']:+.4f}, "
-              f"test acc {summary['test_acc_gain_over_constant']:+.4f} (one seed)")
+        print(f"best over constant at the same ε: val acc {summary['val_acc_gain_over_constant']:+.4f}, "
+              f"test acc {summary['test_acc_gain_over_constant']:+.4f} (search seed)")
+    if summary["non_constant_val_acc_gain"] is not None:
+        print(f"best non-constant over constant: val acc {summary['non_constant_val_acc_gain']:+.4f}, "
+              f"test acc {summary['non_constant_test_acc_gain']:+.4f} (search seed)")
     seeds = summary.get("seeds")
-    if seeds and seeds.get("best") and seeds.get("constant"):
-        for key in ("best", "constant"):
+    if seeds and seeds.get("best_non_constant") and seeds.get("constant"):
+        for key in ("best_non_constant", "constant"):
             s = seeds[key]
             print(f"seeds {s['seeds']} {key}: val acc {s['val_acc']['mean']:.4f} ± {s['val_acc']['std'] or 0:.4f}, "
-                  f"test acc {s['test_acc']['mean']:.4f} ± {s['test_acc']['std'] or 0:.4f}")
-        print(f"gain over constant, mean over seeds: val {seeds['val_acc_gain']:+.4f}, "
+                  f"test acc {s['test_acc']['mean']:.4f} ± {s['test_acc']['std'] or 0:.4f}, "
+                  f"max ε {s['max_epsilon']:.4g}")
+        print(f"non-constant over constant, mean over seeds: val {seeds['val_acc_gain']:+.4f}, "
               f"test {seeds['test_acc_gain']:+.4f}")
     for key, command in summary["rerun_commands"].items():
         print(f"rerun {key} on fresh seeds: {command}")
