@@ -451,7 +451,8 @@ def plot_search(rows: list[TrialResult], best: TrialResult | None, constant: Tri
                 mean, std = stats[metric]["mean"], stats[metric]["std"] or 0.0
                 ax.bar(i + 0.38 * (j - 0.5), 100 * mean, width=0.36, yerr=100 * std, capsize=4,
                        color=("tab:gray", "tab:blue")[j], label=("validation", "test")[j] if i == 0 else None)
-        ax.set_xticks([0, 1], ["best constant", "best non-constant"])
+        names = [f"{r.label}, lr {r.lr:g}" if r.lr is not None else r.label for r in (constant, challenger)]
+        ax.set_xticks([0, 1], [f"best constant\n{names[0]}", f"best non-constant\n{names[1]}"])
         low = min(100 * seeds[k][m]["mean"] for k in ("constant", "best_non_constant") for m in ("val_acc", "test_acc"))
         ax.set_ylim(max(0.0, low - 10), 100)
         ax.set_ylabel("accuracy (%), mean ± std")
