@@ -76,7 +76,8 @@ def test_report_dispatches_to_the_schedule_search_analysis(smoke_run, tmp_path):
     assert (tmp_path / "tradeoff.md").exists()  # the generic trade-off table is still written
 
 
-def _fake_job(root: Path, number: int, schedule: dict, lr: float, val: float | None, epsilon: float) -> None:
+def _fake_job(root: Path, number: int, schedule: dict, lr: float, val: float | None, epsilon: float,
+              seed: int = 42) -> None:
     job = root / str(number)
     (job / ".hydra").mkdir(parents=True)
     (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"task_name": "schedule_search", "seed": 42,
@@ -91,7 +92,7 @@ def _fake_job(root: Path, number: int, schedule: dict, lr: float, val: float | N
                "steps": 15, "points": points,
                "defense": {"name": "dpsgd", "target_epsilon": 3.0, "schedule": {"by": "epoch", "steps_per_epoch": 5,
                                                                                 **schedule}},
-               "run_config": {"lr": lr, "seed": 42}}
+               "run_config": {"lr": lr, "seed": seed}}
     (job / "summary.json").write_text(json.dumps(summary))
 
 
@@ -145,3 +146,21 @@ def test_search_space_spans_the_same_end_ratios_for_every_shape():
         {seen[0]["optim.lr"]} if seen[0]["noise_schedule"] == "constant" else set()) == {0.25, 0.5, 1.0}
     assert all(p["noise_schedule"] == "constant" for p in seen[1:3])
     assert {p["noise_schedule"] for p in seen} == set(schedule_search.SHAPES)
+
+
+def test_seed_reruns_compare_the_two_configurations_paired_by_seed(tmp_path):
+    search, reruns = tmp_path / "search", tmp_path / "seeds"
+    _fake_job(search, 0, {"name": "constant"}, 0.5, 0.90, 2.99)
+    _fake_job(search, 1, {"name": "cosine", "final": 0.4, "horizon": 2}, 0.5, 0.88, 3.0)
+    for number, (seed, constant_acc, cosine_acc) in enumerate([(1, 0.90, 0.86), (2, 0.92, 0.90), (3, 0.91, 0.88)]):
+        _fake_job(reruns / "constant", number, {"name": "constant"}, 0.5, constant_acc, 2.99, seed=seed)
+        _fake_job(reruns / "cosine", number, {"name": "cosine", "final": 0.4, "horizon": 2}, 0.5, cosine_acc, 3.0,
+                  seed=seed)
+    _fake_job(reruns / "other", 0, {"name": "cosine", "final": 0.4, "horizon": 2}, 1.0, 0.99, 3.0, seed=1)  # other lr
+    summary = schedule_search.analyze(search, seed_runs=[reruns / "constant", reruns / "cosine", reruns / "other"])
+    seeds = summary["seeds"]
+    assert seeds["constant"]["seeds"] == [1, 2, 3] and seeds["best_non_constant"]["seeds"] == [1, 2, 3]
+    assert seeds["constant"]["val_acc"]["mean"] == pytest.approx(0.91)
+    assert seeds["val_acc_gain"] == pytest.approx(-0.03)
+    assert seeds["paired"]["val_acc"]["differences"] == pytest.approx([-0.04, -0.02, -0.03])
+    assert seeds["paired"]["val_acc"]["std"] == pytest.approx(0.01)

@@ -286,6 +286,20 @@ def _difference(best: dict | None, constant: dict | None, key: str) -> float | N
     return best[key]["mean"] - constant[key]["mean"]
 
 
+def _paired(rows: list[TrialResult], a: TrialResult, b: TrialResult) -> dict[str, Any] | None:
+    """Per-seed differences a − b over the seeds both configurations ran (mean, std, the differences)."""
+    by_seed = {key: {r.seed: r for r in rows if r.status == "ok" and _config_key(r) == _config_key(ref)}
+               for key, ref in (("a", a), ("b", b))}
+    seeds = sorted(set(by_seed["a"]) & set(by_seed["b"]))
+    if len(seeds) < 2:
+        return None
+    out: dict[str, Any] = {"seeds": seeds}
+    for metric in ("val_acc", "test_acc"):
+        diffs = [getattr(by_seed["a"][s], metric) - getattr(by_seed["b"][s], metric) for s in seeds]
+        out[metric] = {"mean": statistics.fmean(diffs), "std": statistics.stdev(diffs), "differences": diffs}
+    return out
+
+
 def _gain(a: TrialResult | None, b: TrialResult | None, key: str) -> float | None:
     values = (getattr(a, key, None), getattr(b, key, None))
     return values[0] - values[1] if None not in values else None
@@ -346,6 +360,7 @@ def analyze(run_dir: str | Path, out_dir: str | Path | None = None, seed_runs: l
                             "constant": seeds_constant,
                             "val_acc_gain": _difference(seeds_challenger, seeds_constant, "val_acc"),
                             "test_acc_gain": _difference(seeds_challenger, seeds_constant, "test_acc"),
+                            "paired": _paired(seed_rows, challenger, constant) if challenger and constant else None,
                             "rows": [asdict(r) for r in seed_rows]}
     out.mkdir(parents=True, exist_ok=True)
     write_trials(rows, out)
@@ -495,6 +510,11 @@ def _print(summary: dict[str, Any]) -> None:
                   f"max ε {s['max_epsilon']:.4g}")
         print(f"non-constant over constant, mean over seeds: val {seeds['val_acc_gain']:+.4f}, "
               f"test {seeds['test_acc_gain']:+.4f}")
+        paired = seeds.get("paired")
+        if paired:
+            print(f"paired by seed (mean ± std of the differences): val {paired['val_acc']['mean']:+.4f} ± "
+                  f"{paired['val_acc']['std']:.4f}, test {paired['test_acc']['mean']:+.4f} ± "
+                  f"{paired['test_acc']['std']:.4f}")
     for key, command in summary["rerun_commands"].items():
         print(f"rerun {key} on fresh seeds: {command}")
 
