@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     from pl_i2f.studies.report import redraw_studies  # study runs (python study.py ...): their own figures
     if redraw_studies(args.root, args.out) and not points:
         return
+    from pl_i2f.studies import schedule_search  # hparams_search=schedule_search: best schedule vs constant at one ε
+    if schedule_search.is_schedule_search(args.root):
+        schedule_search.main([str(args.root), *(["--out", str(args.out)] if args.out else [])])
     if not points:
         parser.exit(2, f"error: no {SUMMARY_FILE} below {args.root} (runs need the TradeoffTracker callback)\n")
     out = args.out or args.root
