@@ -141,7 +141,8 @@ def plot(records: list[dict[str, Any]], summary: dict[str, Any], out_dir: Path) 
     ax_acc.set_title("accuracy through training")
     for ax in (ax_leak, ax_acc):
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle("init_study: lenet_zhu on digits, no defense")
     fig.tight_layout()
     figures.append(_save(fig, out_dir / f"{NAME}_curves.png"))
