@@ -174,7 +174,7 @@ def wandb_mode(root: Path, choice: str) -> str | None:
 
     settings = [r.config.get("logger", {}).get("wandb") for r in load_training_runs(root)
                 if isinstance(r.config.get("logger"), dict)]
-    settings = [s for s in settings if isinstance(s, dict)]
+    settings = [s for s in settings if isinstance(s, dict) and "_target_" in s]  # a logger train.py built
     if not settings:
         return None
     return "online" if any(s.get("offline") is False for s in settings) else "offline"
