@@ -108,8 +108,9 @@ def _colors() -> dict[str, Any]:
 def _series(ax: Any, records: list[dict[str, Any]], x: str, y: str, colors: dict[str, Any]) -> bool:
     drawn = False
     for name in sorted({r["defense"] for r in records}, key=_order):
+        # joined in order of strength (the grid), not of x: a defense's curve shows what more of it does
         rows = sorted((r for r in records if r["defense"] == name and finite(r.get(x)) and finite(r.get(y))),
-                      key=lambda r: r[x])
+                      key=lambda r: (r["strength"] if finite(r.get("strength")) else 0.0, r[x]))
         if not rows:
             continue
         drawn = True
@@ -171,7 +172,7 @@ def plot(records: list[dict[str, Any]], summary: dict[str, Any], out_dir: Path) 
     at = summary.get("at_matched_accuracy", {})
     with_classes = {k: v for k, v in at.items() if isinstance(v.get("per_class"), dict) and v["per_class"]}
     if with_classes:
-        fig, ax = plt.subplots(figsize=(11, 4.5))
+        fig, ax = plt.subplots(figsize=(14, 4.5))
         classes = sorted({c for v in with_classes.values() for c in v["per_class"]}, key=int)
         width = 0.8 / len(with_classes)
         for i, (name, entry) in enumerate(with_classes.items()):
@@ -189,7 +190,7 @@ def plot(records: list[dict[str, Any]], summary: dict[str, Any], out_dir: Path) 
         ax.set_ylabel("expected reconstruction RMSE of the class\n/ mean over all probes (ratio)")
         ax.set_title(f"unfairness across classes at matched accuracy ≈ {summary['matched_accuracy']:.2f} "
                      "(below 1: that class leaks more)")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.grid(alpha=0.3, axis="y")
         fig.tight_layout()
         figures.append(_save(fig, out_dir / f"{NAME}_unfairness.png"))
