@@ -114,6 +114,11 @@ def plot(records: list[dict[str, Any]], summary: dict[str, Any], out_dir: Path) 
     ax_z.set_ylabel("final ε (log)")
     ax_z.set_xlabel("noise multiplier z (log)")
     ax_z.set_xscale("log")
+    if multipliers:  # the grid's own values as ticks: log-axis minor labels would overprint each other
+        from matplotlib.ticker import NullFormatter
+
+        ax_z.set_xticks(multipliers, [f"{z:g}" for z in multipliers])
+        ax_z.xaxis.set_minor_formatter(NullFormatter())
     twin = ax_z.twinx()
     if leak:
         handles += twin.plot(*zip(*leak), marker="s", color="tab:red", label="expected RMSE (right axis)")
