@@ -164,6 +164,10 @@ def plot(records: list[dict[str, Any]], summary: dict[str, Any], out_dir: Path) 
         high = max(max(p) for p in pairs)
         ax_calib.plot([low, high], [low, high], color="gray", linestyle=":", label="attack = prediction")
         ax_calib.set_yscale("log")
+        floor = [r["audit_rmse"] for r in records if r["defense"] == "none" and finite(r.get("audit_rmse"))]
+        if floor:  # what the same attack reaches with no defense at all: its own floor on this model
+            ax_calib.axhline(min(floor), color=colors["none"], linestyle="--", linewidth=1,
+                             label="attack, no defense")
         ax_calib.legend(fontsize=8)
     fig.suptitle("defense_comparison: lenet_zhu on digits (DP-SGD: its tanh/SGD recipe), final values")
     fig.tight_layout()
