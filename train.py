@@ -173,7 +173,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 
 def _print_summary(cfg: DictConfig, metrics: dict[str, float], trainer: pl.Trainer) -> None:
-    """The final metrics as a table, and where the outputs are: on the console and in the run's log file."""
+    """The final metrics as a table, and where the outputs are: on the console and in the run's log file (once:
+    on rank zero under DDP)."""
+    if not trainer.is_global_zero:
+        return
     from rich.console import Console
     from rich.table import Table
 

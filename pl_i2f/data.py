@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
-from pl_i2f.errors import ConfigError, DataUnavailableError, unknown_name
+from pl_i2f.errors import ConfigError, DataUnavailableError, check_options, unknown_name
 
 
 def distributed_rank() -> tuple[int, int]:
@@ -477,10 +477,8 @@ def build_datamodule(name: str, **kwargs) -> ImageDataModule:
         raise unknown_name("dataset", name, DATAMODULES)
     if DATAMODULES[name] is TorchvisionDataModule:
         return TorchvisionDataModule(dataset=name, **kwargs)
-    try:
-        return DATAMODULES[name](**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"dataset {name!r} got bad options: {exc}") from None
+    check_options(DATAMODULES[name], kwargs, f"dataset {name!r}", forwards_to=ImageDataModule)
+    return DATAMODULES[name](**kwargs)
 
 
 def steps_per_epoch(datamodule: ImageDataModule) -> int:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import re
+from collections.abc import Callable, Mapping
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -16,6 +19,28 @@ class CheckpointError(ConfigError):
 
 class DataUnavailableError(RuntimeError):
     """A dataset's files are absent and could not be downloaded."""
+
+
+def _named_parameters(fn: Callable[..., Any]) -> set[str]:
+    params = inspect.signature(fn).parameters.values()
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def check_options(fn: Callable[..., Any], options: Mapping[str, Any], what: str, *args: Any,
+                  forwards_to: Callable[..., Any] | None = None) -> None:
+    """A one-line :class:`ConfigError` when ``options`` (after the positional ``args``) do not fit ``fn``'s
+    signature (unknown or missing names). Checked before the call, so a TypeError raised *inside* ``fn`` (a
+    bug) keeps its traceback instead of being reported as a bad option. ``forwards_to``: where ``fn`` passes
+    its ``**kwargs`` (a base class), whose names are then the only other ones accepted."""
+    try:
+        inspect.signature(fn).bind(*args, **options)
+    except TypeError as exc:
+        raise ConfigError(f"{what} got bad options {sorted(options)}: {exc}") from None
+    if forwards_to is not None:
+        accepted = (_named_parameters(fn) | _named_parameters(forwards_to)) - {"self"}
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            raise ConfigError(f"{what} got unknown options {unknown}; valid: {', '.join(sorted(accepted))}")
 
 
 def unknown_name(kind: str, name: str, valid: object) -> ConfigError:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from pl_i2f.errors import ConfigError, unknown_name
+from pl_i2f.errors import ConfigError, check_options, unknown_name
 
 InputShape = tuple[int, int, int]
 
@@ -263,10 +263,8 @@ def init_weights(model: nn.Module, scheme: str = "default", generator: torch.Gen
     """
     if scheme not in INIT_SCHEMES:
         raise unknown_name("init scheme", scheme, INIT_SCHEMES)
-    try:
-        INIT_SCHEMES[scheme](model, generator=generator, **kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"init scheme {scheme!r} got bad options {sorted(kwargs)}: {exc}") from None
+    check_options(INIT_SCHEMES[scheme], kwargs, f"init scheme {scheme!r}", model)
+    INIT_SCHEMES[scheme](model, generator=generator, **kwargs)
     return model
 
 
@@ -287,8 +285,7 @@ def build_model(
         raise ConfigError(f"num_classes must be >= 2, got {num_classes}")
     if init not in INIT_SCHEMES:  # checked before building: a resnet152 takes a while
         raise unknown_name("init scheme", init, INIT_SCHEMES)
-    try:
-        model = MODELS[name](tuple(int(s) for s in input_shape), int(num_classes), **kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"model {name!r} got bad options {sorted(kwargs)}: {exc}") from None
+    shape = tuple(int(s) for s in input_shape)
+    check_options(MODELS[name], kwargs, f"model {name!r}", shape, int(num_classes))
+    model = MODELS[name](shape, int(num_classes), **kwargs)
     return init_weights(model, init, **(init_kwargs or {}))

@@ -4,6 +4,7 @@ writes its final weights, its ε and the batches it saw to ``<out>/<defense>/ran
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -45,6 +46,8 @@ class Record(pl.Callback):
 
 def main(out: Path, names: list[str]) -> None:
     torch.set_num_threads(1)
+    # train.py logs its summary through the root logger (Hydra configures it in a real run)
+    logging.basicConfig(level=logging.INFO, format=f"[rank{os.environ.get('RANK', 0)}] %(message)s")
     for name in names:
         cfg = compose_config([*COMMON, *DEFENSES[name]], out / name)
         recorder = Record()

@@ -195,3 +195,15 @@ def test_failed_download_leaves_no_new_data_root(tmp_path, monkeypatch):
     with pytest.raises(DataUnavailableError):
         build_datamodule("mnist", root=str(existing), download=True).setup()
     assert existing.exists()  # a root the user had is never removed
+
+
+def test_unknown_datamodule_options_are_named_but_a_bug_inside_keeps_its_traceback(monkeypatch):
+    with pytest.raises(ConfigError, match=r"dataset 'digits' got unknown options \['colour'\]; valid: .*size"):
+        build_datamodule("digits", colour="blue")  # digits forwards **kwargs to its base: checked there too
+
+    def broken_init(self, size=16, **kwargs):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+
+    monkeypatch.setattr(DATAMODULES["digits"], "__init__", broken_init)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        build_datamodule("digits", size=8)

@@ -30,6 +30,7 @@ def ddp_runs(tmp_path_factory) -> Path:
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
+    (out / "torchrun.log").write_text(result.stdout + result.stderr)
     return out
 
 
@@ -75,3 +76,9 @@ def test_ddp_replicas_agree_and_match_the_single_process_run(ddp_runs, tmp_path,
     assert "leakage/expected_i2f" in ranks[0]["metrics"]
     assert (ddp_runs / name / "summary.json").exists()
     assert (ddp_runs / name / "checkpoints" / "last.ckpt").exists()
+
+
+def test_only_rank_zero_prints_the_run_summary(ddp_runs):
+    titles = [line for line in (ddp_runs / "torchrun.log").read_text().splitlines() if "pl_i2f run summary" in line]
+    assert len(titles) == len(NAMES)  # one per run
+    assert all(line.startswith("[rank0]") for line in titles), titles

@@ -152,3 +152,17 @@ def test_bad_names_and_options_list_what_is_valid():
         build_model("mlp", (1, 8, 8), 10, depth=3)
     with pytest.raises(ConfigError, match="unknown activation"):
         build_model("mlp", (1, 8, 8), 10, activation="swishy")
+
+
+def test_bad_options_are_config_errors_but_a_bug_inside_keeps_its_traceback(monkeypatch):
+    with pytest.raises(ConfigError, match="model 'mlp' got bad options"):
+        build_model("mlp", (1, 8, 8), 10, depth_of_field=3)
+    with pytest.raises(ConfigError, match="init scheme 'uniform' got bad options"):
+        build_model("mlp", (1, 8, 8), 10, init="uniform", init_kwargs={"b": 1.0})
+
+    def broken_uniform(model, a=0.5, generator=None):
+        raise TypeError("unsupported operand type(s) for *: 'Tensor' and 'str'")
+
+    monkeypatch.setitem(INIT_SCHEMES, "uniform", broken_uniform)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        build_model("mlp", (1, 8, 8), 10, init="uniform")

@@ -18,12 +18,12 @@ from __future__ import annotations
 from typing import Any
 
 from pl_i2f.defenses.anisotropic import AnisotropicDefense, AnisotropicNoise
-from pl_i2f.defenses.base import Defense, NoiseSampler, analysis_model, check_options, has_opacus_hooks
+from pl_i2f.defenses.base import Defense, NoiseSampler, analysis_model, has_opacus_hooks
 from pl_i2f.defenses.dpsgd import DPSGDDefense
 from pl_i2f.defenses.gaussian import GaussianDefense
 from pl_i2f.defenses.pruning import PruningDefense
 from pl_i2f.defenses.schedules import SCHEDULES, NoiseSchedule
-from pl_i2f.errors import unknown_name
+from pl_i2f.errors import check_options, unknown_name
 
 DEFENSES: dict[str, type[Defense]] = {
     "none": Defense,

@@ -49,10 +49,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pl_i2f.defenses.base import Defense, NoiseSampler, analysis_model, check_options
+from pl_i2f.defenses.base import Defense, NoiseSampler, analysis_model
 from pl_i2f.defenses.gaussian import NoisyDefense, clip_norm
 from pl_i2f.defenses.schedules import NoiseSchedule
-from pl_i2f.errors import ConfigError, unknown_name
+from pl_i2f.errors import ConfigError, check_options, unknown_name
 from pl_i2f.rng import randn
 
 WHICH = ("smallest", "largest")

@@ -27,10 +27,9 @@ current weights (the model itself when it carries no hooks).
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -93,16 +92,6 @@ def analysis_model(model: nn.Module) -> nn.Module:
 def trainable_sizes(model: nn.Module) -> list[int]:
     """Number of scalars of each trainable parameter, in ``model.parameters()`` order."""
     return [p.numel() for p in model.parameters() if p.requires_grad]
-
-
-def check_options(cls: Callable[..., Any], options: Mapping[str, Any], what: str) -> None:
-    """A one-line :class:`ConfigError` when ``options`` do not fit ``cls``'s constructor (unknown or missing
-    names). Checked against the signature before the call, so a TypeError raised *inside* the constructor (a
-    bug) keeps its traceback instead of being reported as a bad option."""
-    try:
-        inspect.signature(cls).bind(**options)
-    except TypeError as exc:
-        raise ConfigError(f"{what} got bad options {sorted(options)}: {exc}") from None
 
 
 def check_sigma(value: float | None, what: str) -> None:
