@@ -408,19 +408,20 @@ class I2FMonitor(Callback):
                                        reserve=reserve)
             if upgrade is not None and upgrade.probes > (0 if plan is None else plan.probes):
                 plan, full = upgrade, more
-        if first is not None and (plan is None or (PlanCost.is_single(plan) and not plan.spectra)):
+        kept = first is not None and self.budget.left() >= 0  # it fit what was left: done work is not thrown away
+        if kept and (plan is None or (PlanCost.is_single(plan) and not plan.spectra)):
             self._finish(trainer, snapshot, first, full, final)  # the priced probe is this evaluation
             return
         if plan is None:
             self.skipped += 1
             smallest = replace(full, probes=1, steps=self.MIN_LANCZOS_STEPS, warm=False, spectra=0)
+            reserve = "" if final else " with the final evaluation's reserved"
             rank_zero_warn(
                 f"I2FMonitor: skipped the evaluation of step {snapshot.step}: even one probe with a "
-                f"{self.MIN_LANCZOS_STEPS}-vector "
-                f"Lanczos basis is predicted at {self.cost.price(smallest):.2f}s, more than the "
-                f"{max(self.budget.left(), 0):.2f}s left of max_overhead={self.max_overhead:g} × "
-                f"{self.budget.training_estimate() or 0:.1f}s of training. Raise max_overhead (null: no limit), "
-                "train longer, or use a GPU."
+                f"{self.MIN_LANCZOS_STEPS}-vector Lanczos basis is predicted at {self.cost.price(smallest):.2f}s, "
+                f"which{reserve} does not fit the {max(self.budget.left(), 0):.2f}s left of "
+                f"max_overhead={self.max_overhead:g} × {self.budget.training_estimate() or 0:.1f}s of training. "
+                "Raise max_overhead (null: no limit), train longer, or use a GPU."
             )
             return
         allowance = self._allowance(snapshot.step, final) if PlanCost.is_single(plan) else None
