@@ -199,6 +199,7 @@ class I2FMonitor(Callback):
         self._train_started = 0.0
         self._start_step = 0
         self._rate_origin: tuple[float, float] | None = None  # (time, monitor seconds) after the fit's first step
+        self._cheap = False  # the first evaluation found the model cheap enough to price several probes
         self._reductions: set[str] = set()
         self._warned: set[str] = set()  # kinds of engine warning already shown this run
         self._last_index = torch.arange(0)
@@ -395,6 +396,7 @@ class I2FMonitor(Callback):
 
             first = self._run(trainer, pl_module, snapshot, single, self._allowance(snapshot.step, final),
                               stop=cheap_enough_for_more_probes)
+            self._cheap = self._batched_worth_pricing(min(steps_seen, default=math.inf))
             self._time_batched_products(snapshot.model, pl_module.device, min(steps_seen, default=math.inf))
         reserve = self._final_spectra_reserve(snapshot.model, final)
         plan = self.budget.plan(snapshot.step, full, self.cost, final=final, min_steps=self.MIN_LANCZOS_STEPS,
@@ -409,17 +411,19 @@ class I2FMonitor(Callback):
             if upgrade is not None and upgrade.probes > (0 if plan is None else plan.probes):
                 plan, full = upgrade, more
         kept = first is not None and self.budget.left() >= 0  # it fit what was left: done work is not thrown away
+        if kept and plan is not None and PlanCost.is_single(plan) and plan.steps > first.plan.steps:
+            kept = not self._cheap  # stopped early only because more probes looked affordable: a longer run fits
         if kept and (plan is None or (PlanCost.is_single(plan) and not plan.spectra)):
             self._finish(trainer, snapshot, first, full, final)  # the priced probe is this evaluation
             return
         if plan is None:
             self.skipped += 1
             smallest = replace(full, probes=1, steps=self.MIN_LANCZOS_STEPS, warm=False, spectra=0)
-            reserve = "" if final else " with the final evaluation's reserved"
+            with_final = "" if final else " with the final evaluation's reserved"
             rank_zero_warn(
                 f"I2FMonitor: skipped the evaluation of step {snapshot.step}: even one probe with a "
                 f"{self.MIN_LANCZOS_STEPS}-vector Lanczos basis is predicted at {self.cost.price(smallest):.2f}s, "
-                f"which{reserve} does not fit the {max(self.budget.left(), 0):.2f}s left of "
+                f"which{with_final} does not fit the {max(self.budget.left(), 0):.2f}s left of "
                 f"max_overhead={self.max_overhead:g} × {self.budget.training_estimate() or 0:.1f}s of training. "
                 "Raise max_overhead (null: no limit), train longer, or use a GPU."
             )
