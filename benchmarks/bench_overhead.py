@@ -13,7 +13,8 @@ paired ratios (each "with" over the "without" run next to it) and the monitor's 
 (``I2FMonitor: N evaluations at K steps in X s (Y% of T s training)``) over its own measured training time —
 on a shared VM whole-run times of one configuration can vary by ±30%, and the monitor's own seconds show what
 it costs without that noise — and the number of distinct steps with ``leakage/expected_i2f`` in the W&B run
-(step 0 and the final step included). Prints a markdown table; measures, asserts nothing.
+(step 0 and the final step included), with the probes each evaluation covered and the steps with exact
+spectra. Prints a markdown table; measures, asserts nothing.
 """
 
 from __future__ import annotations
@@ -45,16 +46,20 @@ MONITOR_LINE = re.compile(r"I2FMonitor: (\d+) evaluations at (\d+) steps in ([0-
                           r"(?: \(([0-9.]+)% of ([0-9.]+)s training\))?; (\d+) reduced, (\d+) skipped")
 
 
-def leakage_steps(run_root: Path) -> list[int]:
-    """Distinct steps with leakage/expected_i2f in the offline W&B run under ``run_root``."""
+def leakage_steps(run_root: Path) -> tuple[list[int], list[int], list[int]]:
+    """Distinct steps with leakage/expected_i2f in the offline W&B run under ``run_root``, the probes evaluated
+    at each, and the steps with exact spectra (leakage/lambda_min)."""
     sys.path.insert(0, str(ROOT / "tests"))
     from wandb_offline import offline_runs, read_offline_run
 
     runs = offline_runs(run_root)
     if not runs:
-        return []
+        return [], [], []
     run = read_offline_run(runs[0])
-    return sorted({int(r["trainer/global_step"]) for r in run.history if "leakage/expected_i2f" in r})
+    rows = {int(r["trainer/global_step"]): r for r in run.history if "leakage/expected_i2f" in r}
+    steps = sorted(rows)
+    spectra = sorted(int(r["trainer/global_step"]) for r in run.history if "leakage/lambda_min" in r)
+    return steps, [int(rows[s].get("leakage/probes", 0)) for s in steps], spectra
 
 
 def timed_run(overrides: list[str]) -> dict:
@@ -67,9 +72,10 @@ def timed_run(overrides: list[str]) -> dict:
             cwd=ROOT, env=env, check=True, capture_output=True, text=True,
         )
         wall = time.perf_counter() - start
-        steps = leakage_steps(Path(tmp))
+        steps, probes, spectra = leakage_steps(Path(tmp))
     found = MONITOR_LINE.search(done.stdout + done.stderr)
-    out = {"wall": wall, "monitor": 0.0, "training": math.nan, "steps": steps, "reduced": 0, "skipped": 0}
+    out = {"wall": wall, "monitor": 0.0, "training": math.nan, "steps": steps, "probes": probes, "spectra": spectra,
+           "reduced": 0, "skipped": 0}
     if found:
         out.update(monitor=float(found.group(3)), training=float(found.group(5) or "nan"),
                    reduced=int(found.group(6)), skipped=int(found.group(7)))
@@ -99,6 +105,8 @@ def main() -> None:
                           f"{run['training']:.1f}s training; leakage at {len(run['steps'])} steps "
                           f"{run['steps'][:3]}..{run['steps'][-1:]}; {run['reduced']} reduced, "
                           f"{run['skipped']} skipped{'; ' + run['how'] if run['how'] else ''})", flush=True)
+                    print(f"    probes per evaluation {run['probes']}; exact spectra at steps {run['spectra']}",
+                          flush=True)
                 else:
                     without_times.append(run["wall"])
                     print(f"{name}: without {run['wall']:.1f}s", flush=True)

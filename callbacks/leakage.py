@@ -7,6 +7,7 @@ import functools
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -21,7 +22,7 @@ from pl_i2f.defenses.base import analysis_model
 from pl_i2f.errors import ConfigError
 from pl_i2f.influence import InfluenceWarning, per_sample_product_seconds
 from pl_i2f.influence.results import renamed
-from pl_i2f.influence.warm import single_product_seconds
+from pl_i2f.influence.warm import BasisLeakage
 from pl_i2f.leakage import (
     DEFAULT_TARGET_PIXEL_RMSE,
     LeakageReport,
@@ -31,7 +32,7 @@ from pl_i2f.leakage import (
     monitor_leakage,
     spectrum_products,
 )
-from pl_i2f.monitoring import DenseEarlySchedule, EvaluationPlan, OverheadBudget, ProductCost
+from pl_i2f.monitoring import DenseEarlySchedule, EvaluationPlan, OverheadBudget, PlanCost
 
 
 @functools.cache
@@ -49,6 +50,16 @@ class _Snapshot:
     step: int
     model: nn.Module
     noise: NoiseModel
+
+
+@dataclass
+class _Done:
+    """A measured evaluation, not yet logged: its report, the plan it really ran, the probes and its seconds."""
+
+    report: LeakageReport
+    plan: EvaluationPlan
+    index: Tensor
+    seconds: float
 
 
 class I2FMonitor(Callback):
@@ -177,7 +188,7 @@ class I2FMonitor(Callback):
         self.seconds = 0.0
         self.steps_logged: list[int] = []
         self.history: list[dict[str, float]] = []  # {"step": s, **scalars} per evaluation (small; checkpointed)
-        self.cost = ProductCost()
+        self.cost = PlanCost()
         self.last_report: LeakageReport | None = None
         # this fit
         self.budget = OverheadBudget(max_overhead, self.schedule)
@@ -187,10 +198,12 @@ class I2FMonitor(Callback):
         self._decided_step = -1
         self._train_started = 0.0
         self._start_step = 0
+        self._rate_origin: tuple[float, float] | None = None  # (time, monitor seconds) after the fit's first step
+        self._cheap = False  # the first evaluation found the model cheap enough to price several probes
         self._reductions: set[str] = set()
         self._warned: set[str] = set()  # kinds of engine warning already shown this run
         self._last_index = torch.arange(0)
-        self._last_products: tuple[int, int] | None = None
+        self._last_fit: BasisLeakage | None = None
 
     @property
     def per_sample(self) -> bool:
@@ -199,8 +212,9 @@ class I2FMonitor(Callback):
                       stacklevel=2)
         return self.log_per_sample_media
 
-    @property
+    @functools.cached_property
     def state_key(self) -> str:
+        # Lightning reads it around every hook call (~7,500 times in the default run): built once
         return self._generate_state_key(every_n_steps=self.every_n_steps, probe_size=self.probe_size)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -216,6 +230,7 @@ class I2FMonitor(Callback):
         # the overhead budget counts this fit call only (a resumed run starts a new one)
         self._train_started = time.perf_counter()
         self._start_step = trainer.global_step
+        self._rate_origin = None
         total = trainer.estimated_stepping_batches
         self.budget = OverheadBudget(self.max_overhead, self.schedule,
                                      int(total) if math.isfinite(total) else None)
@@ -240,8 +255,16 @@ class I2FMonitor(Callback):
         self.budget.charge(seconds)
 
     def _record_training(self, trainer: pl.Trainer) -> None:
-        elapsed = time.perf_counter() - self._train_started - self.budget.spent
-        self.budget.record_training(trainer.global_step - self._start_step, elapsed)
+        steps, now = trainer.global_step - self._start_step, time.perf_counter()
+        if steps >= 1 and self._rate_origin is None:
+            # from the end of the first step on: its one-off costs (the first batch's loading and allocations,
+            # 2x the later steps on digits) would inflate the rate and with it the budget
+            self._rate_origin = (now, self.budget.spent)
+        if steps < 2 or self._rate_origin is None:
+            self.budget.record_training(steps, now - self._train_started - self.budget.spent)
+        else:
+            origin, spent = self._rate_origin
+            self.budget.record_training(steps - 1, now - origin - (self.budget.spent - spent))
 
     # -- hooks ----------------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -295,69 +318,129 @@ class I2FMonitor(Callback):
     def _full_plan(self, final: bool = False, model: nn.Module | None = None) -> EvaluationPlan:
         """Every probe, starting with a fresh basis of half ``lanczos_steps`` vectors (it grows to the full
         size over the next warm-started evaluations) — or, once a basis exists, the probes it covers (a reduced
-        first evaluation fixes the subset: the same samples every time keep the curve comparable and warm)."""
+        first evaluation fixes the subset: the same samples every time keep the curve comparable and warm).
+        One probe always starts afresh (the plain autograd operator: sequential steps cost what a block does)."""
         x, _ = self._probe
-        warm = self._basis is not None
-        probes = len(self._basis) if warm else len(x)
-        steps = self._basis.shape[1] if warm else max(2, self.lanczos_steps // 2)
+        stored = self._basis
+        warm = stored is not None and len(stored) > 1
+        probes = len(x) if stored is None else len(stored)
+        steps = stored.shape[1] if warm else max(2, self.lanczos_steps // 2)
         spectra = self.exact_spectrum_probes if (final or self._is_first_evaluation()) and x[0].numel() <= 1024 else 0
         spectra = min(spectra, probes)
         calls, vectors = spectrum_products(model, x[0].numel(), spectra) if spectra and model is not None else (0, 0)
         return EvaluationPlan(probes=probes, steps=steps, warm=warm, spectra=spectra,
                               spectrum_products=calls, spectrum_vectors=vectors)
 
-    CALIBRATION_VECTORS = (1, 8, 64)
-    MIN_LANCZOS_STEPS = 3  # the last resort before skipping: one probe, a 3-vector basis (λ_max and a rough trace)
+    CALIBRATION_CHAINS = (1, 4)  # vectors per probe of the products that price the vmapped path
+    MIN_LANCZOS_STEPS = 2  # the last resort before skipping: one probe, a 2-vector basis (λ_max and a rough trace)
+    KEEP_PROBES = 8  # shrink the basis (down to 4 vectors) before evaluating fewer probes than this
 
-    def _time_products(self, model: nn.Module, device: torch.device) -> None:
-        """Price products before the first evaluation: real products of 1, 8 and 64 vectors, each timed only
-        if the fit so far predicts it within 1/16 of the budget left — an overhead-bound model (lenet_zhu on
-        CPU: 8 vectors cost about what 1 does) gets its fixed and per-vector parts measured, a compute-bound
-        one (resnet18) stops at one vector, where per-vector cost is what matters."""
+    def _final_spectra_reserve(self, model: nn.Module, final: bool) -> float:
+        """Seconds held back for the final evaluation's exact spectra (λ_min and the condition number at the
+        end of training), priced like any plan's; nothing once at the final evaluation or without spectra."""
+        x, _ = self._probe
+        count = min(self.exact_spectrum_probes, len(x))
+        if final or count == 0 or x[0].numel() > 1024 or self.budget.unlimited:
+            return 0.0
+        calls, vectors = spectrum_products(model, x[0].numel(), count)
+        probe = EvaluationPlan(probes=1, steps=1, spectra=count, spectrum_products=calls, spectrum_vectors=vectors)
+        extra = self.cost.price(probe) - self.cost.price(replace(probe, spectra=0))
+        return extra if math.isfinite(extra) else 0.0
+
+    def _allowance(self, step: int, final: bool) -> float:
+        """Seconds this evaluation may take: its share of what is left (all of it for the final one)."""
+        return self.budget.left() if final else self.budget.share(step)
+
+    def _batched_worth_pricing(self, single_step: float) -> bool:
+        """Whether the vmapped path is cheap enough to price: 8 probes' product, at up to 4× a plain product
+        per vector (lenet_zhu: less; resnet18 on CPU: 2.5×), within a quarter of the budget left."""
+        return 4 * 8 * single_step <= self.budget.left() / 4
+
+    def _time_batched_products(self, model: nn.Module, device: torch.device, single_step: float) -> None:
+        """Price the vmapped path (several probes) on real products of 8 probes × 1 and × 4 vectors — the sizes
+        its evaluations use — when the single-probe evaluation just run says it is cheap enough
+        (:meth:`_batched_worth_pricing`), the second only if the first predicts it within a quarter of what is
+        left. Two sizes separate the fixed and per-vector parts (an overhead-bound model, lenet_zhu on CPU:
+        4 vectors cost about 1.3× one); a compute-bound model (resnet18 on CPU) times none and stays on the
+        single-probe path."""
+        if not self._batched_worth_pricing(single_step):
+            return
         x, y = self._probe
         start = time.perf_counter()
         _warm_up_transforms()  # torch.func's one-off set-up, on a two-parameter model: not a price
-        for vectors in self.CALIBRATION_VECTORS:
-            if self.cost.known and self.cost.predict(1, vectors) > self.budget.left() / 16:
+        probes = min(8, len(x))
+        for chains in self.CALIBRATION_CHAINS:
+            batched = self.cost.batched
+            if batched.known and batched.predict(1, probes * chains) > self.budget.left() / 4:
                 break
-            probes = min(vectors, len(x))
-            chains = -(-vectors // probes)
-            seconds = (single_product_seconds(model, x[:1].to(device), y[:1].to(device)) if vectors == 1 else
-                       per_sample_product_seconds(model, x[:probes].to(device), y[:probes].to(device), chains))
-            self.cost.observe(1, probes * chains, seconds)
+            seconds = per_sample_product_seconds(model, x[:probes].to(device), y[:probes].to(device), chains)
+            batched.observe(1, probes * chains, seconds)
         self._spend(time.perf_counter() - start)
 
     def _evaluate_within_budget(self, trainer: pl.Trainer, pl_module: pl.LightningModule, snapshot: _Snapshot,
                                 final: bool = False) -> None:
         full = self._full_plan(final, snapshot.model)
+        first: _Done | None = None
         if self._needs_timing():
-            self._time_products(snapshot.model, pl_module.device)
-        plan = self.budget.plan(snapshot.step, full, self.cost, final=final, later_steps=self.lanczos_steps,
-                                min_steps=self.MIN_LANCZOS_STEPS)
+            # nothing priced yet: the first probe's evaluation is its own price — run through the plain operator,
+            # its Lanczos steps stop at what this evaluation's share of the budget allows (a large model's first
+            # product is then a step of the evaluation, not a timing thrown away); then the vmapped path is
+            # priced if cheap enough to matter
+            single = EvaluationPlan(probes=1, steps=full.steps)
+            steps_seen: list[float] = []
+
+            def cheap_enough_for_more_probes(steps: int, seconds: float) -> bool:
+                # a model this cheap will be evaluated on several probes: stop this one at the minimum
+                steps_seen.append(seconds)
+                return self._batched_worth_pricing(seconds)
+
+            first = self._run(trainer, pl_module, snapshot, single, self._allowance(snapshot.step, final),
+                              stop=cheap_enough_for_more_probes)
+            self._cheap = self._batched_worth_pricing(min(steps_seen, default=math.inf))
+            self._time_batched_products(snapshot.model, pl_module.device, min(steps_seen, default=math.inf))
+        reserve = self._final_spectra_reserve(snapshot.model, final)
+        plan = self.budget.plan(snapshot.step, full, self.cost, final=final, min_steps=self.MIN_LANCZOS_STEPS,
+                                keep_probes=self.KEEP_PROBES, reserve=reserve)
+        if self._basis is not None and len(self._basis) < min(self.KEEP_PROBES, len(self._probe[0])):
+            # an earlier evaluation fixed fewer probes than wanted (its budget was estimated from the first
+            # steps only): start afresh on more probes as soon as they fit with the evaluations still to come
+            more = replace(full, probes=len(self._probe[0]), steps=max(2, self.lanczos_steps // 2), warm=False)
+            upgrade = self.budget.plan(snapshot.step, more, self.cost, final=final,
+                                       min_steps=self.MIN_LANCZOS_STEPS, keep_probes=self.KEEP_PROBES,
+                                       reserve=reserve)
+            if upgrade is not None and upgrade.probes > (0 if plan is None else plan.probes):
+                plan, full = upgrade, more
+        kept = first is not None and self.budget.left() >= 0  # it fit what was left: done work is not thrown away
+        if kept and plan is not None and PlanCost.is_single(plan) and plan.steps > first.plan.steps:
+            kept = not self._cheap  # stopped early only because more probes looked affordable: a longer run fits
+        if kept and (plan is None or (PlanCost.is_single(plan) and not plan.spectra)):
+            self._finish(trainer, snapshot, first, full, final)  # the priced probe is this evaluation
+            return
         if plan is None:
             self.skipped += 1
             smallest = replace(full, probes=1, steps=self.MIN_LANCZOS_STEPS, warm=False, spectra=0)
+            with_final = "" if final else " with the final evaluation's reserved"
             rank_zero_warn(
                 f"I2FMonitor: skipped the evaluation of step {snapshot.step}: even one probe with a "
-                f"{self.MIN_LANCZOS_STEPS}-vector "
-                f"Lanczos basis is predicted at {self.cost.predict(*smallest.products()):.2f}s, more than the "
-                f"{max(self.budget.left(), 0):.2f}s left of max_overhead={self.max_overhead:g} × "
-                f"{self.budget.training_estimate() or 0:.1f}s of training. Raise max_overhead (null: no limit), "
-                "train longer, or use a GPU."
+                f"{self.MIN_LANCZOS_STEPS}-vector Lanczos basis is predicted at {self.cost.price(smallest):.2f}s, "
+                f"which{with_final} does not fit the {max(self.budget.left(), 0):.2f}s left of "
+                f"max_overhead={self.max_overhead:g} × {self.budget.training_estimate() or 0:.1f}s of training. "
+                "Raise max_overhead (null: no limit), train longer, or use a GPU."
             )
             return
-        if plan != full:
-            # a smaller subset or basis than the stored one: this evaluation starts afresh
-            plan = replace(plan, warm=plan.warm and plan.steps == full.steps and plan.probes == full.probes)
-            how = plan.reduced_from(full)
-            if how:
-                self.reduced += 1
-                if how not in self._reductions:
-                    self._reductions.add(how)
-                    rank_zero_info(f"I2FMonitor: step {snapshot.step} evaluated on {how}, to stay within "
-                                   f"{self.max_overhead:.0%} overhead (later reductions of this kind are counted, "
-                                   "not repeated here)")
-        self._evaluate(trainer, pl_module, snapshot, plan, final=final)
+        allowance = self._allowance(snapshot.step, final) if PlanCost.is_single(plan) else None
+        self._finish(trainer, snapshot, self._run(trainer, pl_module, snapshot, plan, allowance), full, final)
+
+    def _note_reduction(self, step: int, done: _Done, full: EvaluationPlan) -> None:
+        how = done.plan.reduced_from(full)
+        if not how:
+            return
+        self.reduced += 1
+        if how not in self._reductions:
+            self._reductions.add(how)
+            rank_zero_info(f"I2FMonitor: step {step} evaluated on {how}, to stay within "
+                           f"{self.max_overhead:.0%} overhead (later reductions of this kind are counted, "
+                           "not repeated here)")
 
     def _warn_once(self, caught: list[warnings.WarningMessage]) -> None:
         """Pass the engine's warnings on (e.g. an ill-conditioned J falling back to the damped estimate), each
@@ -377,38 +460,70 @@ class I2FMonitor(Callback):
         """The probes of a (possibly reduced) plan: the first ``plan.probes`` of the fixed probe batch."""
         return torch.arange(min(plan.probes, len(self._probe[0])))
 
-    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, snapshot: _Snapshot,
-                  plan: EvaluationPlan, final: bool = False) -> None:
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, snapshot: _Snapshot, plan: EvaluationPlan,
+             max_seconds: float | None = None, stop: Callable[[int, float], bool] | None = None) -> _Done:
+        """Measure ``plan`` on the snapshot (timed and charged; the products it really ran priced)."""
         start = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", InfluenceWarning)
             report = self.measure(trainer, pl_module, snapshot.step, model=snapshot.model, noise=snapshot.noise,
-                                  plan=plan)
+                                  plan=plan, max_seconds=max_seconds, stop=stop)
         self._warn_once(caught)
-        first = self.evaluations == 0
-        self._log(trainer, report, media=first or final)
         elapsed = time.perf_counter() - start
         self._spend(elapsed)
-        if self._last_products is not None:  # what was really run (a window without bases starts afresh)
-            self.cost.observe(*self._last_products, elapsed)
+        done = _Done(report=report, plan=plan, index=self._last_index, seconds=elapsed)
+        fit = self._last_fit
+        if fit is not None:
+            spectra_seconds = fit.spectra_seconds
+            core = elapsed - spectra_seconds
+            if not fit.warm:  # what was really run: a budgeted fresh basis may have stopped early
+                done.plan = replace(plan, steps=fit.products[0])
+            if PlanCost.is_single(done.plan):
+                self.cost.single.observe(1, fit.products[0], core)
+            else:
+                self.cost.batched.observe(*fit.products, core)
+            if plan.spectra and spectra_seconds > 0:
+                self.cost.spectra.observe(1, plan.spectra, spectra_seconds)
+        return done
+
+    def _finish(self, trainer: pl.Trainer, snapshot: _Snapshot, done: _Done, full: EvaluationPlan,
+                final: bool) -> None:
+        """Log an evaluation's report and record it (its logging counts against the budget too)."""
+        if done.plan != full:
+            self._note_reduction(snapshot.step, done, full)
+        start = time.perf_counter()
+        report = done.report
+        self._last_index = done.index
+        media = self.evaluations == 0 or final
+        self._log(trainer, report, media=media)
+        seconds = time.perf_counter() - start
+        self._spend(seconds)
+        if not media:  # the routine logging every evaluation pays (tables and images: first and last only)
+            self.cost.logging.observe(1, 1, seconds)
         self.last_step = max(self.last_step, snapshot.step)
         self.steps_logged.append(snapshot.step)
         self.history.append({"step": snapshot.step, **report.scalars})
         self.evaluations += 1
         self.last_report = report
 
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, snapshot: _Snapshot,
+                  plan: EvaluationPlan, final: bool = False) -> None:
+        self._finish(trainer, snapshot, self._run(trainer, pl_module, snapshot, plan), plan, final)
+
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
                 model: nn.Module | None = None, noise: NoiseModel | None = None,
-                plan: EvaluationPlan | None = None) -> LeakageReport:
+                plan: EvaluationPlan | None = None, max_seconds: float | None = None,
+                stop: Callable[[int, float], bool] | None = None) -> LeakageReport:
         """The leakage report of the probes at ``step`` (library call; no logging): on ``model`` (default: the
         module's current one) under ``noise`` (default: the defense's at ``step``), as ``plan`` says (default:
-        every probe, exact spectra as at a first evaluation)."""
+        every probe, exact spectra as at a first evaluation); a fresh basis stops growing before a product that
+        would end past ``max_seconds``."""
         x, y = self._probe
         device = pl_module.device
         model = pl_module.model if model is None else model
         plan = self._full_plan(final=True, model=model) if plan is None else plan
         index = self._subset(plan)
-        self._last_index, self._last_products = index, None
+        self._last_index, self._last_fit = index, None
         xs, ys = x[index].to(device), y[index].to(device)
         defense = pl_module.defense
         common = dict(
@@ -421,13 +536,26 @@ class I2FMonitor(Callback):
         )
         if self.method != "lanczos":
             return measure_leakage(model, xs, ys, defense, step, method=self.method, **common)
-        warm = plan.warm and self._basis is not None and self._basis.shape[:2] == (len(index), plan.steps)
-        report, fit = monitor_leakage(model, xs, ys, defense, step, basis=self._basis if warm else None,
-                                      steps=self.lanczos_steps if warm else plan.steps, **common)
-        calls, vectors = spectrum_products(model, x[0].numel(), plan.spectra) if plan.spectra else (0, 0)
-        self._last_products = (fit.products[0] + calls, fit.products[1] + vectors)
-        self._basis = fit.basis
+        stored = self._basis
+        warm = plan.warm and stored is not None and len(stored) >= len(index) > 1
+        basis = stored[: len(index), : plan.steps] if warm else None  # leading rows: the smaller Krylov basis
+        report, fit = monitor_leakage(model, xs, ys, defense, step, basis=basis,
+                                      steps=self.lanczos_steps if warm else plan.steps,
+                                      max_seconds=max_seconds, min_steps=self.MIN_LANCZOS_STEPS, stop=stop,
+                                      **common)
+        self._last_fit = fit
+        self._keep_basis(fit.basis)
         return report
+
+    def _keep_basis(self, new: Tensor) -> None:
+        """Store the basis for the next evaluation: it replaces the stored one when it covers as many probes;
+        a reduced evaluation (fewer probes) updates their rows when the sizes agree and otherwise leaves the
+        stored basis as it was (an older start for those probes, not a smaller probe set for the rest of the run)."""
+        stored = self._basis
+        if stored is None or len(new) >= len(stored):
+            self._basis = new
+        elif new.shape[1:] == stored.shape[1:]:
+            self._basis = torch.cat([new, stored[len(new):]])
 
     @staticmethod
     def _batch_size(trainer: pl.Trainer, defense: Any) -> int | None:

@@ -77,10 +77,24 @@ class TradeoffTracker(Callback):
         self.summary_path: Path | None = None
         self._fit_final: dict[str, float] = {}
         self._last_audit: float | None = None
+        self._metrics: Mapping[str, Any] | None = None  # trainer.callback_metrics as of this epoch's start
+        self._last_step_value: Any = None
 
-    def _see_leakage(self, trainer: pl.Trainer) -> None:
-        value, step = _metric(trainer, self.leakage_key), _metric(trainer, self.leakage_step_key)
-        if value is not None and step is not None:
+    def _see_leakage(self, trainer: pl.Trainer, metrics: Mapping[str, Any] | None = None) -> None:
+        """Record the leakage value last logged and the step it was measured at. ``metrics``: the dict
+        ``trainer.callback_metrics`` returned earlier this epoch (the per-batch path: that property re-reduces
+        every logged metric on each call, ~0.25 ms a batch on digits, while the monitor's values are written
+        straight into the same dict); a tensor already seen (the same object) is not converted again."""
+        metrics = trainer.callback_metrics if metrics is None else metrics
+        step_value = metrics.get(self.leakage_step_key)
+        if step_value is None or step_value is self._last_step_value:
+            return
+        value = metrics.get(self.leakage_key)
+        if value is None:
+            return
+        self._last_step_value = step_value
+        value, step = float(value), float(step_value)
+        if not (math.isnan(value) or math.isnan(step)):
             self.leakage_seen[int(step)] = value
 
     def _nearest_leakage(self, step: int) -> tuple[float | None, int | None]:
@@ -104,9 +118,12 @@ class TradeoffTracker(Callback):
         self._last_audit = value
         return value
 
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._metrics = trainer.callback_metrics  # the same dict all epoch (Lightning replaces it between runs)
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self._see_leakage(trainer)
+        self._see_leakage(trainer, self._metrics)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:

@@ -17,6 +17,8 @@ Scales: ``expected_i2f`` is ‖I²F‖ in the model's (normalised) input space; 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +27,7 @@ from torch import Tensor, nn
 from pl_i2f.defenses import Defense, NoiseSampler
 from pl_i2f.defenses.base import analysis_model
 from pl_i2f.influence import PerSampleLeakage, per_sample_leakage
-from pl_i2f.influence.warm import BasisLeakage, basis_leakage
+from pl_i2f.influence.warm import BasisLeakage, basis_leakage, exact_spectra
 
 LANCZOS_CHAINS = 4  # Lanczos chains per probe sample in measure_leakage (full precision)
 DEFAULT_TARGET_PIXEL_RMSE = 0.1  # ≈ 20 dB PSNR: an attacker's reconstruction this far off is a blur
@@ -158,16 +160,24 @@ def _finite(scalars: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in scalars.items() if math.isfinite(v)}
 
 
-def _exact_spectra(model: nn.Module, x: Tensor, y: Tensor, count: int, exact_max_dim: int,
-                   generator: torch.Generator | None) -> PerSampleLeakage | None:
-    # an exact spectrum costs d_x products per sample: affordable for digits (256), not for CIFAR (3,072)
+@dataclass
+class ExactSpectra:
+    """The extreme eigenvalues of some probes' JᵢJᵢᵀ, from their full spectra."""
+
+    lambda_min: Tensor
+    lambda_max: Tensor
+
+
+def _exact_spectra(model: nn.Module, x: Tensor, y: Tensor, count: int, exact_max_dim: int) -> ExactSpectra | None:
+    # an exact spectrum costs d_x forward-mode products per sample: affordable for digits (256), not CIFAR (3,072)
     if count <= 0 or x[0].numel() > exact_max_dim:
         return None
     k = min(count, len(y))
-    return per_sample_leakage(model, x[:k], y[:k], method="exact", expected=False, generator=generator)
+    eigenvalues = exact_spectra(model, x[:k], y[:k])
+    return ExactSpectra(lambda_min=eigenvalues[:, 0], lambda_max=eigenvalues[:, -1])
 
 
-def _add_spectra(report: LeakageReport, spectra: PerSampleLeakage) -> None:
+def _add_spectra(report: LeakageReport, spectra: ExactSpectra | PerSampleLeakage) -> None:
     """λ_min and the condition number, over the probes whose exact spectrum was computed."""
     lam_min = spectra.lambda_min.double().clamp_min(0)
     report.scalars.update(_finite({
@@ -177,12 +187,12 @@ def _add_spectra(report: LeakageReport, spectra: PerSampleLeakage) -> None:
 
 
 def spectrum_products(model: nn.Module, d_x: int, count: int) -> tuple[int, int]:
-    """(products, vectors) of the exact spectra of ``count`` samples (as :func:`per_sample_leakage` chunks
-    them), for the monitor's cost plan."""
+    """(products, vectors) that the exact spectra of ``count`` samples are worth, for the monitor's cost plan
+    before one has been timed: d_x Jacobian columns per sample, a column (one forward-mode product) counted
+    as half a JJᵀ product vector."""
     d_theta = sum(p.numel() for p in model.parameters() if p.requires_grad)
     columns = max(1, min(d_x, (1 << 25) // max(1, count * d_theta)))
-    calls = math.ceil(d_x / columns)
-    return calls, count * d_x
+    return math.ceil(d_x / columns), max(1, count * d_x // 2)
 
 
 def measure_leakage(
@@ -228,7 +238,7 @@ def measure_leakage(
         method=method, noise_draws=noise_draws, probes=LANCZOS_CHAINS, generator=generator,
     )
     spectra = result if result.lambda_min is not None else _exact_spectra(
-        model, x, y, exact_spectrum_probes, exact_max_dim, generator)
+        model, x, y, exact_spectrum_probes, exact_max_dim)
     report = LeakageReport(per_sample=result, labels=y.detach().cpu(), pixel_std=pixel_std, noise=noise, step=step)
     unit = None
     if noise.std is not None:
@@ -260,6 +270,9 @@ def monitor_leakage(
     target_pixel_rmse: float = DEFAULT_TARGET_PIXEL_RMSE,
     clipping_norm: float | None = None,
     batch_size: int | None = None,
+    max_seconds: float | None = None,
+    min_steps: int = 2,
+    stop: Callable[[int, float], bool] | None = None,
 ) -> tuple[LeakageReport, BasisLeakage]:
     """The leakage monitor's evaluation: :func:`measure_leakage`'s report at monitoring precision.
 
@@ -269,12 +282,14 @@ def monitor_leakage(
     Isotropic noise uses E‖I²F‖ = σ·(its value at σ = 1); other noise (anisotropic) adds Monte Carlo over
     the defense's draws (:func:`pl_i2f.influence.per_sample_leakage`). ``exact_spectrum_probes`` > 0 adds the
     exact spectra (λ_min, condition number) of that many probes — the monitor asks for them at its first
-    and last evaluation only. Within 5% of the full-precision computation along a digits run (tested).
+    and last evaluation only (their seconds in ``fit.spectra_seconds``). ``max_seconds``/``min_steps``/``stop``: a
+    fresh basis stops growing when its next product would not fit (:func:`basis_leakage`). Within 5% of the
+    full-precision computation along a digits run (tested).
     """
     model = analysis_model(model)
     noise = NoiseModel.of(defense, step, model) if noise is None else noise
     fit = basis_leakage(model, x, y, steps=steps, basis=basis, damping=damping, relative_damping=relative_damping,
-                        generator=generator)
+                        generator=generator, max_seconds=max_seconds, min_steps=min_steps, stop=stop)
     n = x[0].numel()
     unit = fit.unit_i2f_sq.clamp_min(0).sqrt()
     if noise.std is not None:
@@ -287,7 +302,9 @@ def monitor_leakage(
                                 noise_draws=noise_draws, tol=1e-2, generator=generator)
         expected_i2f, expected_jdelta, converged, damping_used = (mc.expected_i2f, mc.expected_jdelta, mc.converged,
                                                                    mc.damping)
-    spectra = _exact_spectra(model, x, y, exact_spectrum_probes, exact_max_dim, generator)
+    started = time.perf_counter()
+    spectra = _exact_spectra(model, x, y, exact_spectrum_probes, exact_max_dim)
+    fit.spectra_seconds = time.perf_counter() - started if spectra is not None else 0.0
     result = PerSampleLeakage(
         lambda_max=fit.lambda_max, lambda_min=None, trace=fit.trace, expected_jdelta=expected_jdelta,
         lower_bound=expected_jdelta / (fit.lambda_max + damping_used), expected_i2f=expected_i2f,

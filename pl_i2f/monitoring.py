@@ -116,6 +116,10 @@ class ProductCost:
         a, b = self.coefficients()
         return a * calls + b * vectors
 
+    def price(self, plan: EvaluationPlan) -> float:
+        """Seconds of ``plan``'s products."""
+        return self.predict(*plan.products())
+
     def state_dict(self) -> dict[str, Any]:
         return {"observations": [list(o) for o in self.observations]}
 
@@ -156,22 +160,96 @@ class EvaluationPlan:
         return ", ".join(parts)
 
 
-def reductions(full: EvaluationPlan, min_steps: int = 4) -> list[EvaluationPlan]:
-    """The plans an evaluation may shrink to, largest first: without the exact spectra, then the probes
-    halved down to one, then the Lanczos basis halved down to ``min_steps`` vectors (lower precision)."""
+def reductions(full: EvaluationPlan, min_steps: int = 4, keep_probes: int = 1) -> list[EvaluationPlan]:
+    """The plans an evaluation may shrink to, largest first. With ``keep_probes`` = 1: without the exact
+    spectra, then the probes halved down to one, then the Lanczos basis halved down to ``min_steps`` vectors
+    (lower precision). With ``keep_probes`` > 1 (the monitor's 8): the probes halved down to ``keep_probes``
+    with the exact spectra kept (λ_min and the condition number come only from the first and last evaluation),
+    then without them, then the basis halved down to 4 vectors at that many probes (several samples at lower
+    precision tell more about the mean than one sample at high precision), then the probes halved down to
+    one, then the basis down to ``min_steps``. A warm plan stays warm while it has several probes (its basis
+    truncated to the first probes and rows: the leading rows of a Krylov basis are the smaller Krylov basis);
+    one probe starts afresh (through the plain autograd operator, where sequential Lanczos steps cost what a
+    block of them does)."""
     plans = [full]
+
+    def shrunk(base: EvaluationPlan, probes: int, steps: int) -> EvaluationPlan:
+        return replace(base, probes=probes, steps=steps, warm=base.warm and probes > 1,
+                       spectra=min(base.spectra, probes))
+
+    probes, steps = full.probes, full.steps
+    keep = max(1, min(keep_probes, probes))
+    if keep > 1:
+        while probes > keep:
+            probes = max(keep, probes // 2)
+            plans.append(shrunk(full, probes, steps))
+    base = replace(full, spectra=0)
     if full.spectra:
-        plans.append(replace(full, spectra=0))
-    base = replace(plans[-1], warm=False)  # a basis covers its own probes and size only: smaller starts afresh
-    probes = base.probes
+        plans.append(shrunk(base, probes, steps))
+    while keep > 1 and steps > max(min_steps, 4):
+        steps = max(min_steps, 4, steps // 2)
+        plans.append(shrunk(base, probes, steps))
     while probes > 1:
         probes = max(1, probes // 2)
-        plans.append(replace(base, probes=probes))
-    steps = base.steps
+        plans.append(shrunk(base, probes, steps))
     while steps > min_steps:
         steps = max(min_steps, steps // 2)
-        plans.append(replace(base, probes=1, steps=steps))
+        plans.append(shrunk(base, 1, steps))
     return plans
+
+
+class PlanCost:
+    """What a plan costs on the two paths an evaluation takes, each fitted on its own products:
+
+    * ``batched`` — several probes through the vmapped per-sample operator (``seconds ≈ a·products +
+      b·vectors``; overhead-bound on small models, so a block of vectors costs little more than one);
+    * ``single`` — one probe through the plain autograd operator: one recorded graph per evaluation, then
+      sequential Lanczos steps (``seconds ≈ a·evaluations + b·steps``; 2.5–4× cheaper a product than vmap);
+    * ``spectra`` — seconds per probe of an exact spectrum (its Jacobian, :func:`pl_i2f.influence.warm.exact_spectra`);
+      until one is measured, priced as ``spectrum_vectors`` batched vectors.
+
+    A path not measured yet is priced ``inf`` (never planned blind). ``logging``: an evaluation's logging,
+    added to every plan."""
+
+    PATHS = ("batched", "single", "spectra", "logging")
+
+    def __init__(self) -> None:
+        self.batched = ProductCost()
+        self.single = ProductCost()
+        self.spectra = ProductCost()
+        self.logging = ProductCost()  # seconds of an evaluation's logging (scalars, W&B histogram), per evaluation
+
+    @property
+    def known(self) -> bool:
+        return self.batched.known or self.single.known
+
+    @staticmethod
+    def is_single(plan: EvaluationPlan) -> bool:
+        return plan.probes == 1 and not plan.warm
+
+    def price(self, plan: EvaluationPlan) -> float:
+        core = replace(plan, spectra=0)
+        if self.is_single(plan):
+            seconds = self.single.predict(1, plan.steps) if self.single.known else math.inf
+        else:
+            seconds = self.batched.price(core) if self.batched.known else math.inf
+        if plan.spectra:
+            if self.spectra.known:
+                seconds += self.spectra.predict(1, plan.spectra)
+            elif self.batched.known:
+                seconds += self.batched.predict(plan.spectrum_products, plan.spectrum_vectors)
+            else:
+                seconds = math.inf
+        return seconds + (self.logging.predict(0, 1) if self.logging.known else 0.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name).state_dict() for name in self.PATHS}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "observations" in state:  # a checkpoint from before the paths were priced apart: the vmapped path
+            state = {"batched": state}
+        for name in self.PATHS:
+            getattr(self, name).load_state_dict(state.get(name, {}))
 
 
 class OverheadBudget:
@@ -237,32 +315,36 @@ class OverheadBudget:
             return True
         return cost <= (self.left() if final else self.share(step))
 
-    def plan(self, step: int, full: EvaluationPlan, cost: ProductCost, final: bool = False,
-             min_steps: int = 4, later_steps: int | None = None) -> EvaluationPlan | None:
+    def plan(self, step: int, full: EvaluationPlan, cost: ProductCost | PlanCost, final: bool = False,
+             min_steps: int = 4, later_steps: int | None = None, keep_probes: int = 1,
+             reserve: float = 0.0) -> EvaluationPlan | None:
         """The largest :func:`reductions` plan whose cost, plus the warm-started evaluations still scheduled
         after it at the same size (a basis of ``later_steps`` vectors when given), fits what is left — a fresh
         first evaluation is an investment that makes the later ones cheap, so it is planned with them; else
         the smallest plan if it fits with only the final evaluation reserved (reduced rather than skipped);
-        else ``None`` (skip)."""
+        else ``None`` (skip). ``reserve``: seconds held back for something later (the final evaluation's exact
+        spectra), given up before the smallest plan is."""
         if self.unlimited:
             return full
         later = 0 if final or self.total_steps is None else self.schedule.remaining(step, self.total_steps) - 1
-        plans = reductions(full, min_steps)
+        plans = reductions(full, min_steps, keep_probes)
         for plan in plans:
-            if cost.predict(*plan.products()) + self._later_cost(plan, cost, later_steps) * later <= self.left():
+            if cost.price(plan) + self._later_cost(plan, cost, later_steps) * later + reserve <= self.left():
                 return plan
         smallest = plans[-1]
         reserve = 0.0 if final else self._later_cost(smallest, cost, None)
-        return smallest if cost.predict(*smallest.products()) + reserve <= self.left() else None
+        return smallest if cost.price(smallest) + reserve <= self.left() else None
 
     @staticmethod
-    def _later_cost(plan: EvaluationPlan, cost: ProductCost, later_steps: int | None) -> float:
+    def _later_cost(plan: EvaluationPlan, cost: ProductCost | PlanCost, later_steps: int | None) -> float:
         """What one later evaluation at ``plan``'s size costs: warm-started (two block products of a basis of
         ``later_steps`` vectors) or fresh, whichever is cheaper — warm wins on overhead-bound models (lenet_zhu
         on CPU), fresh on compute-bound ones (resnet18 on CPU, where two blocks of k vectors cost 2k)."""
+        if isinstance(cost, PlanCost) and plan.probes == 1:  # one probe always starts afresh (see reductions)
+            return cost.price(replace(plan, warm=False, spectra=0))
         warm_steps = plan.steps if later_steps is None else max(plan.steps, later_steps)
-        warm = cost.predict(*replace(plan, warm=True, spectra=0, steps=warm_steps).products())
-        fresh = cost.predict(*replace(plan, warm=False, spectra=0).products())
+        warm = cost.price(replace(plan, warm=True, spectra=0, steps=warm_steps))
+        fresh = cost.price(replace(plan, warm=False, spectra=0))
         return min(warm, fresh)
 
     def state_dict(self) -> dict[str, Any]:

@@ -264,3 +264,60 @@ def test_one_probe_reports_no_unfairness():
     three = measure_leakage(model, x, y, GaussianDefense(sigma=0.1), 0, generator=torch.Generator())
     assert "unfairness_cv" not in one.scalars and "unfairness_p90_p10" not in one.scalars
     assert three.scalars["unfairness_cv"] > 0 and three.scalars["unfairness_p90_p10"] >= 1
+
+
+# --- the two paths, priced apart; reductions that keep probes; the self-limiting fresh basis -----------------
+
+
+def test_plan_cost_prices_each_path_on_its_own_products_and_never_blind():
+    from pl_i2f.monitoring import PlanCost
+
+    cost = PlanCost()
+    single = EvaluationPlan(probes=1, steps=4)
+    several = EvaluationPlan(probes=8, steps=4, warm=True)
+    assert math.isinf(cost.price(single)) and math.isinf(cost.price(several))  # nothing measured: not planned
+    cost.single.observe(1, 4, 2.0)  # one probe through the plain operator: 0.5 s a Lanczos step (resnet18-like)
+    assert cost.price(single) == pytest.approx(2.0) and math.isinf(cost.price(several))
+    cost.batched.observe(1, 8, 0.09)
+    cost.batched.observe(1, 32, 0.10)  # overhead-bound: fixed part dominates
+    assert cost.price(several) == pytest.approx(2 * (0.0867 + 32 * 0.000417), rel=0.01)
+    spectra = EvaluationPlan(probes=8, steps=4, warm=True, spectra=2, spectrum_products=1, spectrum_vectors=256)
+    assert cost.price(spectra) > cost.price(several)  # priced on the batched fit until one is timed
+    cost.spectra.observe(1, 2, 0.3)
+    assert cost.price(spectra) == pytest.approx(cost.price(several) + 0.3)
+    restored = PlanCost()
+    restored.load_state_dict(cost.state_dict())
+    assert restored.price(spectra) == pytest.approx(cost.price(spectra))
+
+
+def test_reductions_keep_eight_probes_and_the_spectra_before_the_basis():
+    full = EvaluationPlan(probes=32, steps=8, spectra=2, spectrum_products=1, spectrum_vectors=256)
+    plans = reductions(full, min_steps=2, keep_probes=8)
+    sizes = [(p.probes, p.steps, p.spectra) for p in plans]
+    assert sizes == [(32, 8, 2), (16, 8, 2), (8, 8, 2), (8, 8, 0), (8, 4, 0), (4, 4, 0), (2, 4, 0), (1, 4, 0),
+                     (1, 2, 0)]
+    warm = reductions(EvaluationPlan(probes=8, steps=16, warm=True), min_steps=2, keep_probes=8)
+    assert all(p.warm for p in warm if p.probes > 1) and not any(p.warm for p in warm if p.probes == 1)
+
+
+def test_fresh_basis_stops_at_its_time_limit_but_not_below_the_minimum(digits_run):
+    from pl_i2f.influence.warm import basis_leakage
+
+    _, kept, x, y = digits_run
+    limited = basis_leakage(kept[0], x[:2], y[:2], steps=8, max_seconds=0.0, min_steps=2)
+    assert limited.products == (2, 4) and limited.basis.shape[1] == 2
+    stopped = basis_leakage(kept[0], x[:2], y[:2], steps=8, stop=lambda steps, seconds: steps >= 3)
+    assert stopped.products[0] == 3
+    full = basis_leakage(kept[0], x[:2], y[:2], steps=8)
+    assert full.products == (8, 16)
+
+
+def test_exact_spectra_from_the_jacobian_match_the_dense_gram(digits_run):
+    from pl_i2f.influence import per_sample_leakage
+    from pl_i2f.influence.warm import exact_spectra
+
+    _, kept, x, y = digits_run
+    eigenvalues = exact_spectra(kept[100], x[:2], y[:2], block_numbers=1 << 20)  # several column blocks
+    dense = per_sample_leakage(kept[100], x[:2], y[:2], method="exact", expected=False)
+    assert torch.allclose(eigenvalues[:, -1], dense.lambda_max, rtol=1e-4)
+    assert torch.allclose(eigenvalues[:, 0], dense.lambda_min, rtol=1e-2, atol=1e-6 * float(dense.lambda_max.max()))
