@@ -149,8 +149,8 @@ def main() -> None:
                 largest_failing = between
         bracket = (f"{largest_failing:.4g} fails, {smallest:.4g} meets" if smallest and largest_failing
                    else f"not bracketed; smallest meeting: {smallest:.4g}" if smallest else "none met")
-        rows.append(f"| smallest constant σ meeting the target ({args.factor:g}× grid"
-                    f"{', refined' if args.refine else ''}) | {bracket} | | | | | | |")
+        search = "one run" if args.tries == 1 else f"{args.factor:g}× grid{', refined' if args.refine else ''}"
+        rows.append(f"| smallest constant σ meeting the target ({search}) | {bracket} | | | | | | |")
         if not args.skip_dp:
             from opacus.accountants.utils import get_noise_multiplier
 
