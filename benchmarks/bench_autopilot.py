@@ -7,8 +7,14 @@ audited DLG PSNR.
 Gaussian: the autopilot (``noise_schedule=leakage_target``, target ``--target`` dB) against the smallest
 constant σ that meets the same target over the whole run. That σ is found from the autopilot's own
 measurements: the largest σ it found required (``sigma_required``, margins included) is the first candidate,
-run as a constant; then a 1.5× grid search — down while ≥ 90% of the run's evaluations meet target + 1 dB, up
-while they do not — until the meeting/failing boundary is bracketed (at most ``--tries`` runs).
+run as a constant; then a ``--factor`` (1.5×) grid search — down while ≥ 90% of the run's evaluations meet
+target + 1 dB, up while they do not — until the meeting/failing boundary is bracketed (at most ``--tries``
+runs); ``--refine`` adds one run at the geometric mean of the bracket. To continue an earlier search without
+rerunning what it measured: ``--skip-autopilot --start-sigma S`` starts the grid at S, and ``--append`` adds the
+new rows to ``--out`` as a section instead of replacing it, e.g.
+
+    python benchmarks/bench_autopilot.py --skip-autopilot --skip-dp --start-sigma 0.007106 --factor 2 \
+        --tries 6 --refine --append
 DP-SGD: the autopilot (floor ``--dp-sigma-min``) against the constant noise multiplier that spends the same
 final ε over the same steps (Opacus' ``get_noise_multiplier``).
 
@@ -87,35 +93,64 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=20.0)
     parser.add_argument("--dp-target", type=float, default=50.0)
     parser.add_argument("--dp-sigma-min", type=float, default=0.8)
-    parser.add_argument("--tries", type=int, default=4)
+    parser.add_argument("--tries", type=int, default=4, help="most constant-σ runs in the grid search")
+    parser.add_argument("--factor", type=float, default=1.5, help="grid step of the constant-σ search")
+    parser.add_argument("--start-sigma", type=float, default=None,
+                        help="first constant σ (default: the autopilot's largest required σ)")
+    parser.add_argument("--refine", action="store_true",
+                        help="once bracketed, one more run at the geometric mean of the bracket")
+    parser.add_argument("--skip-autopilot", action="store_true",
+                        help="gaussian: run only the constant search (needs --start-sigma)")
     parser.add_argument("--skip-dp", action="store_true")
+    parser.add_argument("--append", action="store_true", help="append the rows to --out instead of replacing it")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "autopilot.md")
     args = parser.parse_args()
+    if args.factor <= 1:
+        parser.error("--factor must be > 1")
+    if args.skip_autopilot and args.start_sigma is None:
+        parser.error("--skip-autopilot needs --start-sigma")
     load_before = os.getloadavg()
     rows: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bench_autopilot_") as tmp:
         out = Path(tmp)
         common = ["defense=gaussian", f"trainer.max_epochs={args.epochs}", "noise_schedule=leakage_target",
                   f"noise_schedule.target_psnr={args.target}", "seed=0"]
-        auto = run("gaussian_autopilot", common, out)
-        rows.append(row(f"gaussian, autopilot (target {args.target:g} dB)", auto))
-        print(rows[-1], flush=True)
-        # the smallest constant σ meeting the target at >= 90% of evaluations, on a 1.5× grid: start at the
-        # largest σ the autopilot found required; step down while it meets, up while it does not
-        sigma, direction, smallest = auto["max_required"], None, None
-        for attempt in range(args.tries):
+        if not args.skip_autopilot:
+            auto = run("gaussian_autopilot", common, out)
+            rows.append(row(f"gaussian, autopilot (target {args.target:g} dB)", auto))
+            print(rows[-1], flush=True)
+
+        def constant(sigma: float, attempt: int | str) -> bool:
             const = run(f"gaussian_constant_{attempt}", [*common, *pinned(sigma)], out)
             meets = const["fraction"] >= 0.9
             rows.append(row(f"gaussian, constant σ = {sigma:.4g}{' (meets)' if meets else ''}", const))
             print(rows[-1], flush=True)
+            return meets
+
+        # the smallest constant σ meeting the target at >= 90% of evaluations, on a geometric grid: start at the
+        # largest σ the autopilot found required (or --start-sigma); step down while it meets, up while it does not
+        sigma = args.start_sigma if args.start_sigma is not None else auto["max_required"]
+        direction, smallest, largest_failing = None, None, None
+        for attempt in range(args.tries):
+            meets = constant(sigma, attempt)
             if meets:
-                smallest = sigma
-            step = 1 / 1.5 if meets else 1.5
+                smallest = sigma if smallest is None else min(smallest, sigma)
+            else:
+                largest_failing = sigma if largest_failing is None else max(largest_failing, sigma)
+            step = 1 / args.factor if meets else args.factor
             if direction is not None and step != direction:
                 break  # bracketed: the smallest meeting σ on the grid is known
             direction, sigma = step, sigma * step
-        rows.append(f"| smallest constant σ meeting the target on the 1.5× grid | {smallest if smallest else '—'} "
-                    "| | | | | | |")
+        if args.refine and smallest is not None and largest_failing is not None:
+            between = (smallest * largest_failing) ** 0.5
+            if constant(between, "refine"):
+                smallest = between
+            else:
+                largest_failing = between
+        bracket = (f"{largest_failing:.4g} fails, {smallest:.4g} meets" if smallest and largest_failing
+                   else f"not bracketed; smallest meeting: {smallest:.4g}" if smallest else "none met")
+        search = "one run" if args.tries == 1 else f"{args.factor:g}× grid{', refined' if args.refine else ''}"
+        rows.append(f"| smallest constant σ meeting the target ({search}) | {bracket} | | | | | | |")
         if not args.skip_dp:
             from opacus.accountants.utils import get_noise_multiplier
 
@@ -135,15 +170,21 @@ def main() -> None:
     load_after = os.getloadavg()
     header = ["| run | σ over training | val acc | test acc | ε | evaluations ≤ target + 1 dB | audited DLG PSNR (dB) "
               "| seconds |", "|---|---|---|---|---|---|---|---|"]
-    text = "\n".join([
-        "# Leakage autopilot benchmark", "",
-        f"`python benchmarks/bench_autopilot.py --epochs {args.epochs} --dp-epochs {args.dp_epochs} "
-        f"--dp-target {args.dp_target:g}` "
-        f"(digits, lenet_zhu; DP-SGD: the dpsgd recipe). Load average {load_before[0]:.1f} before, "
-        f"{load_after[0]:.1f} after. {time.strftime('%Y-%m-%d %H:%M')}.", "",
-        *header, *rows, "",
-    ])
-    args.out.write_text(text)
+    command = " ".join(["python benchmarks/bench_autopilot.py", *sys.argv[1:]])
+    load = (f"Load average {load_before[0]:.1f} before, {load_after[0]:.1f} after. "
+            f"{time.strftime('%Y-%m-%d %H:%M')}.")
+    if args.append:
+        text = "\n".join(["", f"## `{command}`", "",
+                          f"Digits, lenet_zhu, {args.epochs} epochs. {load}", "", *header, *rows, ""])
+        with args.out.open("a") as handle:
+            handle.write(text)
+    else:
+        text = "\n".join([
+            "# Leakage autopilot benchmark", "",
+            f"`{command}` (digits, lenet_zhu; DP-SGD: the dpsgd recipe). {load}", "",
+            *header, *rows, "",
+        ])
+        args.out.write_text(text)
     print(text)
 
 
