@@ -312,18 +312,3 @@ def config_key(config: Any, smoke: bool) -> str:
 # --- figures ------------------------------------------------------------------------------------------
 
 
-def pyplot():
-    """matplotlib's pyplot on the non-interactive Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig: Any, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    pyplot().close(fig)
-    return path

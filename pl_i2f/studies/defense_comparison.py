@@ -19,7 +19,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pl_i2f.studies.training import HEADLINE, TrainingRun, finite, pyplot
+from pl_i2f.studies.figures import pyplot, save_figure
+from pl_i2f.studies.training import HEADLINE, TrainingRun, finite
 
 NAME = "defense_comparison"
 ACCURACY_FLOORS = (0.5, 0.7, 0.8, 0.9)
@@ -171,7 +172,7 @@ def plot(records: list[dict[str, Any]], summary: dict[str, Any], out_dir: Path) 
         ax_calib.legend(fontsize=8)
     fig.suptitle("defense_comparison: lenet_zhu on digits (DP-SGD: its tanh/SGD recipe), final values")
     fig.tight_layout()
-    figures.append(_save(fig, out_dir / f"{NAME}.png"))
+    figures.append(save_figure(fig, out_dir / f"{NAME}.png"))
 
     at = summary.get("at_matched_accuracy", {})
     with_classes = {k: v for k, v in at.items() if isinstance(v.get("per_class"), dict) and v["per_class"]}
@@ -197,12 +198,5 @@ def plot(records: list[dict[str, Any]], summary: dict[str, Any], out_dir: Path) 
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.grid(alpha=0.3, axis="y")
         fig.tight_layout()
-        figures.append(_save(fig, out_dir / f"{NAME}_unfairness.png"))
+        figures.append(save_figure(fig, out_dir / f"{NAME}_unfairness.png"))
     return figures
-
-
-def _save(fig: Any, path: Path) -> Path:
-    plt = pyplot()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

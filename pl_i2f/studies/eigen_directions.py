@@ -35,12 +35,11 @@ from pl_i2f.studies.common import (
     float64_copy,
     median,
     probe_model,
-    pyplot,
     run_units,
-    save_figure,
     save_result,
     spearman,
 )
+from pl_i2f.studies.figures import pyplot, save_figure
 
 NAME = "eigen_directions"
 

@@ -18,7 +18,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pl_i2f.studies.training import HEADLINE, TrainingRun, finite, mean_and_spread, pyplot, std
+from pl_i2f.studies.figures import pyplot, save_figure
+from pl_i2f.studies.training import HEADLINE, TrainingRun, finite, mean_and_spread, std
 
 NAME = "init_study"
 #: inits whose mean final validation accuracy is within this of the best count as "equal accuracy"
@@ -145,7 +146,7 @@ def plot(records: list[dict[str, Any]], summary: dict[str, Any], out_dir: Path) 
             ax.legend(fontsize=8)
     fig.suptitle("init_study: lenet_zhu on digits, no defense")
     fig.tight_layout()
-    figures.append(_save(fig, out_dir / f"{NAME}_curves.png"))
+    figures.append(save_figure(fig, out_dir / f"{NAME}_curves.png"))
 
     # 2. final accuracy against the leakage at initialisation and at the end
     runs = [r for r in records if r["kind"] == "run"]
@@ -173,12 +174,5 @@ def plot(records: list[dict[str, Any]], summary: dict[str, Any], out_dir: Path) 
     axes[0].set_ylabel("final validation accuracy (fraction)")
     fig.suptitle("init_study: each small dot a seed, large = mean ± std over seeds")
     fig.tight_layout()
-    figures.append(_save(fig, out_dir / f"{NAME}_accuracy_vs_leakage.png"))
+    figures.append(save_figure(fig, out_dir / f"{NAME}_accuracy_vs_leakage.png"))
     return figures
-
-
-def _save(fig: Any, path: Path) -> Path:
-    plt = pyplot()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

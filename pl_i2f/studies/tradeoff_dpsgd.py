@@ -13,7 +13,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pl_i2f.studies.training import HEADLINE, TrainingRun, finite, pyplot
+from pl_i2f.studies.figures import pyplot, save_figure
+from pl_i2f.studies.training import HEADLINE, TrainingRun, finite
 
 NAME = "tradeoff_dpsgd"
 EPSILON_BUDGETS = (1.0, 3.0, 8.0)
@@ -129,8 +130,4 @@ def plot(records: list[dict[str, Any]], summary: dict[str, Any], out_dir: Path) 
     ax_z.set_title("what the noise multiplier buys")
     ax_z.grid(alpha=0.3, which="both")
     fig.suptitle("tradeoff_dpsgd: DP-SGD on digits (tanh lenet_zhu, SGD, batch 256, clipping norm 1)")
-    fig.tight_layout()
-    path = out_dir / f"{NAME}.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return [save_figure(fig, out_dir / f"{NAME}.png")]
