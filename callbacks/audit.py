@@ -16,7 +16,7 @@ from callbacks._logging import log_media, log_scalars, wandb_image, wandb_run
 from pl_i2f.attacks import attack_config, invert
 from pl_i2f.defenses.base import analysis_model
 from pl_i2f.errors import ConfigError
-from pl_i2f.leakage import mean_pixel_std, measure_leakage
+from pl_i2f.leakage import mean_pixel_std, measure_leakage, undamped_leakage
 from pl_i2f.metrics import per_image_metrics
 from pl_i2f.report import format_number
 
@@ -41,8 +41,11 @@ class AttackAudit(Callback):
     console (and ``train.log``) every ``progress_seconds``.
 
     Logs ``audit/rmse``, ``audit/psnr``, ``audit/ssim`` (reconstruction vs original, [0, 1] pixels),
-    ``audit/predicted_pixel_rmse`` (I²F), ``audit/rmse_over_predicted`` (attack RMSE / prediction, same
-    samples), ``audit/failed``, ``audit/out_of_time``, ``audit/seconds`` and, over
+    ``audit/predicted_pixel_rmse`` (I²F, damped as the monitor's), ``audit/rmse_over_predicted`` (attack RMSE /
+    prediction, same samples), for inputs of ≤ 1,024 values under isotropic noise also
+    ``audit/undamped_pixel_rmse`` and ``audit/rmse_over_undamped`` (the undamped I²F from exact float64
+    spectra: the attack-calibrated estimate, :func:`pl_i2f.leakage.undamped_leakage`), ``audit/failed``,
+    ``audit/out_of_time``, ``audit/seconds`` and, over
     all audits so far, ``audit/rank_correlation`` of (predicted, actual) — the live calibration of the
     estimator; with W&B an image grid (originals above reconstructions) and a predicted-vs-actual scatter plot.
 
@@ -160,10 +163,13 @@ class AttackAudit(Callback):
             model, x, y, pl_module.defense, step, pixel_std=mean_pixel_std(datamodule), damping=self.damping,
             relative_damping=self.relative_damping, worst_k=0, generator=generator,
         ).pixel_rmse
+        undamped = undamped_leakage(model, x, y, pl_module.defense, step, pixel_std=mean_pixel_std(datamodule))
+        undamped = None if undamped is None else undamped.pixel_rmse
         actual = per["rmse"]
         for i in range(len(y)):
             self.pairs.append({"epoch": epoch, "step": step, "sample": i, "label": int(y[i]),
-                               "predicted_pixel_rmse": float(predicted[i]), "attack_rmse": float(actual[i])})
+                               "predicted_pixel_rmse": float(predicted[i]), "attack_rmse": float(actual[i]),
+                               **({} if undamped is None else {"undamped_pixel_rmse": float(undamped[i])})})
         scalars = {
             "rmse": float(actual.mean()),
             "psnr": float(per["psnr"].mean()),
@@ -177,6 +183,10 @@ class AttackAudit(Callback):
         }
         if float(predicted.mean()) > 0:  # how far to trust the estimate: 1 = the attack did what I²F predicted
             scalars["rmse_over_predicted"] = float(actual.mean()) / float(predicted.mean())
+        if undamped is not None:  # the attack-calibrated estimate beside the (damped) monitoring one
+            scalars["undamped_pixel_rmse"] = float(undamped.mean())
+            if float(undamped.mean()) > 0:
+                scalars["rmse_over_undamped"] = float(actual.mean()) / float(undamped.mean())
         log_scalars(pl_module, scalars, "audit")
         self._log_media(trainer, datamodule.denormalize(x.cpu()), datamodule.denormalize(recon.cpu()))
         self.audits += 1

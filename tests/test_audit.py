@@ -77,3 +77,7 @@ def test_the_audit_reports_how_far_the_attack_is_from_the_prediction(make_cfg):
     assert metrics["audit/predicted_pixel_rmse"] > 0
     assert metrics["audit/rmse_over_predicted"] == pytest.approx(
         metrics["audit/rmse"] / metrics["audit/predicted_pixel_rmse"], rel=1e-5)
+    # beside it the undamped, attack-calibrated estimate; damping only lowers the estimated error
+    assert metrics["audit/undamped_pixel_rmse"] >= metrics["audit/predicted_pixel_rmse"] > 0
+    assert metrics["audit/rmse_over_undamped"] == pytest.approx(
+        metrics["audit/rmse"] / metrics["audit/undamped_pixel_rmse"], rel=1e-5)

@@ -321,3 +321,31 @@ def test_exact_spectra_from_the_jacobian_match_the_dense_gram(digits_run):
     dense = per_sample_leakage(kept[100], x[:2], y[:2], method="exact", expected=False)
     assert torch.allclose(eigenvalues[:, -1], dense.lambda_max, rtol=1e-4)
     assert torch.allclose(eigenvalues[:, 0], dense.lambda_min, rtol=1e-2, atol=1e-6 * float(dense.lambda_max.max()))
+
+
+def test_undamped_leakage_equals_dense_float64_algebra_on_trained_weights(digits_run):
+    """The audit's attack-calibrated estimate: σ·√(Σ 1/sᵢ²)/√d_x·pixel_std per sample, sᵢ the singular values of
+    Jᵢ (explicit, float64), on weights trained for 400 steps where JJᵀ is too ill-conditioned for float32; it is
+    never below the damped headline, and it is not computed where it cannot be exact."""
+    from torch.func import jacfwd
+
+    from pl_i2f.defenses import build as build_defense
+    from pl_i2f.influence.operator import GradientJacobian
+    from pl_i2f.leakage import measure_leakage, undamped_leakage
+
+    _, kept, x, y = digits_run
+    model, sigma, pixel_std = kept[400], 0.01, 0.37
+    defense = build_defense(name="gaussian", sigma=sigma)
+    report = undamped_leakage(model, x[:3], y[:3], defense, 400, pixel_std=pixel_std)
+    model64 = copy.deepcopy(model).double()
+    for i in range(3):
+        op = GradientJacobian(model64, x[i: i + 1].double(), y[i: i + 1])
+        singular = torch.linalg.svdvals(jacfwd(op._grad_of_x)(op.x).reshape(op.d_theta, op.d_x))
+        expected = sigma * float((1 / singular**2).sum().sqrt()) / math.sqrt(op.d_x) * pixel_std
+        assert float(report.pixel_rmse[i]) == pytest.approx(expected, rel=1e-6)
+    damped = measure_leakage(model, x[:3], y[:3], defense, 400, pixel_std=pixel_std, method="exact")
+    assert bool((report.pixel_rmse >= damped.pixel_rmse).all())
+    assert undamped_leakage(model, x[:3], y[:3], defense, 400, exact_max_dim=100) is None  # 256 values > 100
+    anisotropic = build_defense(name="anisotropic", sigma=sigma, reference_size=2)
+    anisotropic.noise.set_reference(x[6:], y[6:])
+    assert undamped_leakage(model, x[:3], y[:3], anisotropic, 400) is None
