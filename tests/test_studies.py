@@ -18,9 +18,10 @@ from scipy.stats import spearmanr
 from pl_i2f.errors import ConfigError
 from pl_i2f.report import main as report_main
 from pl_i2f.studies import STUDIES, run_study, study_module
-from pl_i2f.studies.common import load_records, spearman
+from pl_i2f.studies.common import load_records
 from pl_i2f.studies.eigen_directions import pick_directions
 from pl_i2f.studies.i2f_vs_attack import PREDICTORS
+from pl_i2f.studies.stats import spearman
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -125,16 +125,6 @@ def load_records(path: Path) -> list[dict[str, Any]]:
 # --- statistics -------------------------------------------------------------------------------------
 
 
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman's ρ by :func:`scipy.stats.spearmanr`; NaN for fewer than 3 pairs or a constant input."""
-    from scipy.stats import spearmanr
-
-    pairs = [(float(x), float(y)) for x, y in zip(a, b) if math.isfinite(float(x)) and math.isfinite(float(y))]
-    if len(pairs) < 3 or len({p[0] for p in pairs}) < 2 or len({p[1] for p in pairs}) < 2:
-        return math.nan
-    return float(spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic)
-
-
 def median(values: Iterable[float]) -> float:
     finite = sorted(v for v in values if v is not None and math.isfinite(v))
     if not finite:

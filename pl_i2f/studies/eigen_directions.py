@@ -37,9 +37,9 @@ from pl_i2f.studies.common import (
     probe_model,
     run_units,
     save_result,
-    spearman,
 )
 from pl_i2f.studies.figures import pyplot, save_figure
+from pl_i2f.studies.stats import spearman
 
 NAME = "eigen_directions"
 

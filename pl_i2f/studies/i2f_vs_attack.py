@@ -46,9 +46,9 @@ from pl_i2f.studies.common import (
     probe_model,
     run_units,
     save_result,
-    spearman,
 )
 from pl_i2f.studies.figures import pyplot, save_figure
+from pl_i2f.studies.stats import spearman
 
 NAME = "i2f_vs_attack"
 PREDICTORS = ("undamped", "monitor", "paper", "lower_bound", "monitor_expected")

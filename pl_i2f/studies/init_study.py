@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pl_i2f.studies.figures import pyplot, save_figure
+from pl_i2f.studies.stats import spearman
 from pl_i2f.studies.training import HEADLINE, TrainingRun, finite, mean_and_spread, std
 
 NAME = "init_study"
@@ -84,20 +85,10 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
         "ratio_end_best_to_worst_at_equal_accuracy": (
             per_init[preferred[0]]["leakage_end"]["mean"] / per_init[preferred[-1]]["leakage_end"]["mean"]
             if len(preferred) > 1 else None),
-        "rank_correlation_init_vs_end": _spearman(
+        "rank_correlation_init_vs_end": spearman(
             [per_init[k]["leakage_init"]["mean"] for k in per_init],
             [per_init[k]["leakage_end"]["mean"] for k in per_init]),
     }
-
-
-def _spearman(a: list[float], b: list[float]) -> float | None:
-    pairs = [(x, y) for x, y in zip(a, b) if finite(x) and finite(y)]
-    if len(pairs) < 3:
-        return None
-    from scipy.stats import spearmanr
-
-    value = float(spearmanr(*zip(*pairs)).statistic)
-    return value if math.isfinite(value) else None
 
 
 def _colors(inits: list[str]) -> dict[str, Any]:

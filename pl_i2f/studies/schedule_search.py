@@ -43,6 +43,7 @@ from typing import Any
 import yaml
 
 from pl_i2f.defenses.schedules import NoiseSchedule
+from pl_i2f.studies.stats import finite_number
 
 NAME = "schedule_search"
 SHAPES = ("constant", "linear", "cosine", "exponential", "step")
@@ -154,14 +155,6 @@ def _job_config(job: Path) -> dict[str, Any]:
     return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
 
 
-def _float(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
 def _end_ratio(schedule: dict[str, Any], steps: int | None) -> float | None:
     if not steps:
         return None
@@ -184,25 +177,25 @@ def load_trial(job: Path, tolerance: float = DEFAULT_EPSILON_TOLERANCE) -> Trial
     if not summary_path.exists():
         overrides, config = _overrides(job), _job_config(job)
         schedule = overrides.get("noise_schedule", (config.get("noise_schedule") or {}).get("name", "constant"))
-        return TrialResult(number, str(job), "failed", schedule, schedule, _float(overrides.get("optim.lr")),
+        return TrialResult(number, str(job), "failed", schedule, schedule, finite_number(overrides.get("optim.lr")),
                            config.get("seed"), None, None, None, None,
-                           _float((config.get("defense") or {}).get("target_epsilon")), False, None, None)
+                           finite_number((config.get("defense") or {}).get("target_epsilon")), False, None, None)
     summary = json.loads(summary_path.read_text())
     final, defense = summary.get("final", {}), summary.get("defense", {})
     schedule = dict(defense.get("schedule") or {"name": "constant"})
     run_config = summary.get("run_config", {})
     ratio = _end_ratio(schedule, summary.get("steps"))
-    epsilon, target = _float(final.get("privacy/epsilon")), _float(defense.get("target_epsilon"))
+    epsilon, target = finite_number(final.get("privacy/epsilon")), finite_number(defense.get("target_epsilon"))
     feasible = epsilon is not None and target is not None and epsilon <= target * (1 + tolerance)
     name = schedule.get("name", "constant")
     return TrialResult(
         number=number, path=str(job), status="ok", schedule=name, label=_label(name, ratio),
-        lr=_float(run_config.get("lr")), seed=run_config.get("seed"), end_ratio=ratio,
-        val_acc=_float(final.get("val/acc")), test_acc=_float(final.get("test/acc")), epsilon=epsilon,
-        target_epsilon=target, feasible=feasible, leakage=_float(final.get("leakage/expected_i2f_pixel_rmse")),
+        lr=finite_number(run_config.get("lr")), seed=run_config.get("seed"), end_ratio=ratio,
+        val_acc=finite_number(final.get("val/acc")), test_acc=finite_number(final.get("test/acc")), epsilon=epsilon,
+        target_epsilon=target, feasible=feasible, leakage=finite_number(final.get("leakage/expected_i2f_pixel_rmse")),
         epochs=summary.get("epochs"),
-        final=_float(schedule.get("final")) if name in ("linear", "cosine") else None,
-        gamma=_float(schedule.get("gamma")) if name in ("exponential", "step") else None,
+        final=finite_number(schedule.get("final")) if name in ("linear", "cosine") else None,
+        gamma=finite_number(schedule.get("gamma")) if name in ("exponential", "step") else None,
         step_size=schedule.get("step_size") if name == "step" else None,
     )
 
@@ -240,7 +233,7 @@ def _optuna(run_dir: Path, rows: list[TrialResult]) -> dict[str, Any] | None:
     if not path.exists():
         return None
     results = yaml.safe_load(path.read_text()) or {}
-    params, value = results.get("best_params", {}), _float(results.get("best_value"))
+    params, value = results.get("best_params", {}), finite_number(results.get("best_value"))
     matches = [r for r in rows if r.val_acc is not None and value is not None and abs(r.val_acc - value) < 1e-9
                and r.schedule == params.get("noise_schedule", r.schedule)]
     return {"best_params": params, "best_value": value,

@@ -9,11 +9,11 @@ correlations of the noise multiplier with ε, leakage and accuracy, and the best
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 from pl_i2f.studies.figures import pyplot, save_figure
+from pl_i2f.studies.stats import spearman
 from pl_i2f.studies.training import HEADLINE, TrainingRun, finite
 
 NAME = "tradeoff_dpsgd"
@@ -41,16 +41,6 @@ def analyse(runs: list[TrainingRun]) -> tuple[list[dict[str, Any]], dict[str, An
     return records, summarise(records)
 
 
-def _spearman(a: list[Any], b: list[Any]) -> float | None:
-    pairs = [(x, y) for x, y in zip(a, b) if finite(x) and finite(y)]
-    if len(pairs) < 3:
-        return None
-    from scipy.stats import spearmanr
-
-    value = float(spearmanr(*zip(*pairs)).statistic)
-    return value if math.isfinite(value) else None
-
-
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     runs = [r for r in records if r["kind"] == "run"]
     z = [r["noise_multiplier"] for r in runs]
@@ -64,9 +54,9 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
         "per_noise_multiplier": [{k: r[k] for k in ("noise_multiplier", "val_acc", "test_acc", "epsilon",
                                                      "i2f_pixel_rmse", "audit_rmse")} for r in runs],
         "rank_correlation": {
-            "noise_multiplier_vs_epsilon": _spearman(z, [r["epsilon"] for r in runs]),
-            "noise_multiplier_vs_i2f_pixel_rmse": _spearman(z, [r["i2f_pixel_rmse"] for r in runs]),
-            "noise_multiplier_vs_val_acc": _spearman(z, [r["val_acc"] for r in runs]),
+            "noise_multiplier_vs_epsilon": spearman(z, [r["epsilon"] for r in runs]),
+            "noise_multiplier_vs_i2f_pixel_rmse": spearman(z, [r["i2f_pixel_rmse"] for r in runs]),
+            "noise_multiplier_vs_val_acc": spearman(z, [r["val_acc"] for r in runs]),
         },
         "best_accuracy_within_epsilon": budgets,
     }
