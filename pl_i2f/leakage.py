@@ -265,8 +265,9 @@ def undamped_leakage(
     the attack-calibrated figure (DLG's error when the attack converges: within ~1% on the untrained LeNet,
     ``docs/results.md``), where the damped headline is a monitoring figure that understates the attack's error.
 
-    float64 because after some training JᵢJᵢᵀ is too ill-conditioned for float32 (λ_min/λ_max ≈ 10⁻⁷ on a trained
-    digits LeNet), and exact because stochastic quadrature misses the smallest eigenvalues that dominate Σ 1/λ.
+    Exact because Σ 1/λ is dominated by the smallest eigenvalues, which a short Lanczos basis does not resolve;
+    float64 because the pseudo-inverse's rank threshold is d_x·u·λ_max (u the unit roundoff): in float32 that is
+    3·10⁻⁵·λ_max at d_x = 256 and would drop real eigenvalues of a trained digits LeNet (λ_min/λ_max ≈ 10⁻⁶–10⁻⁷).
     Costs d_x products per sample, so it is only computed for inputs of at most ``exact_max_dim`` values and for
     isotropic noise (a defense without noise: per unit σ); ``None`` otherwise."""
     if x[0].numel() > exact_max_dim:
