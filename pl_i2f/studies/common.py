@@ -299,6 +299,18 @@ def config_key(config: Any, smoke: bool) -> str:
     return json.dumps(_plain({"config": config, "smoke": smoke}), sort_keys=True)
 
 
-# --- figures ------------------------------------------------------------------------------------------
-
-
+def run_study_units(name: str, unit: Callable[[Any], list[dict[str, Any]]], units: Sequence[Any], config: Any,
+                    smoke: bool, out_dir: Path, started: float, analyse: Callable[[list[dict[str, Any]]], dict],
+                    plot: Callable[..., list[Path]], **summary_extra: Any) -> StudyResult:
+    """The common tail of an analysis study: run its units (journalled in ``<name>.units.jsonl``, so an
+    interrupted run resumes where it stopped), analyse and plot the records, save everything and drop the
+    journal. ``summary_extra`` is added to the analysis summary; ``started`` is the study's perf_counter start."""
+    journal = out_dir / f"{name}.units.jsonl"
+    records = run_units(unit, units, config.workers, journal=journal, key=config_key(config, smoke))
+    summary = analyse(records) | summary_extra
+    result = StudyResult(name, asdict(config) | {"smoke": smoke}, records, summary, 0.0, out_dir)
+    result.figures = plot(records, summary, out_dir)
+    result.seconds = time.perf_counter() - started
+    save_result(result)
+    journal.unlink(missing_ok=True)
+    return result

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +40,10 @@ from pl_i2f.studies.common import (
     AttackSpec,
     StudyResult,
     attack_error,
-    config_key,
     float64_copy,
     median,
     probe_model,
-    run_units,
-    save_result,
+    run_study_units,
 )
 from pl_i2f.studies.figures import pyplot, save_figure
 from pl_i2f.studies.stats import spearman
@@ -214,16 +212,7 @@ def run(out_dir: str | Path, smoke: bool = False, **params: Any) -> StudyResult:
                 "meta": {"model": model_name, "init": info["init"], "epochs": info["epochs"],
                          "val_acc": info["val_acc"], "sample": i, "label": int(y[i])},
             })
-    journal = out_dir / f"{NAME}.units.jsonl"  # lets an interrupted run resume where it stopped
-    records = run_units(_unit, units, config.workers, journal=journal, key=config_key(config, smoke))
-    summary = analyse(records)
-    summary["models"] = models_info
-    result = StudyResult(NAME, asdict(config) | {"smoke": smoke}, records, summary, 0.0, out_dir)
-    result.figures = plot(records, summary, out_dir)
-    result.seconds = time.perf_counter() - start
-    save_result(result)
-    journal.unlink(missing_ok=True)
-    return result
+    return run_study_units(NAME, _unit, units, config, smoke, out_dir, start, analyse, plot, models=models_info)
 
 
 # --- analysis ---------------------------------------------------------------------------------------------
