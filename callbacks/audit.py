@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -19,15 +18,7 @@ from pl_i2f.errors import ConfigError
 from pl_i2f.leakage import mean_pixel_std, measure_leakage, undamped_leakage
 from pl_i2f.metrics import per_image_metrics
 from pl_i2f.report import format_number
-
-
-def rank_correlation(predicted: list[float], actual: list[float]) -> float:
-    """Spearman's rank correlation of the (predicted, actual) pairs; NaN with fewer than 3 or no spread."""
-    if len(predicted) < 3 or len(set(predicted)) < 2 or len(set(actual)) < 2:
-        return math.nan
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(predicted, actual).statistic)
+from pl_i2f.studies.stats import spearman
 
 
 class AttackAudit(Callback):
@@ -161,7 +152,7 @@ class AttackAudit(Callback):
         per = per_image_metrics(recon, x, denormalize=datamodule.denormalize, matched=False)
         predicted = measure_leakage(
             model, x, y, pl_module.defense, step, pixel_std=mean_pixel_std(datamodule), damping=self.damping,
-            relative_damping=self.relative_damping, worst_k=0, generator=generator,
+            relative_damping=self.relative_damping, worst_k=0, exact_spectrum_probes=0, generator=generator,
         ).pixel_rmse
         undamped = undamped_leakage(model, x, y, pl_module.defense, step, pixel_std=mean_pixel_std(datamodule))
         undamped = None if undamped is None else undamped.pixel_rmse
@@ -177,7 +168,7 @@ class AttackAudit(Callback):
             "predicted_pixel_rmse": float(predicted.mean()),
             "failed": float(failed),
             "out_of_time": float(out_of_time),
-            "rank_correlation": rank_correlation([p["predicted_pixel_rmse"] for p in self.pairs],
+            "rank_correlation": spearman([p["predicted_pixel_rmse"] for p in self.pairs],
                                                  [p["attack_rmse"] for p in self.pairs]),
             "seconds": time.perf_counter() - start,
         }

@@ -25,6 +25,7 @@ from pl_i2f.influence.results import renamed
 from pl_i2f.influence.warm import BasisLeakage
 from pl_i2f.leakage import (
     DEFAULT_TARGET_PIXEL_RMSE,
+    EXACT_MAX_DIM,
     LeakageReport,
     NoiseModel,
     mean_pixel_std,
@@ -325,7 +326,8 @@ class I2FMonitor(Callback):
         warm = stored is not None and len(stored) > 1
         probes = len(x) if stored is None else len(stored)
         steps = stored.shape[1] if warm else max(2, self.lanczos_steps // 2)
-        spectra = self.exact_spectrum_probes if (final or self._is_first_evaluation()) and x[0].numel() <= 1024 else 0
+        exact_possible = x[0].numel() <= EXACT_MAX_DIM
+        spectra = self.exact_spectrum_probes if (final or self._is_first_evaluation()) and exact_possible else 0
         spectra = min(spectra, probes)
         calls, vectors = spectrum_products(model, x[0].numel(), spectra) if spectra and model is not None else (0, 0)
         return EvaluationPlan(probes=probes, steps=steps, warm=warm, spectra=spectra,
@@ -340,7 +342,7 @@ class I2FMonitor(Callback):
         end of training), priced like any plan's; nothing once at the final evaluation or without spectra."""
         x, _ = self._probe
         count = min(self.exact_spectrum_probes, len(x))
-        if final or count == 0 or x[0].numel() > 1024 or self.budget.unlimited:
+        if final or count == 0 or x[0].numel() > EXACT_MAX_DIM or self.budget.unlimited:
             return 0.0
         calls, vectors = spectrum_products(model, x[0].numel(), count)
         probe = EvaluationPlan(probes=1, steps=1, spectra=count, spectrum_products=calls, spectrum_vectors=vectors)

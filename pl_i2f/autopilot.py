@@ -44,6 +44,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+import numpy as np
+
 from pl_i2f.errors import ConfigError, unknown_name
 
 DB_PER_LN = 20.0 / math.log(10.0)  # dB of PSNR per unit of relative RMSE change (d PSNR = −20/ln10 · dm/m)
@@ -65,20 +67,11 @@ def probe_psnr(pixel_rmse: Sequence[float]) -> list[float]:
     return [-20.0 * math.log10(v) for v in values]
 
 
-def quantile(values: Sequence[float], q: float) -> float:
-    """The q-quantile with linear interpolation between order statistics (numpy's default)."""
-    ordered = sorted(values)
-    position = q * (len(ordered) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
 def protected_psnr(psnr: Sequence[float], protect: str = "quantile", q: float = 0.9, worst_k: int = 1) -> float:
     """The statistic the autopilot holds at the target: the ``q``-quantile of the probes' PSNRs
     (``quantile``: q = 0.9 protects 90% of them), or the mean PSNR of the ``worst_k`` most exposed probes."""
     if protect == "quantile":
-        return quantile(psnr, q)
+        return float(np.quantile(psnr, q))  # linear interpolation between order statistics
     if protect == "worst_k":
         top = sorted(psnr, reverse=True)[: max(1, int(worst_k))]
         return sum(top) / len(top)
@@ -145,21 +138,12 @@ def epsilon_floor(history: Sequence[tuple[float, float, int]], sample_rate: floa
     if history and epsilon_after(history, 0.0, sample_rate, 0, delta, accountant) > target_epsilon:
         return math.inf
 
+    from pl_i2f.privacy import smallest_sigma  # imports Opacus: not at module level (validation is torch-free)
+
     def fits(sigma: float) -> bool:
         return epsilon_after(history, sigma, sample_rate, remaining_steps, delta, accountant) <= target_epsilon
 
-    low, high = 0.0, 1.0
-    while not fits(high):
-        low, high = high, 2.0 * high
-        if high > 1e6:
-            return math.inf
-    while high - low > rtol * high:  # ε falls as σ grows: bisection, keep the feasible (larger) end
-        mid = (low + high) / 2.0
-        if fits(mid):
-            high = mid
-        else:
-            low = mid
-    return high
+    return smallest_sigma(fits, rtol=rtol)
 
 
 @dataclass
@@ -214,18 +198,16 @@ class LeakageTargetSchedule:
     monitor_every_n_steps: int | None = 50
     name: str = "leakage_target"
     base: float | None = None  # the defense's σ₀ (filled in by bind)
-    total_steps: int | None = None
-    steps_per_epoch: int | None = None
     decisions: list[Decision] = field(default_factory=list)
 
     adaptive = True  # a schedule that callbacks update (NoiseSchedule.from_config passes it through)
 
     def __post_init__(self) -> None:
-        check_options(asdict(self))
+        check_leakage_target_options(asdict(self))
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> LeakageTargetSchedule:
-        known = {f.name for f in fields(cls)} - {"base", "total_steps", "steps_per_epoch", "decisions"}
+        known = {f.name for f in fields(cls)} - {"base", "decisions"}
         extra = set(config) - known
         if extra:
             raise ConfigError(f"noise_schedule=leakage_target got unknown options {sorted(extra)}; valid: "
@@ -235,12 +217,10 @@ class LeakageTargetSchedule:
     # -- the NoiseSchedule interface the defenses call -----------------------------------------------
     def bind(self, *, total_steps: int | None, steps_per_epoch: int | None,
              base: float | None = None) -> LeakageTargetSchedule:
-        """Fill in the run's length and the defense's σ₀; returns ``self`` (callbacks update this object)."""
-        self.total_steps = total_steps if total_steps is not None else self.total_steps
-        self.steps_per_epoch = steps_per_epoch if steps_per_epoch is not None else self.steps_per_epoch
+        """Fill in the defense's σ₀; returns ``self`` (callbacks update this object). The run's length is not
+        needed: σ follows the measurements, not the progress (the arguments keep NoiseSchedule's interface)."""
         if base is not None:
             self.base = float(base)
-        check_options(asdict(self))
         return self
 
     def _bound(self, value: float | None, factor: float) -> float:
@@ -367,7 +347,7 @@ class LeakageTargetSchedule:
         return out
 
 
-def check_options(options: Mapping[str, Any]) -> None:
+def check_leakage_target_options(options: Mapping[str, Any]) -> None:
     """One-line :class:`ConfigError` for an impossible ``leakage_target`` option (also used torch-free by
     :mod:`pl_i2f.validation`, which passes the plain config mapping)."""
 
@@ -416,14 +396,13 @@ def check_options(options: Mapping[str, Any]) -> None:
 __all__ = [
     "Decision",
     "LeakageTargetSchedule",
-    "check_options",
+    "check_leakage_target_options",
     "epsilon_after",
     "epsilon_floor",
     "margin_db",
     "next_sigma",
     "probe_psnr",
     "protected_psnr",
-    "quantile",
     "required_sigma",
     "target_pixel_rmse",
 ]

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from pl_i2f.defenses import Defense, NoiseSampler
 from pl_i2f.defenses.base import analysis_model
 from pl_i2f.influence import PerSampleLeakage, per_sample_leakage
+from pl_i2f.influence.settings import EXACT_BLOCK_NUMBERS
 from pl_i2f.influence.warm import BasisLeakage, basis_leakage, exact_spectra
 
 LANCZOS_CHAINS = 4  # Lanczos chains per probe sample in measure_leakage (full precision)
@@ -193,7 +194,7 @@ def spectrum_products(model: nn.Module, d_x: int, count: int) -> tuple[int, int]
     before one has been timed: d_x Jacobian columns per sample, a column (one forward-mode product) counted
     as half a JJᵀ product vector."""
     d_theta = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    columns = max(1, min(d_x, (1 << 25) // max(1, count * d_theta)))
+    columns = max(1, min(d_x, EXACT_BLOCK_NUMBERS // max(1, count * d_theta)))
     return math.ceil(d_x / columns), max(1, count * d_x // 2)
 
 

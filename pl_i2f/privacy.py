@@ -18,7 +18,7 @@ beside it, not instead of it.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from opacus.accountants.analysis.gdp import compute_mu_poisson, compute_mu_uniform
 from scipy.stats import norm
@@ -27,6 +27,24 @@ from .errors import ConfigError
 
 #: Default baseline κ: an attacker who must single out the right one of 100 equally likely candidates.
 DEFAULT_RECONSTRUCTION_BASELINE = 0.01
+
+
+def smallest_sigma(fits: Callable[[float], bool], rtol: float = 1e-4, ceiling: float = 1e6) -> float:
+    """The smallest noise level σ (to ``rtol``, rounded up) with ``fits(σ)``, for a ``fits`` that holds from some
+    σ on (ε falls as σ grows): doubling from 1, then bisection keeping the fitting end. ``inf`` when not even
+    ``ceiling`` fits. Serves DP-SGD's calibration of σ₀ to a target ε and the autopilot's ε-cap floor."""
+    low, high = 0.0, 1.0
+    while not fits(high):
+        low, high = high, 2.0 * high
+        if high > ceiling:
+            return math.inf
+    while high - low > rtol * high:
+        mid = (low + high) / 2.0
+        if fits(mid):
+            high = mid
+        else:
+            low = mid
+    return high
 
 
 def check_baseline(baseline: float) -> float:

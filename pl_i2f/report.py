@@ -126,10 +126,9 @@ def plot_tradeoff(points: list[RunPoint], path: Path) -> Path | None:
     panels = [(attr, label) for attr, label, _ in PANELS if _plottable(points, attr)]
     if not panels:
         return None
-    import matplotlib
+    from pl_i2f.studies.figures import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, (attr, xlabel) in zip(axes[0], panels):

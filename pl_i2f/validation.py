@@ -204,9 +204,9 @@ def _check_schedule(schedule: Any, key: str) -> None:
         raise ConfigError(f"{key} must be a noise schedule mapping, got {schedule!r}")
     require_name("noise schedule", schedule.get("name", "constant"), NOISE_SCHEDULES, f"{key}.name")
     if schedule.get("name") == "leakage_target":
-        from pl_i2f.autopilot import check_options  # torch-free
+        from pl_i2f.autopilot import check_leakage_target_options  # torch-free
 
-        check_options(schedule)
+        check_leakage_target_options(schedule)
         return
     require_name("noise schedule unit", schedule.get("by", "step"), SCHEDULE_UNITS, f"{key}.by")
     if "final" in schedule:

@@ -23,7 +23,6 @@ from pl_i2f.autopilot import (
     next_sigma,
     probe_psnr,
     protected_psnr,
-    quantile,
     required_sigma,
     target_pixel_rmse,
 )
@@ -46,7 +45,7 @@ def test_psnr_and_rmse_conversions():
 def test_protected_statistics():
     values = [12.0, 30.0, 18.0, 21.0, 25.0]
     for q in (0.0, 0.3, 0.5, 0.9, 1.0):
-        assert quantile(values, q) == pytest.approx(float(np.quantile(values, q)))
+        assert protected_psnr(values, "quantile", q) == pytest.approx(float(np.quantile(values, q)))
     assert protected_psnr(values, "quantile", 0.9) == pytest.approx(28.0)  # 25 + 0.6 * (30 - 25)
     assert protected_psnr(values, "worst_k", worst_k=1) == 30.0
     assert protected_psnr(values, "worst_k", worst_k=2) == 27.5

@@ -37,9 +37,7 @@ from torch import Tensor, nn
 
 from pl_i2f.errors import ConfigError
 from pl_i2f.gradients import flat_gradient
-from pl_i2f.rng import analysis_generator, randn
-
-randn_flat = randn  # the name the defenses import: n draws (an int or a shape) in ``like``'s dtype/device
+from pl_i2f.rng import analysis_generator
 
 NoiseSampler = Callable[[torch.Generator], Tensor]
 

@@ -53,7 +53,12 @@ from pl_i2f.defenses.base import (
 from pl_i2f.defenses.schedules import NoiseSchedule
 from pl_i2f.errors import ConfigError, unknown_name
 from pl_i2f.gradients import per_sample_gradients
-from pl_i2f.privacy import DEFAULT_RECONSTRUCTION_BASELINE, check_baseline, reconstruction_bound_from_history
+from pl_i2f.privacy import (
+    DEFAULT_RECONSTRUCTION_BASELINE,
+    check_baseline,
+    reconstruction_bound_from_history,
+    smallest_sigma,
+)
 
 ACCOUNTANTS = ("rdp", "prv")
 NOISE_SHAPES = ("isotropic", "anisotropic")
@@ -102,18 +107,10 @@ def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate:
             acc.step(noise_multiplier=base * f, sample_rate=sample_rate)
         return float(acc.get_epsilon(delta))
 
-    low, high = 0.0, 1.0
-    while epsilon(high) > target_epsilon:
-        low, high = high, 2 * high
-        if high > 1e6:
-            raise unreachable()
-    while high - low > 1e-4 * high:  # ε is decreasing in σ₀: bisection, keep the safe (larger) end
-        mid = (low + high) / 2
-        if epsilon(mid) > target_epsilon:
-            low = mid
-        else:
-            high = mid
-    return high
+    base = smallest_sigma(lambda sigma: epsilon(sigma) <= target_epsilon)
+    if math.isinf(base):
+        raise unreachable()
+    return base
 
 
 def _dp_optimizer_class(base: type) -> type:

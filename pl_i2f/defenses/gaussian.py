@@ -20,9 +20,9 @@ from pl_i2f.defenses.base import (
     NoiseSampler,
     check_clip,
     check_sigma,
-    randn_flat,
 )
 from pl_i2f.defenses.schedules import NoiseSchedule
+from pl_i2f.rng import randn
 
 
 def clip_norm(gradient: Tensor, clip: float | None) -> Tensor:
@@ -68,7 +68,7 @@ class GaussianDefense(NoisyDefense):
     name = "gaussian"
 
     def _noise(self, step: int, n: int, generator: torch.Generator, like: Tensor) -> Tensor:
-        return self.sigma_at(step) * randn_flat(n, generator, like)
+        return self.sigma_at(step) * randn(n, generator, like)
 
     def transform(self, gradient: Tensor, step: int, generator: torch.Generator | None = None,
                   sizes: Sequence[int] | None = None) -> Tensor:

@@ -23,6 +23,7 @@ from pl_i2f.influence.estimator import f_damped
 from pl_i2f.influence.krylov import Lanczos
 from pl_i2f.influence.operator import GradientJacobian
 from pl_i2f.influence.per_sample import PerSampleGram, _per_sample_batch
+from pl_i2f.influence.settings import EXACT_BLOCK_NUMBERS
 from pl_i2f.rng import analysis_generator, rademacher
 
 __all__ = ["BasisLeakage", "basis_leakage", "exact_spectra"]
@@ -169,7 +170,7 @@ def basis_leakage(
     )
 
 
-def exact_spectra(model: nn.Module, x: Tensor, y: Tensor, block_numbers: int = 1 << 25) -> Tensor:
+def exact_spectra(model: nn.Module, x: Tensor, y: Tensor, block_numbers: int = EXACT_BLOCK_NUMBERS) -> Tensor:
     """Every eigenvalue of each sample's JᵢJᵢᵀ (N, d_x), ascending, from its explicit Jacobian: the d_x
     columns Jᵢeⱼ (θ-space) as forward-mode products of x ↦ ∇_θℓ, vmapped over the columns and the samples,
     then the eigenvalues of the d_x × d_x Gram matrix of those columns. A column is one forward-mode product,

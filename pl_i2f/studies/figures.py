@@ -1,4 +1,4 @@
-"""matplotlib for the studies' figures: file-only, importable without torch (the report redraws old runs)."""
+"""matplotlib for the studies' and the report's figures: file-only (Agg), no torch import of its own."""
 
 from __future__ import annotations
 

@@ -392,10 +392,9 @@ def plot_search(rows: list[TrialResult], best: TrialResult | None, constant: Tri
     per learning rate (infeasible trials as crosses, the best one ringed, the best constant as a line);
     (2) ε spent per epoch and (3) validation accuracy per epoch of the best constant vs the best non-constant
     schedule; (4) with seed reruns, both on fresh seeds (mean ± std)."""
-    import matplotlib
+    from pl_i2f.studies.figures import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     seeds = summary.get("seeds") or {}
     with_seeds = bool(seeds.get("constant") and seeds.get("best_non_constant"))

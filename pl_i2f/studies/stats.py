@@ -1,4 +1,4 @@
-"""Small statistics the studies share (torch-free: the report imports it for old runs)."""
+"""Small statistics the studies and the audit share (no torch import of their own)."""
 
 from __future__ import annotations
 
