@@ -155,7 +155,6 @@ class AttackAudit(Callback):
             relative_damping=self.relative_damping, worst_k=0, exact_spectrum_probes=0, generator=generator,
         ).pixel_rmse
         undamped = undamped_leakage(model, x, y, pl_module.defense, step, pixel_std=mean_pixel_std(datamodule))
-        undamped = None if undamped is None else undamped.pixel_rmse
         actual = per["rmse"]
         for i in range(len(y)):
             self.pairs.append({"epoch": epoch, "step": step, "sample": i, "label": int(y[i]),

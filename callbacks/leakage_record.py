@@ -17,8 +17,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_only
 
 from callbacks.leakage import I2FMonitor
-
-LEAKAGE_FILE = "leakage.json"
+from pl_i2f.studies.training import LEAKAGE_FILE
 
 
 class LeakageRecord(Callback):

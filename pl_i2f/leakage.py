@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from pl_i2f.defenses import Defense, NoiseSampler
 from pl_i2f.defenses.base import analysis_model
 from pl_i2f.influence import PerSampleLeakage, per_sample_leakage
-from pl_i2f.influence.settings import EXACT_BLOCK_NUMBERS
+from pl_i2f.influence.settings import EXACT_BLOCK_NUMBERS, default_rcond
 from pl_i2f.influence.warm import BasisLeakage, basis_leakage, exact_spectra
 
 LANCZOS_CHAINS = 4  # Lanczos chains per probe sample in measure_leakage (full precision)
@@ -261,24 +261,28 @@ def undamped_leakage(
     *,
     pixel_std: float = 1.0,
     exact_max_dim: int = EXACT_MAX_DIM,
-) -> LeakageReport | None:
-    """The **undamped** expected I²F of each sample, √E‖(JᵢJᵢᵀ)⁺Jᵢδ‖², from its exact spectrum in float64:
-    the attack-calibrated figure (DLG's error when the attack converges: within ~1% on the untrained LeNet,
-    ``docs/results.md``), where the damped headline is a monitoring figure that understates the attack's error.
+) -> Tensor | None:
+    """Each sample's **undamped** expected I²F on the [0, 1] pixel scale, σ·√(Σᵢ 1/λᵢ)/√d_x·pixel_std, from its
+    exact spectrum in float64 (:func:`pl_i2f.influence.warm.exact_spectra`; eigenvalues at or below the rank
+    threshold d_x·u·λ_max count as null directions, as in the pseudo-inverse): the attack-calibrated figure (DLG's
+    error when the attack converges: within ~1% on the untrained LeNet, ``docs/results.md``), where the damped
+    headline is a monitoring figure that understates the attack's error.
 
     Exact because Σ 1/λ is dominated by the smallest eigenvalues, which a short Lanczos basis does not resolve;
-    float64 because the pseudo-inverse's rank threshold is d_x·u·λ_max (u the unit roundoff): in float32 that is
-    3·10⁻⁵·λ_max at d_x = 256 and would drop real eigenvalues of a trained digits LeNet (λ_min/λ_max ≈ 10⁻⁶–10⁻⁷).
-    Costs d_x products per sample, so it is only computed for inputs of at most ``exact_max_dim`` values and for
-    isotropic noise (a defense without noise: per unit σ); ``None`` otherwise."""
-    if x[0].numel() > exact_max_dim:
+    float64 because the rank threshold is d_x·u·λ_max (u the unit roundoff): in float32 that is 3·10⁻⁵·λ_max at
+    d_x = 256 and would drop real eigenvalues of a trained digits LeNet (λ_min/λ_max ≈ 10⁻⁶–10⁻⁷).
+    Costs d_x forward-mode products per sample, so it is only computed for inputs of at most ``exact_max_dim``
+    values and for isotropic noise (a defense without noise: per unit σ); ``None`` otherwise."""
+    n = x[0].numel()
+    if n > exact_max_dim:
         return None
     noise = NoiseModel.of(defense, step, analysis_model(model))
-    if noise.std is None:  # anisotropic draws: the Monte Carlo path has no exact spectrum to use
+    if noise.std is None:  # anisotropic draws: no single σ to scale the spectrum by
         return None
-    model64 = copy.deepcopy(analysis_model(model)).double()
-    return measure_leakage(model64, x.double(), y, defense, step, pixel_std=pixel_std, damping=0.0,
-                           relative_damping=0.0, method="exact", exact_spectrum_probes=0, worst_k=0, noise=noise)
+    eigenvalues = exact_spectra(copy.deepcopy(analysis_model(model)).double(), x.double(), y)
+    kept = eigenvalues > default_rcond(n, eigenvalues.dtype) * eigenvalues[:, -1:]
+    inverse_sum = torch.where(kept, 1.0 / eigenvalues.where(kept, torch.ones_like(eigenvalues)), 0.0).sum(-1)
+    return noise.std * inverse_sum.sqrt() / math.sqrt(n) * pixel_std
 
 
 def monitor_leakage(

@@ -43,11 +43,11 @@ from typing import Any
 import yaml
 
 from pl_i2f.defenses.schedules import NoiseSchedule
+from pl_i2f.report import SUMMARY_FILE
 from pl_i2f.studies.stats import finite_number
 
 NAME = "schedule_search"
 SHAPES = ("constant", "linear", "cosine", "exponential", "step")
-SUMMARY_FILE = "summary.json"
 OPTUNA_RESULTS = "optimization_results.yaml"
 DEFAULT_END_RATIO = (0.25, 2.0)
 DEFAULT_EPSILON_TOLERANCE = 1e-3

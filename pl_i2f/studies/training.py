@@ -29,8 +29,9 @@ from typing import Any
 
 import yaml
 
-SUMMARY_FILE = "summary.json"
-LEAKAGE_FILE = "leakage.json"
+from pl_i2f.report import SUMMARY_FILE
+
+LEAKAGE_FILE = "leakage.json"  # written by callbacks.leakage_record.LeakageRecord
 HEADLINE = "expected_i2f_pixel_rmse"
 
 #: task_name → module of the study that analyses those runs (``noise_grid``: the older name of the DP-SGD
