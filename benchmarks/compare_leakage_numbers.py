@@ -87,11 +87,11 @@ def library_numbers() -> dict[str, object]:
 def trainer_numbers() -> dict[str, object]:
     """The monitor's and the audit's logged values along a short unbudgeted run (deterministic plans)."""
     import pytorch_lightning as pl
+    from test_callbacks import CALLBACKS, SMALL
 
     import train
     from callbacks import AttackAudit, I2FMonitor
     from conftest import FAST, compose_config
-    from test_callbacks import CALLBACKS, SMALL
 
     out: dict[str, object] = {}
     for defense in ("defense=none", "defense=gaussian"):

@@ -6,7 +6,6 @@ import copy
 import functools
 import math
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
@@ -16,40 +15,12 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from callbacks._logging import log_leakage_media, log_scalars_at_step, wandb_run, warn_once
+from pl_i2f import leakage as lk
+from pl_i2f import monitoring as mon
 from pl_i2f.defenses.base import analysis_model
 from pl_i2f.errors import ConfigError
 from pl_i2f.influence import InfluenceWarning
 from pl_i2f.influence.results import renamed
-from pl_i2f.leakage import (
-    EXACT_MAX_DIM,
-    FullPrecision,
-    LeakageOptions,
-    LeakageReport,
-    NoiseModel,
-    WarmBasis,
-    leakage_report,
-    mean_pixel_std,
-    merge_basis,
-    price_batched_products,
-    spectrum_products,
-)
-from pl_i2f.monitoring import (
-    MIN_LANCZOS_STEPS,
-    MONITOR_METHODS,
-    EvaluationPlan,
-    EvaluationPlanner,
-    MonitorSettings,
-    PlanCost,
-)
-
-
-@dataclass
-class _Snapshot:
-    """What an evaluation needs, frozen at its step: the weights (a hook-free copy) and the defense's noise."""
-
-    step: int
-    model: nn.Module
-    noise: NoiseModel
 
 
 class I2FMonitor(Callback):
@@ -82,7 +53,7 @@ class I2FMonitor(Callback):
     seeded generator (reseeded per step, so a resumed run measures the same noise draws).
     """
 
-    METHODS = MONITOR_METHODS
+    METHODS = mon.MONITOR_METHODS
 
     def __init__(self, per_sample: bool | None = None, spectrum_samples: int | None = None,
                  samples: int | None = None, **settings: Any):
@@ -92,14 +63,14 @@ class I2FMonitor(Callback):
         for new, old, value in (("exact_spectrum_probes", "spectrum_samples", spectrum_samples),
                                 ("noise_draws", "samples", samples)):
             if value is not None:
-                settings[new] = renamed(new, settings.get(new, getattr(MonitorSettings, new)), old, value)
+                settings[new] = renamed(new, settings.get(new, getattr(mon.MonitorSettings, new)), old, value)
         if per_sample is not None:
             warnings.warn("I2FMonitor(per_sample=...) is deprecated; use log_per_sample_media (what it switches: "
                           "the per-sample W&B histogram, per-class table and worst-sample images)",
                           DeprecationWarning, stacklevel=2)
             settings["log_per_sample_media"] = per_sample
         try:
-            self.settings = MonitorSettings(**settings)
+            self.settings = mon.MonitorSettings(**settings)
         except TypeError as exc:
             raise ConfigError(f"I2FMonitor: {exc}") from exc
         self.schedule = self.settings.schedule()
@@ -109,21 +80,20 @@ class I2FMonitor(Callback):
         self.seconds = 0.0
         self.steps_logged: list[int] = []
         self.history: list[dict[str, float]] = []  # {"step": s, **scalars} per evaluation (small; checkpointed)
-        self.planner = EvaluationPlanner(self.max_overhead, self.schedule, lanczos_steps=self.lanczos_steps,
+        self.planner = mon.EvaluationPlanner(self.max_overhead, self.schedule, lanczos_steps=self.lanczos_steps,
                                          exact_spectrum_probes=self.exact_spectrum_probes)
-        self.last_report: LeakageReport | None = None
+        self.last_report: lk.LeakageReport | None = None
         # this fit
         self._probe: tuple[Tensor, Tensor] | None = None
         self._basis: Tensor | None = None  # (p, k, d_x): the Lanczos basis of the first p probes, last evaluation
-        self._pending: _Snapshot | None = None
+        self._pending: lk.Snapshot | None = None
         self._decided_step = -1
         self._reductions: set[str] = set()
         self._warned: set[str] = set()  # kinds of engine warning already shown this run
-        self._last_index = torch.arange(0)
 
     def __getattr__(self, name: str) -> Any:
         settings = self.__dict__.get("settings")
-        if settings is not None and name in MonitorSettings.__dataclass_fields__:
+        if settings is not None and name in mon.MonitorSettings.__dataclass_fields__:
             return getattr(settings, name)
         raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
 
@@ -135,7 +105,7 @@ class I2FMonitor(Callback):
         return self.log_per_sample_media
 
     @property
-    def cost(self) -> PlanCost:
+    def cost(self) -> mon.PlanCost:
         return self.planner.cost
 
     @functools.cached_property
@@ -155,7 +125,8 @@ class I2FMonitor(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the budget counts this fit call (a resumed run starts a new one); the share logged is the whole run's
         total = trainer.estimated_stepping_batches
-        self.planner.max_overhead = self.max_overhead  # the autopilot may have set it for this run
+        # the autopilot may have set the overhead and the schedule for this run
+        self.planner.max_overhead, self.planner.schedule = self.max_overhead, self.schedule
         self.planner.start_fit(trainer.global_step, int(total) if math.isfinite(total) else None)
         self._pending = None
 
@@ -176,15 +147,13 @@ class I2FMonitor(Callback):
             return
         self._decided_step = step  # once per step (several batches share one under gradient accumulation)
         budget = self.planner.budget
-        if budget.unlimited:
-            self._evaluate_within_budget(pl_module, self._freeze(pl_module, step, copy_weights=False))
-        elif budget.train_steps == 0 and self._pending is None:
+        if not budget.unlimited and budget.train_steps == 0 and self._pending is None:
             # nothing measured yet this fit: evaluate this step's weights once seconds per step are known
             start = self.planner.clock()
-            self._pending = self._freeze(pl_module, step, copy_weights=True)
+            self._pending = lk.Snapshot.of(pl_module.model, pl_module.defense, step, copy_weights=True)
             self._spend(self.planner.clock() - start)  # the copy counts against the budget too
         else:
-            self._evaluate_within_budget(pl_module, self._freeze(pl_module, step, copy_weights=False))
+            self._evaluate_within_budget(pl_module, lk.Snapshot.of(pl_module.model, pl_module.defense, step))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero or self._probe is None:
@@ -195,27 +164,21 @@ class I2FMonitor(Callback):
             self._evaluate_within_budget(pl_module, pending)
         step = trainer.global_step
         if step != self.last_step:  # the final weights, always evaluated
-            self._evaluate_within_budget(pl_module, self._freeze(pl_module, step, copy_weights=False), final=True)
+            weights = lk.Snapshot.of(pl_module.model, pl_module.defense, step)
+            self._evaluate_within_budget(pl_module, weights, final=True)
         rank_zero_info("I2FMonitor: " + self.planner.summary(self.evaluations, len(set(self.steps_logged)),
                                                              self.seconds, self.reduced, self.skipped,
                                                              self.last_step if self.evaluations else None))
 
     # -- evaluation -----------------------------------------------------------------------------------
-    def _freeze(self, pl_module: pl.LightningModule, step: int, copy_weights: bool) -> _Snapshot:
-        model = analysis_model(pl_module.model)  # hook-free (a copy already) under DP-SGD
-        if copy_weights and model is pl_module.model:
-            model = copy.deepcopy(model)
-        return _Snapshot(step=step, model=model, noise=NoiseModel.of(pl_module.defense, step, model))
-
-    def _full_plan(self, model: nn.Module, final: bool) -> EvaluationPlan:
+    def _full_plan(self, model: nn.Module, final: bool) -> mon.EvaluationPlan:
         x, _ = self._probe
-        stored = None if self._basis is None else tuple(self._basis.shape[:2])
         return self.planner.full_plan(
-            len(x), stored, spectra_possible=x[0].numel() <= EXACT_MAX_DIM,
-            first=self.evaluations == 0 and self.skipped == 0, final=final,
-            spectrum_cost=lambda count: spectrum_products(model, x[0].numel(), count))
+            len(x), None if self._basis is None else tuple(self._basis.shape[:2]),
+            spectra_possible=x[0].numel() <= lk.EXACT_MAX_DIM, first=self.evaluations == 0 and self.skipped == 0,
+            final=final, spectrum_cost=lambda count: lk.spectrum_products(model, x[0].numel(), count))
 
-    def _evaluate_within_budget(self, pl_module: pl.LightningModule, snapshot: _Snapshot,
+    def _evaluate_within_budget(self, pl_module: pl.LightningModule, snapshot: lk.Snapshot,
                                 final: bool = False) -> None:
         planner, trainer = self.planner, pl_module.trainer
         full = self._full_plan(snapshot.model, final)
@@ -224,14 +187,12 @@ class I2FMonitor(Callback):
             # nothing priced yet: the first probe's evaluation is its own price (a large model's first product is
             # then a step of the evaluation, not a timing thrown away); then the vmapped path, if cheap enough
             stop, seen = planner.first_stop(snapshot.step, final)
-            first = self._run(pl_module, snapshot, EvaluationPlan(probes=1, steps=full.steps), stop=stop)
+            first = self._run(pl_module, snapshot, mon.EvaluationPlan(probes=1, steps=full.steps), stop=stop)
             planner.cheap = planner.batched_worth_pricing(min(seen, default=math.inf))
             if planner.cheap:  # price the vmapped path (several probes) on real products
-                self._spend(price_batched_products(planner, snapshot.model, *self._probe, pl_module.device))
-        x, _ = self._probe
-        count = min(self.exact_spectrum_probes, len(x)) if x[0].numel() <= EXACT_MAX_DIM else 0
-        reserve = planner.spectra_reserve(final, count, spectrum_products(snapshot.model, x[0].numel(), count))
-        decision = planner.decide(snapshot.step, full, final=final, probes=len(x),
+                self._spend(lk.price_batched_products(planner, snapshot.model, *self._probe, pl_module.device))
+        reserve = planner.spectra_reserve(final, self._full_plan(snapshot.model, final=True))
+        decision = planner.decide(snapshot.step, full, final=final, probes=len(self._probe[0]),
                                   stored_probes=None if self._basis is None else len(self._basis),
                                   first=None if first is None else first[1], first_fit=planner.budget.left() >= 0,
                                   reserve=reserve)
@@ -241,12 +202,12 @@ class I2FMonitor(Callback):
             self.skipped += 1
             rank_zero_warn(f"I2FMonitor: {planner.skip_message(snapshot.step, full)}")
         else:
-            single = PlanCost.is_single(decision.plan) and not planner.budget.unlimited
+            single = mon.PlanCost.is_single(decision.plan) and not planner.budget.unlimited
             stop = planner.allowance_stop(snapshot.step, final) if single else None
             self._finish(trainer, *self._run(pl_module, snapshot, decision.plan, stop=stop), decision.full, final)
 
-    def _run(self, pl_module: pl.LightningModule, snapshot: _Snapshot, plan: EvaluationPlan,
-             stop: Any = None) -> tuple[LeakageReport, EvaluationPlan]:
+    def _run(self, pl_module: pl.LightningModule, snapshot: lk.Snapshot, plan: mon.EvaluationPlan,
+             stop: Any = None) -> tuple[lk.LeakageReport, mon.EvaluationPlan]:
         """Measure ``plan`` on the snapshot (timed and charged; the products it really ran priced): the report and
         the plan really run (a budgeted fresh basis may stop early)."""
         start = self.planner.clock()
@@ -261,23 +222,20 @@ class I2FMonitor(Callback):
             plan, report.basis.products, report.basis.warm, elapsed, report.seconds.get("spectra", 0.0))
         return report, ran
 
-    def _finish(self, trainer: pl.Trainer, report: LeakageReport, ran: EvaluationPlan, full: EvaluationPlan,
+    def _finish(self, trainer: pl.Trainer, report: lk.LeakageReport, ran: mon.EvaluationPlan, full: mon.EvaluationPlan,
                 final: bool) -> None:
         """Log an evaluation's report and record it (its logging counts against the budget too)."""
         how = ran.reduced_from(full)
-        if how:
-            self.reduced += 1
-            if how not in self._reductions:
-                self._reductions.add(how)
-                rank_zero_info(f"I2FMonitor: step {report.step} evaluated on {how}, to stay within "
-                               f"{self.max_overhead:.0%} overhead (later reductions of this kind are counted, "
-                               "not repeated here)")
+        self.reduced += bool(how)
+        if how and how not in self._reductions:  # each kind of reduction said once
+            self._reductions.add(how)
+            rank_zero_info(f"I2FMonitor: step {report.step} evaluated on {how}, to stay within {self.max_overhead:.0%} "
+                           "overhead (later reductions of this kind are counted, not repeated)")
         start = self.planner.clock()
-        self._last_index = torch.arange(len(report.labels))
         media = self.evaluations == 0 or final
         log_scalars_at_step(trainer, report.scalars, "leakage", step=report.step)
         if self.log_per_sample_media and wandb_run(trainer) is not None:
-            log_leakage_media(trainer, report, self._probe[0], self._last_index, tables=media)
+            log_leakage_media(trainer, report, self._probe[0], torch.arange(len(report.labels)), tables=media)
         seconds = self.planner.clock() - start
         self._spend(seconds)
         if not media:  # the routine logging every evaluation pays (tables and images: first and last only)
@@ -289,8 +247,8 @@ class I2FMonitor(Callback):
         self.last_report = report
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
-                model: nn.Module | None = None, noise: NoiseModel | None = None,
-                plan: EvaluationPlan | None = None, stop: Any = None) -> LeakageReport:
+                model: nn.Module | None = None, noise: lk.NoiseModel | None = None,
+                plan: mon.EvaluationPlan | None = None, stop: Any = None) -> lk.LeakageReport:
         """The leakage report of the probes at ``step`` (library call; no logging): on ``model`` (default: the
         module's current one) under ``noise`` (default: the defense's at ``step``), as ``plan`` says (default:
         every probe, exact spectra as at a first evaluation); ``stop``: :class:`pl_i2f.leakage.WarmBasis`'s."""
@@ -300,25 +258,25 @@ class I2FMonitor(Callback):
         plan = self._full_plan(model, final=True) if plan is None else plan
         index = torch.arange(min(plan.probes, len(x)))  # the first plan.probes of the fixed probe batch
         xs, ys = x[index].to(device), y[index].to(device)
-        options = LeakageOptions(
-            pixel_std=mean_pixel_std(trainer.datamodule), damping=self.damping,
+        options = lk.LeakageOptions(
+            pixel_std=lk.mean_pixel_std(trainer.datamodule), damping=self.damping,
             relative_damping=self.relative_damping, exact_spectrum_probes=plan.spectra, worst_k=self.worst_k,
             noise_draws=self.noise_draws, target_pixel_rmse=self.target_pixel_rmse,
             clipping_norm=float(getattr(defense, "max_grad_norm", None) or self.clipping_norm),
             batch_size=self._batch_size(trainer, defense))
         if self.method != "lanczos":
-            estimator = FullPrecision(method=self.method)
+            estimator = lk.FullPrecision(method=self.method)
         else:
             stored = self._basis
             warm = plan.warm and stored is not None and len(stored) >= len(index) > 1
             basis = stored[: len(index), : plan.steps] if warm else None  # leading rows: the smaller Krylov basis
-            estimator = WarmBasis(steps=self.lanczos_steps if warm else plan.steps, basis=basis, stop=stop,
-                                  min_steps=MIN_LANCZOS_STEPS, clock=self.planner.clock)
-        noise = NoiseModel.of(defense, step, model) if noise is None else noise
-        report = leakage_report(model, xs, ys, noise, options, estimator, step=step, clock=self.planner.clock,
+            estimator = lk.WarmBasis(steps=self.lanczos_steps if warm else plan.steps, basis=basis, stop=stop,
+                                  min_steps=mon.MIN_LANCZOS_STEPS, clock=self.planner.clock)
+        noise = lk.NoiseModel.of(defense, step, model) if noise is None else noise
+        report = lk.leakage_report(model, xs, ys, noise, options, estimator, step=step, clock=self.planner.clock,
                                 generator=torch.Generator(device=device).manual_seed(self.seed + step))
         if report.basis is not None:
-            self._basis = merge_basis(self._basis, report.basis.basis)
+            self._basis = lk.merge_basis(self._basis, report.basis.basis)
         return report
 
     @staticmethod

@@ -73,6 +73,24 @@ class NoiseModel:
 
 
 @dataclass
+class Snapshot:
+    """What an evaluation needs, frozen at its step: the weights (hook-free) and the defense's noise."""
+
+    step: int
+    model: nn.Module
+    noise: NoiseModel
+
+    @classmethod
+    def of(cls, model: nn.Module, defense: Defense, step: int, copy_weights: bool = False) -> Snapshot:
+        """``model``'s weights at ``step`` (a copy with ``copy_weights``: training will change them before the
+        evaluation runs) and ``defense``'s noise there."""
+        analysed = analysis_model(model)  # hook-free (a copy already) under DP-SGD
+        if copy_weights and analysed is model:
+            analysed = copy.deepcopy(model)
+        return cls(step=step, model=analysed, noise=NoiseModel.of(defense, step, analysed))
+
+
+@dataclass
 class LeakageReport:
     """Per-sample leakage of a probe batch and its summaries (see the module docstring for scales)."""
 

@@ -545,13 +545,12 @@ class EvaluationPlanner:
         batched = self.cost.batched
         return not (batched.known and batched.predict(1, probes * chains) > self.budget.left() / CALIBRATION_SHARE)
 
-    def spectra_reserve(self, final: bool, count: int, spectrum_cost: tuple[int, int]) -> float:
-        """Seconds held back for the final evaluation's exact spectra of ``count`` probes (λ_min and the
-        condition number at the end of training), priced like any plan's; nothing at the final evaluation."""
-        if final or count == 0 or self.budget.unlimited:
+    def spectra_reserve(self, final: bool, final_plan: EvaluationPlan) -> float:
+        """Seconds held back for the final evaluation's exact spectra (``final_plan``'s: λ_min and the condition
+        number at the end of training), priced like any plan's; nothing at the final evaluation."""
+        if final or final_plan.spectra == 0 or self.budget.unlimited:
             return 0.0
-        probe = EvaluationPlan(probes=1, steps=1, spectra=count, spectrum_products=spectrum_cost[0],
-                               spectrum_vectors=spectrum_cost[1])
+        probe = replace(final_plan, probes=1, steps=1, warm=False)
         extra = self.cost.price(probe) - self.cost.price(replace(probe, spectra=0))
         return extra if math.isfinite(extra) else 0.0
 

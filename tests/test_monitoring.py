@@ -513,7 +513,9 @@ def simulated_run(load: Callable[[int], float], train_load: Callable[[int], floa
                     planner.cost.batched.observe(1, CALIBRATION_PROBES * chains, seconds)
         decision = planner.decide(step, full, final=final, probes=8, stored_probes=None if basis is None else basis[0],
                                   first=first, first_fit=planner.budget.left() >= 0,
-                                  reserve=planner.spectra_reserve(final, 2, (1, 256)))
+                                  reserve=planner.spectra_reserve(final, planner.full_plan(
+                                      8, basis, spectra_possible=True, first=False, final=True,
+                                      spectrum_cost=lambda count: (1, 128 * count))))
         if decision.keep_first:
             ran = first
         elif decision.plan is None:
