@@ -558,3 +558,27 @@ def test_loaded_machine_keeps_the_budget_and_evaluates_the_final_step(load, trai
     spent, training, evaluated = simulated_run(load, train_load)
     assert spent <= 0.1 * training, (spent, training)
     assert evaluated[-1] == 1200 and len(evaluated) >= 10
+
+
+def test_resumed_run_reports_its_share_over_the_whole_run():
+    """A run resumed from a checkpoint: the monitor's seconds (checkpointed) over the training seconds of every
+    fit, not of the resumed fit alone."""
+    from pl_i2f.monitoring import EvaluationPlanner
+
+    clock = FakeClock()
+    first = EvaluationPlanner(0.1, DenseEarlySchedule(), clock=clock)
+    first.start_fit(0, 1200)
+    clock.now = 0.02
+    first.record_training(1)  # the first step's one-off costs are left out
+    clock.now = 20.0
+    first.record_training(1000)
+    resumed = EvaluationPlanner(0.1, DenseEarlySchedule(), clock=clock)
+    resumed.load_state_dict(first.state_dict())
+    resumed.start_fit(1000, 1200)
+    clock.now += 0.02
+    resumed.record_training(1001)
+    clock.now += 3.98
+    resumed.record_training(1200)
+    assert resumed.training_seconds == pytest.approx(19.98 + 3.98)
+    line = resumed.summary(17, 17, 2.0, 0, 0, 1200)
+    assert "(8.3% of 24.0s training)" in line and line.endswith("leakage last measured at step 1200")
