@@ -186,7 +186,8 @@ def _print_summary(cfg: DictConfig, metrics: dict[str, float], trainer: pl.Train
     table = Table(title="pl_i2f run summary", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    shown = [k for k in sorted(metrics) if not k.endswith("_step") and "/" in k]
+    # Lightning's per-step copies ("…_step") are left out, not the step a leakage number was measured at
+    shown = [k for k in sorted(metrics) if (not k.endswith("_step") or k.endswith("measured_at_step")) and "/" in k]
     for key in shown:
         table.add_row(key, format_number(metrics[key]))
     # rendered to text once and logged, so the console and train.log show the same table

@@ -58,6 +58,48 @@ def log_scalars_at_step(trainer: pl.Trainer, scalars: dict[str, float], prefix: 
     log_at_step(trainer, {f"{prefix}/{k}": float(v) for k, v in scalars.items()}, step)
 
 
+def warn_once(caught: list[warnings.WarningMessage], category: type[Warning], seen: set[str], who: str) -> None:
+    """Pass caught warnings on, those of ``category`` (the engine's, e.g. an ill-conditioned J falling back to
+    the damped estimate) each kind once per run (``seen``): the same fallback at every evaluation would bury
+    the log."""
+    from pytorch_lightning.utilities import rank_zero_warn
+
+    for record in caught:
+        if not issubclass(record.category, category):
+            warnings.warn_explicit(record.message, record.category, record.filename, record.lineno)
+            continue
+        kind = f"{record.category.__name__}:{record.filename}:{record.lineno}"
+        if kind not in seen:
+            seen.add(kind)
+            rank_zero_warn(f"{who}: {record.message} (warnings of this kind are shown once per run)",
+                           category=record.category)
+
+
+def log_leakage_media(trainer: pl.Trainer, report: Any, probes: Tensor, index: Tensor, tables: bool) -> None:
+    """The per-sample leakage media of a :class:`pl_i2f.leakage.LeakageReport` on the probe samples
+    ``probes[index]``: a histogram of the per-sample errors, and with ``tables`` (files: first and last
+    evaluation only) the per-class table and bar chart and the worst samples' images."""
+    import wandb
+
+    values = report.pixel_rmse.detach().cpu().double().numpy()
+    payload: dict[str, Any] = {"leakage/per_sample_histogram": wandb.Histogram(values)}
+    if tables:
+        per_class = wandb.Table(columns=["class", "expected_pixel_rmse"],
+                                data=[[c, v] for c, v in sorted(report.per_class.items())])
+        worst = index[[i for i, _ in report.worst]]
+        images = trainer.datamodule.denormalize(probes[worst].cpu()) if len(worst) else []
+        payload.update({
+            "leakage/per_class": per_class,
+            "leakage/per_class_bar": wandb.plot.bar(per_class, "class", "expected_pixel_rmse",
+                                                    title="expected reconstruction RMSE per class"),
+            "leakage/worst_samples": [
+                wandb_image(img, caption=f"probe (class {int(report.labels[i])}): rmse {v:.3g}")
+                for img, (i, v) in zip(images, report.worst)
+            ],
+        })
+    log_media(trainer, payload, step=report.step)
+
+
 class WandbLogger(_LightningWandbLogger):
     """Lightning's ``WandbLogger`` minus the ``anonymous=None`` it always passes to ``wandb.init``: wandb >= 0.19
     warns on every run that the setting "has no effect" even when nobody set it."""

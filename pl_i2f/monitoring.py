@@ -22,8 +22,12 @@ Objects the :class:`callbacks.I2FMonitor` callback drives, unit-tested without a
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
+
+from pl_i2f.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -349,3 +353,277 @@ class OverheadBudget:
 
     def state_dict(self) -> dict[str, Any]:
         return {"schedule": asdict(self.schedule)}
+
+
+MONITOR_METHODS = ("lanczos", "slq", "exact")
+INTEGER_MINIMA = {"lanczos_steps": 2, "exact_spectrum_probes": 0, "worst_k": 0, "warmup_steps": 1, "noise_draws": 1}
+
+
+@dataclass
+class MonitorSettings:
+    """The leakage monitor's settings (:class:`callbacks.I2FMonitor`'s keyword arguments), checked on
+    construction: a one-line ConfigError names a bad one."""
+
+    every_n_steps: int = 100
+    first_step: int = 10
+    growth: float = 2.0
+    probe_size: int | None = None  # None: the datamodule's probe batch
+    damping: float = 0.0
+    relative_damping: float = 0.01
+    log_per_sample_media: bool = True
+    method: str = "lanczos"
+    lanczos_steps: int = 16
+    exact_spectrum_probes: int = 2
+    worst_k: int = 5
+    max_overhead: float | None = 0.1  # the monitor's time as a fraction of the training time; None: no limit
+    warmup_steps: int = 3
+    noise_draws: int = 32
+    target_pixel_rmse: float = 0.1  # = pl_i2f.leakage.DEFAULT_TARGET_PIXEL_RMSE (≈ 20 dB PSNR)
+    clipping_norm: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        who = "I2FMonitor"
+        try:
+            OverheadBudget(self.max_overhead, self.schedule())
+        except ValueError as exc:
+            raise ConfigError(f"{who}: {exc}") from exc
+        for name in ("damping", "relative_damping"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"{who}.{name} must be a finite number >= 0, got {value}")
+        if self.method not in MONITOR_METHODS:
+            raise ConfigError(f"{who}.method must be one of {', '.join(MONITOR_METHODS)}, got {self.method!r}")
+        for name, low in INTEGER_MINIMA.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low:
+                raise ConfigError(f"{who}.{name} must be an integer >= {low}, got {value!r}")
+        if self.probe_size is not None and self.probe_size < 1:
+            raise ConfigError(f"{who}.probe_size must be >= 1 or null, got {self.probe_size}")
+        if not (0 < self.target_pixel_rmse < math.inf):
+            raise ConfigError(f"{who}.target_pixel_rmse must be > 0, got {self.target_pixel_rmse}")
+        if not (0 < self.clipping_norm < math.inf):
+            raise ConfigError(f"{who}.clipping_norm must be > 0, got {self.clipping_norm}")
+
+    def schedule(self) -> DenseEarlySchedule:
+        return DenseEarlySchedule(self.every_n_steps, self.first_step, self.growth)
+
+
+# The planner's numbers, each with its reason.
+MIN_LANCZOS_STEPS = 2  # the last resort before skipping: one probe, a 2-vector basis (λ_max and a rough trace)
+KEEP_PROBES = 8  # shrink the basis (down to 4 vectors) before evaluating fewer probes than this
+FRESH_BASIS_DIVISOR = 2  # a fresh basis starts at half the full size; warm starts double it up to the full size
+CALIBRATION_CHAINS = (1, 4)  # vectors per probe of the products that price the vmapped path: two sizes separate
+#                              its fixed and per-vector parts (an overhead-bound model: 4 vectors ≈ 1.3× one)
+CALIBRATION_PROBES = KEEP_PROBES  # those products run on the probe count the vmapped evaluations use
+VMAP_PRODUCT_RATIO = 4  # a vmapped product costs up to this many plain products per vector (measured: lenet_zhu
+#                         less, resnet18 on CPU 2.5×), so pricing from one plain product stays on the safe side
+CALIBRATION_SHARE = 4  # a timing product may take at most this fraction (1/4) of the budget left
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the planner decided for one evaluation: ``plan`` to run (``None``: skip), or ``keep_first`` — the
+    single-probe evaluation that priced the products is this evaluation; ``full`` the plan asked for."""
+
+    plan: EvaluationPlan | None
+    full: EvaluationPlan
+    keep_first: bool = False
+
+
+class EvaluationPlanner:
+    """How big each of the monitor's evaluations may be, from the schedule, the measured costs and the training
+    time — pure: time comes from the injected ``clock`` (seconds), products' seconds from the caller's
+    ``observe``; no Trainer, no model.
+
+    Per fit: :meth:`start_fit` (the fit's first step and total steps), :meth:`record_training` at each
+    training step (the training seconds are the clock's minus the monitor's own, :meth:`charge`). Per
+    evaluation: :meth:`full_plan` (what an unlimited run would do), then — while nothing is priced —
+    :meth:`first_stop` bounds a single-probe evaluation that is its own price, and :meth:`calibration_due`
+    says which vmapped products to time; :meth:`decide` returns the :class:`Decision`. The budget is a
+    ceiling: every plan is priced before it runs, the smallest final evaluation stays reserved until the
+    final step, and the final evaluation always runs (at the smallest size when nothing larger fits).
+    ``training_seconds`` and ``spent_seconds`` sum over every fit of the run (a resumed run's share is over
+    its whole training time)."""
+
+    def __init__(self, max_overhead: float | None, schedule: DenseEarlySchedule, *, lanczos_steps: int = 16,
+                 exact_spectrum_probes: int = 2, clock: Callable[[], float] = time.perf_counter):
+        self.max_overhead = max_overhead
+        self.schedule = schedule
+        self.lanczos_steps = lanczos_steps
+        self.exact_spectrum_probes = exact_spectrum_probes
+        self.clock = clock
+        self.cost = PlanCost()
+        self.budget = OverheadBudget(max_overhead, schedule)
+        self.earlier_training = 0.0  # training seconds of the run's earlier fits (restored from a checkpoint)
+        self.earlier_spent = 0.0
+        self._started = 0.0
+        self._start_step = 0
+        self._rate_origin: tuple[float, float] | None = None
+        self.cheap = False  # the single-probe pricing found the vmapped path cheap enough to price
+
+    # -- the fit's training time --------------------------------------------------------------------------
+    def start_fit(self, step: int, total_steps: int | None) -> None:
+        """A fit begins at ``step`` and ends at ``total_steps`` (None: unknown): a fresh budget for it."""
+        self.budget = OverheadBudget(self.max_overhead, self.schedule, total_steps)
+        self._started, self._start_step, self._rate_origin = self.clock(), step, None
+
+    def record_training(self, step: int) -> None:
+        """Training reached ``step``: seconds per step from the end of the fit's first step on (its one-off
+        costs — the first batch's loading and allocations — would inflate the rate and with it the budget)."""
+        steps, now = step - self._start_step, self.clock()
+        if steps >= 1 and self._rate_origin is None:
+            self._rate_origin = (now, self.budget.spent)
+        if steps < 2 or self._rate_origin is None:
+            self.budget.record_training(steps, now - self._started - self.budget.spent)
+        else:
+            origin, spent = self._rate_origin
+            self.budget.record_training(steps - 1, now - origin - (self.budget.spent - spent))
+
+    def charge(self, seconds: float) -> None:
+        self.budget.charge(seconds)
+
+    def steps_done(self, step: int) -> int:
+        return step - self._start_step
+
+    @property
+    def training_seconds(self) -> float:
+        """Training seconds of the whole run so far (earlier fits and this one)."""
+        return self.earlier_training + self.budget.train_seconds
+
+    @property
+    def spent_seconds(self) -> float:
+        return self.earlier_spent + self.budget.spent
+
+    # -- plans --------------------------------------------------------------------------------------------
+    @property
+    def needs_pricing(self) -> bool:
+        return not self.budget.unlimited and not self.cost.known
+
+    def full_plan(self, probes: int, stored: tuple[int, int] | None, *, spectra_possible: bool, first: bool,
+                  final: bool, spectrum_cost: Callable[[int], tuple[int, int]] | None = None) -> EvaluationPlan:
+        """Every one of ``probes`` probes, starting with a fresh basis of half ``lanczos_steps`` vectors (it grows
+        to the full size over the next warm-started evaluations) — or, once a basis exists (``stored``: its
+        probes and vectors), the probes it covers (a reduced first evaluation fixes the subset: the same samples
+        every time keep the curve comparable and warm). One probe always starts afresh (the plain autograd
+        operator: sequential steps cost what a block does). Exact spectra at the first and the final evaluation
+        (``spectrum_cost(count)``: their (products, vectors))."""
+        warm = stored is not None and stored[0] > 1
+        probes = probes if stored is None else stored[0]
+        steps = stored[1] if warm else max(MIN_LANCZOS_STEPS, self.lanczos_steps // FRESH_BASIS_DIVISOR)
+        spectra = self.exact_spectrum_probes if (final or first) and spectra_possible else 0
+        spectra = min(spectra, probes)
+        calls, vectors = spectrum_cost(spectra) if spectra and spectrum_cost is not None else (0, 0)
+        return EvaluationPlan(probes=probes, steps=steps, warm=warm, spectra=spectra, spectrum_products=calls,
+                              spectrum_vectors=vectors)
+
+    def allowance(self, step: int, final: bool) -> float:
+        """Seconds this evaluation may take: its share of what is left (all of it for the final one)."""
+        return self.budget.left() if final else self.budget.share(step)
+
+    def batched_worth_pricing(self, single_step: float) -> bool:
+        """Whether the vmapped path is cheap enough to price: ``CALIBRATION_PROBES`` probes' product, at up to
+        ``VMAP_PRODUCT_RATIO`` plain products per vector, within 1/``CALIBRATION_SHARE`` of the budget left."""
+        return VMAP_PRODUCT_RATIO * CALIBRATION_PROBES * single_step <= self.budget.left() / CALIBRATION_SHARE
+
+    def first_stop(self, step: int, final: bool) -> tuple[Callable[[int, float, float], bool], list[float]]:
+        """The stop rule of the single-probe evaluation that prices the products (``(steps, seconds so far,
+        seconds of the last step) → stop``): before a step that would end past the evaluation's allowance, or
+        as soon as the model looks cheap enough for several probes (then it is evaluated on them). Returns the
+        rule and the list of step seconds it sees."""
+        allowance, seen = self.allowance(step, final), []
+
+        def stop(steps: int, elapsed: float, last: float) -> bool:
+            seen.append(last)
+            return elapsed + last > allowance or self.batched_worth_pricing(last)
+
+        return stop, seen
+
+    def calibration_due(self, probes: int, chains: int) -> bool:
+        """Whether to time a vmapped product of ``probes`` × ``chains`` vectors: priced within
+        1/``CALIBRATION_SHARE`` of what is left (a first one always, once the path is worth pricing)."""
+        batched = self.cost.batched
+        return not (batched.known and batched.predict(1, probes * chains) > self.budget.left() / CALIBRATION_SHARE)
+
+    def spectra_reserve(self, final: bool, final_plan: EvaluationPlan) -> float:
+        """Seconds held back for the final evaluation's exact spectra (``final_plan``'s: λ_min and the condition
+        number at the end of training), priced like any plan's; nothing at the final evaluation."""
+        if final or final_plan.spectra == 0 or self.budget.unlimited:
+            return 0.0
+        probe = replace(final_plan, probes=1, steps=1, warm=False)
+        extra = self.cost.price(probe) - self.cost.price(replace(probe, spectra=0))
+        return extra if math.isfinite(extra) else 0.0
+
+    def decide(self, step: int, full: EvaluationPlan, *, final: bool, probes: int, stored_probes: int | None,
+               first: EvaluationPlan | None, first_fit: bool, reserve: float = 0.0) -> Decision:
+        """The evaluation at ``step``: the largest plan that fits what is left with the evaluations still to come
+        (:meth:`OverheadBudget.plan`); a wider fresh start when an earlier evaluation fixed fewer than
+        ``KEEP_PROBES`` of the ``probes`` probes and more now fit; the single-probe pricing run (``first``,
+        ``first_fit``: it ended within the budget) kept when nothing larger is worth its price; at the final
+        step the smallest plan when nothing fits (never skipped)."""
+        if self.budget.unlimited:
+            return Decision(full, full)
+        options = dict(final=final, min_steps=MIN_LANCZOS_STEPS, keep_probes=KEEP_PROBES, reserve=reserve)
+        plan = self.budget.plan(step, full, self.cost, **options)
+        if stored_probes is not None and stored_probes < min(KEEP_PROBES, probes):
+            more = replace(full, probes=probes, steps=max(MIN_LANCZOS_STEPS, self.lanczos_steps // FRESH_BASIS_DIVISOR),
+                           warm=False)
+            upgrade = self.budget.plan(step, more, self.cost, **options)
+            if upgrade is not None and upgrade.probes > (0 if plan is None else plan.probes):
+                plan, full = upgrade, more
+        kept = first is not None and first_fit  # done work is not thrown away
+        if kept and plan is not None and PlanCost.is_single(plan) and plan.steps > first.steps:
+            kept = not self.cheap  # stopped early only because more probes looked affordable: a longer run fits
+        if kept and (plan is None or (PlanCost.is_single(plan) and not plan.spectra)):
+            return Decision(first, full, keep_first=True)
+        if plan is None and final:
+            plan = reductions(full, MIN_LANCZOS_STEPS, KEEP_PROBES)[-1]  # the final weights are always evaluated
+        return Decision(plan, full)
+
+    def allowance_stop(self, step: int, final: bool) -> Callable[[int, float, float], bool]:
+        """The stop rule of a single-probe fresh basis: before a step that would end past the allowance."""
+        allowance = self.allowance(step, final)
+        return lambda steps, elapsed, last: elapsed + last > allowance
+
+    def observe(self, plan: EvaluationPlan, products: tuple[int, int], warm: bool, seconds: float,
+                spectra_seconds: float) -> EvaluationPlan:
+        """Price the products an evaluation of ``plan`` really ran (``products``: (calls, vectors) of its basis,
+        ``seconds`` in all, ``spectra_seconds`` of them on exact spectra); returns the plan really run (a budgeted
+        fresh basis may have stopped early)."""
+        ran = plan if warm else replace(plan, steps=products[0])
+        core = seconds - spectra_seconds
+        if PlanCost.is_single(ran):
+            self.cost.single.observe(1, products[0], core)
+        else:
+            self.cost.batched.observe(*products, core)
+        if plan.spectra and spectra_seconds > 0:
+            self.cost.spectra.observe(1, plan.spectra, spectra_seconds)
+        return ran
+
+    def skip_message(self, step: int, full: EvaluationPlan) -> str:
+        smallest = self.cost.price(replace(full, probes=1, steps=MIN_LANCZOS_STEPS, warm=False, spectra=0))
+        return (f"skipped the evaluation of step {step}: even one probe with a {MIN_LANCZOS_STEPS}-vector Lanczos "
+                f"basis is predicted at {smallest:.2f}s, which with the final evaluation's reserved does not fit "
+                f"the {max(self.budget.left(), 0):.2f}s left of max_overhead={self.max_overhead:g} × "
+                f"{self.budget.training_estimate() or 0:.1f}s of training. Raise max_overhead (null: no limit), "
+                "train longer, or use a GPU.")
+
+    def summary(self, evaluations: int, steps: int, seconds: float, reduced: int, skipped: int,
+                last_step: int | None) -> str:
+        """The end-of-fit line: evaluations, the monitor's seconds and their share of the whole run's training
+        time (earlier fits of a resumed run included), and the step the last leakage was measured at."""
+        training = self.training_seconds
+        share = f" ({seconds / training:.1%} of {training:.1f}s training)" if training > 0 else ""
+        limit = f" to stay within {self.max_overhead:.0%} overhead" if self.max_overhead is not None else ""
+        measured = f"; leakage last measured at step {last_step}" if last_step is not None else ""
+        return (f"{evaluations} evaluations at {steps} steps in {seconds:.1f}s{share}; {reduced} reduced, "
+                f"{skipped} skipped{limit}{measured}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cost": self.cost.state_dict(), "training_seconds": self.training_seconds,
+                "spent_seconds": self.spent_seconds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.cost.load_state_dict(state.get("cost", {}))
+        self.earlier_training = float(state.get("training_seconds", 0.0))
+        self.earlier_spent = float(state.get("spent_seconds", 0.0))

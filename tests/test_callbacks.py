@@ -198,12 +198,14 @@ def test_budgeted_step0_evaluation_uses_the_initial_weights(make_cfg):
 def test_unaffordable_evaluation_is_skipped_with_a_warning(make_cfg):
     with pytest.warns(UserWarning, match=r"skipped the evaluation of step 0: even one probe"):
         monitor = monitor_run(make_cfg, "callbacks.i2f_monitor.max_overhead=1e-9", "data.probe_size=8")
-    assert monitor.evaluations == 0 and monitor.skipped == 2 and monitor.last_report is None
+    # step 0 skipped; the final weights are always evaluated, at the smallest size
+    assert monitor.evaluations == 1 and monitor.skipped == 1 and monitor.steps_logged == [12]
     assert 0 < monitor.seconds < 5  # only the product timing was paid
 
 
 def test_engine_warnings_reach_the_log_once_per_kind():
     """The damped fallback warns at every evaluation in the engine; the monitor shows each kind once per run."""
+    from callbacks._logging import warn_once
     from pl_i2f.influence import ConvergenceWarning, InfluenceWarning
 
     monitor = I2FMonitor()
@@ -213,14 +215,15 @@ def test_engine_warnings_reach_the_log_once_per_kind():
 
     fallback = [record(f"JJᵀ is singular at step {s}; damped with ε = 1e-9", InfluenceWarning, 120) for s in range(4)]
     with pytest.warns(InfluenceWarning) as shown:
-        monitor._warn_once(fallback)
-        monitor._warn_once([*fallback, record("CG reached only 1e-3", ConvergenceWarning, 140)])
+        warn_once(fallback, InfluenceWarning, monitor._warned, "I2FMonitor")
+        warn_once([*fallback, record("CG reached only 1e-3", ConvergenceWarning, 140)], InfluenceWarning,
+                  monitor._warned, "I2FMonitor")
     messages = [str(w.message) for w in shown if issubclass(w.category, InfluenceWarning)]
     assert len(messages) == 2
     assert "step 0" in messages[0] and "shown once per run" in messages[0]
     assert "CG reached" in messages[1]
     with pytest.warns(UserWarning, match="not the engine's"):  # other warnings pass through untouched
-        monitor._warn_once([record("not the engine's", UserWarning, 7)])
+        warn_once([record("not the engine's", UserWarning, 7)], InfluenceWarning, monitor._warned, "I2FMonitor")
 
 
 def test_old_monitor_option_names_still_work_with_a_warning():

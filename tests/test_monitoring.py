@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -154,9 +155,9 @@ def test_monitoring_estimate_agrees_with_full_precision_along_a_run(digits_run):
     defense = build_defense(name="none")
     basis, errors, warm = None, {}, []
     for step, model in kept.items():
-        report, fit = monitor_leakage(model, x, y, defense, step, basis=basis, steps=16 if basis is not None else 8)
-        basis = fit.basis
-        warm.append(fit.warm)
+        report = monitor_leakage(model, x, y, defense, step, basis=basis, steps=16 if basis is not None else 8)
+        basis = report.basis.basis
+        warm.append(report.basis.warm)
         exact = per_sample_leakage(model, x, y, noise_std=1.0, relative_damping=0.01, method="exact")
         errors[step] = report.scalars["expected_i2f"] / float(exact.expected_i2f.mean()) - 1
         assert report.scalars["damping"] == pytest.approx(exact.damping, rel=0.05)  # Ritz λ_max
@@ -173,7 +174,7 @@ def test_sigma_for_target_reaches_the_target_through_the_engine(digits_run):
 
     dm, kept, x, y = digits_run
     model, target = kept[100], 0.05
-    report, _ = monitor_leakage(model, x, y, build_defense(name="none"), 100, pixel_std=mean_pixel_std(dm),
+    report = monitor_leakage(model, x, y, build_defense(name="none"), 100, pixel_std=mean_pixel_std(dm),
                                 target_pixel_rmse=target, steps=16)
     sigma = report.scalars["sigma_for_target"]
     d_theta = sum(p.numel() for p in model.parameters())
@@ -203,7 +204,7 @@ def test_sigma_for_target_within_a_factor_two_of_the_real_dlg_attack():
     torch.manual_seed(0)
     model = build_model("lenet_zhu", (1, 16, 16), 10, init="uniform")
     target = 0.03
-    report, _ = monitor_leakage(model, x, y, build_defense(name="none"), 0, pixel_std=mean_pixel_std(dm),
+    report = monitor_leakage(model, x, y, build_defense(name="none"), 0, pixel_std=mean_pixel_std(dm),
                                 target_pixel_rmse=target, relative_damping=0.0, steps=16)
     sigma = report.scalars["sigma_for_target"]
     released = flat_gradient(model, x, y)
@@ -300,27 +301,75 @@ def test_reductions_keep_eight_probes_and_the_spectra_before_the_basis():
     assert all(p.warm for p in warm if p.probes > 1) and not any(p.warm for p in warm if p.probes == 1)
 
 
-def test_fresh_basis_stops_at_its_time_limit_but_not_below_the_minimum(digits_run):
+def test_fresh_basis_stops_where_its_caller_says_but_not_below_the_minimum(digits_run):
+    """The solver reads no clock: ``keep_going`` ends a fresh basis; WarmBasis turns a (timed) stop rule into it,
+    never below ``min_steps``. Time comes from an injected clock."""
+    from pl_i2f.gradients import eval_mode
+    from pl_i2f.influence import PerSampleOperator
+    from pl_i2f.influence.damping import Damping
     from pl_i2f.influence.warm import basis_leakage
+    from pl_i2f.leakage import LeakageOptions, NoiseModel, WarmBasis, leakage_report
 
     _, kept, x, y = digits_run
-    limited = basis_leakage(kept[0], x[:2], y[:2], steps=8, max_seconds=0.0, min_steps=2)
-    assert limited.products == (2, 4) and limited.basis.shape[1] == 2
-    stopped = basis_leakage(kept[0], x[:2], y[:2], steps=8, stop=lambda steps, seconds: steps >= 3)
-    assert stopped.products[0] == 3
-    full = basis_leakage(kept[0], x[:2], y[:2], steps=8)
-    assert full.products == (8, 16)
+    model = kept[0]
+    damping = Damping.request(0.0, relative=0.01, d_x=256, dtype=torch.float32, caller="test")
+    with eval_mode(model):
+        operator = PerSampleOperator(model, x[:2], y[:2])
+        stopped = basis_leakage(operator, damping, steps=8, keep_going=lambda steps: steps < 3)
+        full = basis_leakage(operator, damping, steps=8)
+    assert stopped.products == (3, 6) and stopped.basis.shape[1] == 3 and full.products == (8, 16)
+    ticks = iter(range(1000))
+    seen: list[tuple[int, float, float]] = []
+
+    def over_budget(steps: int, elapsed: float, last: float) -> bool:
+        seen.append((steps, elapsed, last))
+        return True  # nothing fits: the basis stops at the minimum
+
+    estimator = WarmBasis(steps=8, stop=over_budget, min_steps=2, clock=lambda: float(next(ticks)))
+    report = leakage_report(model, x[:2], y[:2], NoiseModel(std=1.0, sampler=None, per_unit=True),
+                            LeakageOptions(), estimator)
+    assert report.basis.products == (2, 4) and seen == [(2, 2.0, 1.0)]  # one tick per step
 
 
 def test_exact_spectra_from_the_jacobian_match_the_dense_gram(digits_run):
-    from pl_i2f.influence import per_sample_leakage
+    from pl_i2f.gradients import eval_mode
+    from pl_i2f.influence import PerSampleOperator, per_sample_leakage
     from pl_i2f.influence.warm import exact_spectra
 
     _, kept, x, y = digits_run
-    eigenvalues = exact_spectra(kept[100], x[:2], y[:2], block_numbers=1 << 20)  # several column blocks
+    with eval_mode(kept[100]):
+        eigenvalues = exact_spectra(PerSampleOperator(kept[100], x[:2], y[:2]), block_numbers=1 << 20)  # many blocks
     dense = per_sample_leakage(kept[100], x[:2], y[:2], method="exact", expected=False)
     assert torch.allclose(eigenvalues[:, -1], dense.lambda_max, rtol=1e-4)
     assert torch.allclose(eigenvalues[:, 0], dense.lambda_min, rtol=1e-2, atol=1e-6 * float(dense.lambda_max.max()))
+
+
+@pytest.mark.parametrize("defense_name", ["none", "anisotropic"])
+def test_one_evaluation_builds_the_per_sample_operator_once(digits_run, monkeypatch, defense_name):
+    """A default monitor evaluation — basis, Monte Carlo over an anisotropic sampler's draws, exact spectra — and a
+    full-precision one each build the per-sample operator once and share it."""
+    import pl_i2f.leakage as leakage
+    from pl_i2f.defenses import build as build_defense
+    from pl_i2f.influence import PerSampleOperator
+
+    dm, kept, x, y = digits_run
+    built: list[int] = []
+
+    class Counted(PerSampleOperator):
+        def __init__(self, *args, **kwargs):
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(leakage, "PerSampleOperator", Counted)
+    defense = build_defense(name=defense_name, **({"sigma": 0.01} if defense_name != "none" else {}))
+    if defense_name == "anisotropic":
+        defense.noise.set_reference_from(dm)
+    report = leakage.monitor_leakage(kept[100], x, y, defense, 100, exact_spectrum_probes=2, noise_draws=4)
+    assert len(built) == 1 and "lambda_min" in report.scalars
+    leakage.monitor_leakage(kept[100], x, y, defense, 100, basis=report.basis.basis, noise_draws=4)
+    assert len(built) == 2
+    leakage.measure_leakage(kept[100], x[:2], y[:2], defense, 100, noise_draws=4)
+    assert len(built) == 3
 
 
 def test_undamped_leakage_equals_dense_float64_algebra_on_trained_weights(digits_run):
@@ -350,3 +399,186 @@ def test_undamped_leakage_equals_dense_float64_algebra_on_trained_weights(digits
     anisotropic = build_defense(name="anisotropic", sigma=sigma, reference_size=2)
     anisotropic.noise.set_reference(x[6:], y[6:])
     assert undamped_leakage(model, x[:3], y[:3], anisotropic, 400) is None
+
+
+# --- the planner, on explicit numbers (no Trainer, an injected clock) ------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_planner_measures_training_from_the_second_step_and_prices_plans():
+    from pl_i2f.monitoring import EvaluationPlanner
+
+    clock = FakeClock()
+    planner = EvaluationPlanner(0.1, DenseEarlySchedule(), lanczos_steps=16, exact_spectrum_probes=2, clock=clock)
+    planner.start_fit(0, 1200)
+    clock.now = 0.5  # the first step's one-off costs (loading, allocations) are left out of the rate
+    planner.record_training(1)
+    clock.now = 0.7
+    planner.record_training(3)  # two steps of 0.1 s
+    assert planner.budget.train_steps == 2 and planner.budget.train_seconds == pytest.approx(0.2)
+    assert planner.budget.total() == pytest.approx(0.1 * 0.1 * 1200)  # 12 s for the monitor
+    full = planner.full_plan(8, None, spectra_possible=True, first=True, final=False,
+                             spectrum_cost=lambda count: (1, 128 * count))
+    assert full == EvaluationPlan(probes=8, steps=8, warm=False, spectra=2, spectrum_products=1, spectrum_vectors=256)
+    assert planner.needs_pricing
+    stop, seen = planner.first_stop(0, final=False)  # share of step 0: 12 s over 17 evaluations
+    assert not stop(2, 0.2, 0.1) and stop(9, 0.6, 0.2)  # 0.8 s would pass the 0.71 s share
+    assert seen == [0.1, 0.2]
+    planner.cost.batched.observe(1, 8, 0.1)
+    planner.cost.batched.observe(1, 32, 0.16)  # 0.08 s a product + 0.0025 s a vector
+    planner.cost.spectra.observe(1, 2, 0.3)
+    decision = planner.decide(0, full, final=False, probes=8, stored_probes=None, first=None, first_fit=False)
+    assert decision.plan == full  # 0.72 s now, later warm evaluations at 0.08·2 + 0.0025·2·8·8 = 0.48 s each
+
+
+def test_planner_always_runs_the_final_evaluation():
+    from pl_i2f.monitoring import EvaluationPlanner
+
+    clock = FakeClock()
+    planner = EvaluationPlanner(1e-6, DenseEarlySchedule(), clock=clock)
+    planner.start_fit(0, 100)
+    clock.now = 1.0
+    planner.record_training(3)
+    planner.cost.batched.observe(1, 8, 1.0)
+    planner.cost.single.observe(1, 4, 1.0)
+    full = planner.full_plan(8, (8, 16), spectra_possible=False, first=False, final=False)
+    assert planner.decide(50, full, final=False, probes=8, stored_probes=8, first=None, first_fit=False).plan is None
+    final = planner.decide(100, full, final=True, probes=8, stored_probes=8, first=None, first_fit=False)
+    assert final.plan is not None and final.plan.probes == 1 and final.plan.steps == 2  # the smallest plan
+
+
+def simulated_run(load: Callable[[int], float], train_load: Callable[[int], float] | None = None, total: int = 1200,
+                  max_overhead: float = 0.1):
+    """Drive the planner through a run as I2FMonitor does, every cost from a model of a machine whose load
+    multiplies each of the monitor's seconds (``load(step)``) and each training second (``train_load``, default
+    the same), on an injected clock: (monitor seconds, training seconds, evaluated steps)."""
+    train_load = load if train_load is None else train_load
+    from pl_i2f.monitoring import (
+        CALIBRATION_CHAINS,
+        CALIBRATION_PROBES,
+        EvaluationPlanner,
+        PlanCost,
+    )
+
+    clock = FakeClock()
+    planner = EvaluationPlanner(max_overhead, DenseEarlySchedule(), lanczos_steps=16, exact_spectrum_probes=2,
+                                clock=clock)
+    planner.start_fit(0, total)
+    evaluated, basis = [], None
+    step_cost, single_cost, spectra_cost = 0.015, 0.02, 0.25  # lenet_zhu on digits, seconds on an idle core
+
+    def batched_cost(calls: int, vectors: int) -> float:
+        return 0.08 * calls + 0.002 * vectors
+
+    def spend(seconds: float) -> None:
+        clock.now += seconds
+        planner.charge(seconds)
+
+    def run(plan: EvaluationPlan, step: int, stop=None) -> EvaluationPlan:
+        slow = load(step)
+        if PlanCost.is_single(plan):
+            steps, elapsed = 0, 0.0
+            while steps < plan.steps:
+                steps, elapsed = steps + 1, elapsed + single_cost * slow
+                if stop is not None and steps >= 2 and stop(steps, elapsed, single_cost * slow):
+                    break
+            seconds, products = elapsed, (steps, steps)
+        else:
+            products = (2, 2 * plan.probes * plan.steps) if plan.warm else (plan.steps, plan.probes * plan.steps)
+            seconds = batched_cost(*products) * slow
+        spectra = plan.spectra * spectra_cost * slow
+        spend(seconds + spectra)
+        return planner.observe(plan, products, plan.warm, seconds + spectra, spectra)
+
+    def evaluate(step: int, final: bool) -> None:
+        nonlocal basis
+        full = planner.full_plan(8, basis, spectra_possible=True, first=not evaluated, final=final,
+                                 spectrum_cost=lambda count: (1, 128 * count))
+        first = None
+        if planner.needs_pricing:
+            stop, seen = planner.first_stop(step, final)
+            first = run(EvaluationPlan(probes=1, steps=full.steps), step, stop)
+            planner.cheap = planner.batched_worth_pricing(min(seen, default=math.inf))
+            for chains in CALIBRATION_CHAINS if planner.cheap else ():
+                if planner.calibration_due(CALIBRATION_PROBES, chains):
+                    seconds = batched_cost(1, CALIBRATION_PROBES * chains) * load(step)
+                    spend(seconds)
+                    planner.cost.batched.observe(1, CALIBRATION_PROBES * chains, seconds)
+        decision = planner.decide(step, full, final=final, probes=8, stored_probes=None if basis is None else basis[0],
+                                  first=first, first_fit=planner.budget.left() >= 0,
+                                  reserve=planner.spectra_reserve(final, planner.full_plan(
+                                      8, basis, spectra_possible=True, first=False, final=True,
+                                      spectrum_cost=lambda count: (1, 128 * count))))
+        if decision.keep_first:
+            ran = first
+        elif decision.plan is None:
+            return
+        else:
+            ran = run(decision.plan, step, planner.allowance_stop(step, final) if PlanCost.is_single(decision.plan)
+                      else None)
+        if ran.probes > 1:
+            basis = (ran.probes, min(16, 2 * ran.steps) if ran.warm else ran.steps)
+        evaluated.append(step)
+
+    pending = None
+    for step in range(total):
+        planner.record_training(step)
+        if pending is not None and step >= 3:
+            evaluate(pending, False)
+            pending = None
+        if planner.budget.due(step):
+            if planner.budget.train_steps == 0:
+                pending = step
+            else:
+                evaluate(step, False)
+        clock.now += step_cost * train_load(step)
+    planner.record_training(total)
+    evaluate(total, True)
+    return planner.spent_seconds, planner.training_seconds, evaluated
+
+
+@pytest.mark.parametrize(("load", "train_load"), [
+    (lambda step: 1.0, None),  # an idle machine
+    (lambda step: 3.0, None),  # a CPU hog on the other core all along
+    (lambda step: 1.0 if step < 400 else 4.0, None),  # a hog arriving mid-run
+    (lambda step: 4.0, lambda step: 1.5),  # the monitor's multi-threaded products slowed more than training
+], ids=["idle", "loaded", "load-arrives", "monitor-slowed-more"])
+def test_loaded_machine_keeps_the_budget_and_evaluates_the_final_step(load, train_load):
+    """A CPU hog, simulated on an injected clock: the monitor's share of the training time stays within
+    max_overhead and the final weights are evaluated. (The budget is a projection of the training time from the
+    rate so far: a machine whose load *leaves* early in a run makes the projection, and so the budget, too large
+    for the steps already taken; the final share is then over.)"""
+    spent, training, evaluated = simulated_run(load, train_load)
+    assert spent <= 0.1 * training, (spent, training)
+    assert evaluated[-1] == 1200 and len(evaluated) >= 10
+
+
+def test_resumed_run_reports_its_share_over_the_whole_run():
+    """A run resumed from a checkpoint: the monitor's seconds (checkpointed) over the training seconds of every
+    fit, not of the resumed fit alone."""
+    from pl_i2f.monitoring import EvaluationPlanner
+
+    clock = FakeClock()
+    first = EvaluationPlanner(0.1, DenseEarlySchedule(), clock=clock)
+    first.start_fit(0, 1200)
+    clock.now = 0.02
+    first.record_training(1)  # the first step's one-off costs are left out
+    clock.now = 20.0
+    first.record_training(1000)
+    resumed = EvaluationPlanner(0.1, DenseEarlySchedule(), clock=clock)
+    resumed.load_state_dict(first.state_dict())
+    resumed.start_fit(1000, 1200)
+    clock.now += 0.02
+    resumed.record_training(1001)
+    clock.now += 3.98
+    resumed.record_training(1200)
+    assert resumed.training_seconds == pytest.approx(19.98 + 3.98)
+    line = resumed.summary(17, 17, 2.0, 0, 0, 1200)
+    assert "(8.3% of 24.0s training)" in line and line.endswith("leakage last measured at step 1200")

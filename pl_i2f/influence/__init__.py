@@ -37,7 +37,9 @@ Modules, in reading order (each depends only on those above it; ``docs/engine.md
 * :mod:`~pl_i2f.influence.estimator` — the one expected-error estimator, for N problems at once;
 * :mod:`~pl_i2f.influence.solve` — :func:`i2f` and its bounds;
 * :mod:`~pl_i2f.influence.expected` — :func:`expected_i2f` (the estimator with N = 1);
-* :mod:`~pl_i2f.influence.per_sample` — :func:`per_sample_leakage` (the estimator with N = batch, ``vmap``).
+* :mod:`~pl_i2f.influence.per_sample` — :class:`PerSampleOperator` (every sample's J_iJ_iᵀ at once, ``vmap``), built
+  once per evaluation, and :func:`per_sample_leakage` (the estimator with N = batch);
+* :mod:`~pl_i2f.influence.warm` — the monitor's warm-started basis and the exact spectra, on that operator.
 
 Nothing here changes the model: no ``.grad`` is written, no buffer is updated, the ``training`` flags are
 restored, and randomness comes from an explicit ``torch.Generator`` (a fixed-seed one by default), never
@@ -47,7 +49,7 @@ from the global RNG.
 from pl_i2f.influence.damping import Damping
 from pl_i2f.influence.expected import expected_i2f
 from pl_i2f.influence.operator import GradientJacobian
-from pl_i2f.influence.per_sample import per_sample_leakage, per_sample_product_seconds
+from pl_i2f.influence.per_sample import PerSampleOperator, operator_leakage, per_sample_leakage
 from pl_i2f.influence.results import (
     ConvergenceWarning,
     ExpectedI2F,
@@ -70,6 +72,7 @@ __all__ = [
     "InfluenceWarning",
     "NoiseSampler",
     "PerSampleLeakage",
+    "PerSampleOperator",
     "Spectrum",
     "ThetaVector",
     "expected_i2f",
@@ -77,8 +80,8 @@ __all__ = [
     "i2f",
     "i2f_lower_bound",
     "i2f_upper_bound",
+    "operator_leakage",
     "per_sample_leakage",
-    "per_sample_product_seconds",
     "right_singular_vectors",
     "row_space",
     "spectrum",

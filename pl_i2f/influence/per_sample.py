@@ -1,6 +1,6 @@
 """Per-sample leakage: every sample of a batch as its own private input x₀ = x[i], all at once with ``vmap``.
 
-Sample i has its own J_i = ∂²ℓ(x_i, y_i)/∂x∂θ (d_x = C·H·W). :class:`PerSampleGram` gives the N operators
+Sample i has its own J_i = ∂²ℓ(x_i, y_i)/∂x∂θ (d_x = C·H·W). :class:`PerSampleOperator` gives the N operators
 J_iJ_iᵀ as one problem set of the shared estimator (:mod:`pl_i2f.influence.estimator`), so the numbers are
 those of :func:`~pl_i2f.influence.expected_i2f` on each sample alone, computed in one batched run.
 """
@@ -8,14 +8,13 @@ those of :func:`~pl_i2f.influence.expected_i2f` on each sample alone, computed i
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
-from pl_i2f.gradients import LossFn, ParamDict, batch_loss_fn, eval_mode, flatten, trainable_parameters
+from pl_i2f.gradients import LossFn, batch_loss_fn, eval_mode, flatten, trainable_parameters
 from pl_i2f.influence.damping import Damping, check_nonnegative
 from pl_i2f.influence.estimator import (
     dense_quadrature,
@@ -25,6 +24,7 @@ from pl_i2f.influence.estimator import (
     slq_quadrature,
 )
 from pl_i2f.influence.krylov import check_stop
+from pl_i2f.influence.operator import GradientJacobian
 from pl_i2f.influence.results import ConvergenceWarning, NoiseSampler, PerSampleLeakage, renamed, warn_caller
 from pl_i2f.influence.settings import EXACT_BLOCK_NUMBERS, cg_maxiter
 from pl_i2f.rng import analysis_generator, rademacher
@@ -32,18 +32,36 @@ from pl_i2f.rng import analysis_generator, rademacher
 METHODS = ("slq", "exact")
 
 
-class PerSampleGram:
-    """J_iJ_iᵀ of every sample's own loss at once: (N, p, n) → (N, p, n), ``vmap`` over samples (outer) and
-    probe vectors (inner, sharing the sample's primal computation), in chunks of ``chunk_size`` samples."""
+class PerSampleOperator:
+    """The per-sample operators of one batch, built once per evaluation and shared by every estimator: each
+    sample's J_iJ_iᵀ at once, (N, p, n) → (N, p, n), ``vmap`` over samples (outer) and vectors (inner, sharing
+    the sample's primal computation), in chunks of ``chunk_size`` samples; the products J_iδ for shared δ's;
+    the dense J_iJ_iᵀ; and, for one sample, the plain autograd operator (:meth:`lanczos_apply`).
 
-    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn | None, chunk_size: int | None):
-        self.params = trainable_parameters(model)
+    The batch is validated and moved to the parameters' device and dtype here (``xs``, ``ys``); products run
+    under the model's eval mode only inside an ``eval_mode(model)`` block, which the caller holds."""
+
+    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn | None = None,
+                 chunk_size: int | None = None):
+        params = trainable_parameters(model)
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        ref = next(iter(params.values()))
+        if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] == 0:
+            raise ValueError("x must be a batch (N, ...) with at least one sample")
+        if not isinstance(y, Tensor) or y.shape[0] != x.shape[0]:
+            raise ValueError("y must have one entry per sample of x")
+        self.model = model
+        self.params = params
+        self.x = x.detach().to(device=ref.device, dtype=ref.dtype)
+        self.y = y.detach().to(ref.device, dtype=ref.dtype if y.is_floating_point() else y.dtype)
+        self.like = torch.empty(0, dtype=ref.dtype, device=ref.device)  # dtype and device of every vector
         self.loss = batch_loss_fn(model, loss_fn)
-        self.x, self.y = x, y
         self.sample_shape = tuple(x.shape[1:])
-        self.n = x[0].numel()
-        self.d_theta = sum(p.numel() for p in self.params.values())
-        self.chunk = x.shape[0] if chunk_size is None else max(1, int(chunk_size))
+        self.N, self.n = self.x.shape[0], self.x[0].numel()
+        self.d_theta = sum(p.numel() for p in params.values())
+        self.chunk = self.N if chunk_size is None else max(1, int(chunk_size))
+        self._single: GradientJacobian | None = None
         params, loss = self.params, self.loss
 
         def g1(xi: Tensor, yi: Tensor) -> Tensor:
@@ -57,13 +75,17 @@ class PerSampleGram:
         def mat1(xi: Tensor, yi: Tensor, di: Tensor) -> Tensor:
             return vjp(lambda z: g1(z, yi), xi)[1](di)[0]
 
+        def columns(xi: Tensor, yi: Tensor, tangents: Tensor) -> Tensor:
+            return vmap(lambda t: jvp(lambda z: g1(z, yi), (xi,), (t,))[1])(tangents)
+
         inner = (None, None, 0)
         self._gram = vmap(vmap(gram1, in_dims=inner))
         self._mat_shared = vmap(vmap(mat1, in_dims=inner), in_dims=(0, 0, None))  # same δ's for every sample
+        self._columns = vmap(columns, in_dims=(0, 0, None))  # Jacobian columns Jᵢeⱼ, the same eⱼ for every sample
 
     def _chunks(self, fn: Callable, v: Tensor, shared: bool = False) -> Tensor:
         out = []
-        for s in range(0, self.x.shape[0], self.chunk):
+        for s in range(0, self.N, self.chunk):
             e = s + self.chunk
             out.append(fn(self.x[s:e], self.y[s:e], v if shared else v[s:e]))
         return torch.cat(out)
@@ -73,8 +95,17 @@ class PerSampleGram:
         out = self._chunks(self._gram, v.reshape(N, p, *self.sample_shape))
         return out.reshape(N, p, n)
 
+    def lanczos_apply(self) -> Callable[[Tensor], Tensor]:
+        """The product a per-sample Lanczos run uses: :meth:`gram`, or for one sample the plain autograd operator
+        (one recorded graph, no vmap: several times cheaper a product on CPU)."""
+        if self.N > 1:
+            return self.gram
+        if self._single is None:
+            self._single = GradientJacobian(self.model, self.x, self.y)
+        return self._single._apply_flat
+
     def dense_gram(self) -> Tensor:  # (N, n, n), from n products per sample
-        N, n = self.x.shape[0], self.n
+        N, n = self.N, self.n
         eye = torch.eye(n, dtype=self.x.dtype, device=self.x.device)
         # Columns per call bounded so the (samples × columns × d_θ) intermediate stays ~EXACT_BLOCK_NUMBERS numbers.
         step = max(1, min(n, EXACT_BLOCK_NUMBERS // max(1, min(N, self.chunk) * self.d_theta)))
@@ -86,39 +117,11 @@ class PerSampleGram:
         out = self._chunks(self._mat_shared, deltas, shared=True)
         return out.reshape(out.shape[0], out.shape[1], -1)
 
-
-def _per_sample_batch(model: nn.Module, x: Tensor, y: Tensor) -> tuple[ParamDict, Tensor, Tensor]:
-    """The trainable parameters and the batch, validated and moved to their device and dtype."""
-    params = trainable_parameters(model)
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    ref = next(iter(params.values()))
-    if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] == 0:
-        raise ValueError("x must be a batch (N, ...) with at least one sample")
-    if not isinstance(y, Tensor) or y.shape[0] != x.shape[0]:
-        raise ValueError("y must have one entry per sample of x")
-    xs = x.detach().to(device=ref.device, dtype=ref.dtype)
-    ys = y.detach().to(ref.device, dtype=ref.dtype if y.is_floating_point() else y.dtype)
-    return params, xs, ys
-
-
-def per_sample_product_seconds(model: nn.Module, x: Tensor, y: Tensor, chains: int = 1,
-                               loss_fn: LossFn | None = None) -> float:
-    """Wall time of one Lanczos step of :func:`per_sample_leakage` on the samples ``x``: one vmapped JᵢJᵢᵀ
-    product for every sample and ``chains`` vectors each (one call, so the first one of a process includes
-    one-off allocation costs). The unit a caller scales to predict an evaluation's cost before running it."""
-    params, xs, ys = _per_sample_batch(model, x, y)
-    ref = next(iter(params.values()))
-    gen = analysis_generator(None, ref.device)
-    v = rademacher((xs.shape[0], chains, xs[0].numel()), gen, torch.empty(0, dtype=ref.dtype, device=ref.device))
-    sync = torch.cuda.synchronize if ref.device.type == "cuda" else (lambda device=None: None)
-    with eval_mode(model):
-        op = PerSampleGram(model, xs, ys, loss_fn, None)
-        sync(ref.device)
-        start = time.perf_counter()
-        op.gram(v)
-        sync(ref.device)
-        return time.perf_counter() - start
+    def jacobian_columns(self, count: int, start: int, stop: int) -> Tensor:
+        """Columns ``start`` … ``stop`` − 1 of the first ``count`` samples' Jacobians, (count, columns, d_θ):
+        one forward-mode product each."""
+        eye = torch.eye(self.n, dtype=self.x.dtype, device=self.x.device).reshape(self.n, *self.sample_shape)
+        return self._columns(self.x[:count], self.y[:count], eye[start:stop])
 
 
 def per_sample_leakage(
@@ -166,57 +169,82 @@ def per_sample_leakage(
     One ε serves the whole batch (reported in ``damping``). ``samples`` is the deprecated name of ``noise_draws``.
     """
     noise_draws = renamed("noise_draws", noise_draws, "samples", samples)
+    if probes < 1:
+        raise ValueError("probes and noise_draws must be >= 1")
+    operator = PerSampleOperator(model, x, y, loss_fn, chunk_size)
+    with eval_mode(model):
+        return operator_leakage(operator, noise_std, noise_sampler, damping, relative_damping=relative_damping,
+                                method=method, expected=expected, chains=probes, noise_draws=noise_draws, tol=tol,
+                                stop=stop, slq_tol=slq_tol, maxiter=maxiter, rcond=rcond, generator=generator)
+
+
+def operator_leakage(
+    problems: PerSampleOperator,
+    noise_std: float | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    damping: float = 0.0,
+    *,
+    relative_damping: float = 0.0,
+    method: str = "slq",
+    expected: bool = True,
+    chains: int = 4,
+    noise_draws: int = 32,
+    tol: float = 1e-4,
+    stop: str = "eigenvalue",
+    slq_tol: float = 1e-2,
+    maxiter: int = 64,
+    rcond: float | None = None,
+    generator: torch.Generator | None = None,
+) -> PerSampleLeakage:
+    """:func:`per_sample_leakage` on an operator already built (the arguments are that function's, ``chains``
+    its ``probes``: Lanczos chains per sample); the caller holds the model in eval mode."""
     if method not in METHODS:
         raise ValueError(f"method must be 'slq' or 'exact', got {method!r}")
     if noise_std is not None and noise_sampler is not None:
         raise ValueError("give at most one of noise_std and noise_sampler")
     if noise_std is not None:
         check_nonnegative(noise_std, "noise_std")
-    if probes < 1 or noise_draws < 1:
+    if chains < 1 or noise_draws < 1:
         raise ValueError("probes and noise_draws must be >= 1")
     check_stop(stop)
-    params, xs, ys = _per_sample_batch(model, x, y)
-    ref = next(iter(params.values()))
-    N, n = xs.shape[0], xs[0].numel()
-    damp = Damping.request(damping, relative=relative_damping, d_x=n, dtype=ref.dtype, caller="per_sample_leakage",
+    params, like = problems.params, problems.like
+    N, n = problems.N, problems.n
+    damp = Damping.request(damping, relative=relative_damping, d_x=n, dtype=like.dtype, caller="per_sample_leakage",
                            rcond=rcond)
-    gen = analysis_generator(generator, ref.device)
-    like = torch.empty(0, dtype=ref.dtype, device=ref.device)
+    gen = analysis_generator(generator, like.device)
 
     # The defense's draws come first from the generator, so they are the same whatever the method.
     deltas = draw_noise(noise_sampler, params, noise_draws, like, gen) if noise_sampler is not None else None
-    with eval_mode(model):
-        problems = PerSampleGram(model, xs, ys, loss_fn, chunk_size)
-        if method == "exact":
-            quadrature = dense_quadrature(problems.dense_gram())
+    if method == "exact":
+        quadrature = dense_quadrature(problems.dense_gram())
+    else:
+        watch = damp if expected and noise_std is not None else None
+        quadrature = slq_quadrature(problems.gram, rademacher((N, chains, n), gen, like), lambda_tol=tol,
+                                    quad_tol=slq_tol, maxiter=maxiter, stop=stop, generator=gen, watch=watch)
+        if not bool(quadrature.converged.all()):
+            warn_caller(
+                f"per-sample λ_max: {int((~quadrature.converged).sum())} of {N} samples did not reach tol={tol:g} "
+                f"in {quadrature.steps} Lanczos steps",
+                ConvergenceWarning,
+            )
+    lam_max = quadrature.lambda_max
+    trace = quadrature.trace()
+    expected_jdelta = lower = exp_i2f = None
+    epsilon = damp.at(lam_max)
+    if noise_std is not None or deltas is not None:
+        jdeltas = None if deltas is None else problems.matvec_shared(deltas)  # (N, s, n)
+        if jdeltas is None:
+            expected_jdelta = noise_std * trace.clamp_min(0).sqrt()
         else:
-            watch = damp if expected and noise_std is not None else None
-            quadrature = slq_quadrature(problems.gram, rademacher((N, probes, n), gen, like), lambda_tol=tol,
-                                        quad_tol=slq_tol, maxiter=maxiter, stop=stop, generator=gen, watch=watch)
-            if not bool(quadrature.converged.all()):
-                warn_caller(
-                    f"per-sample λ_max: {int((~quadrature.converged).sum())} of {N} samples did not reach tol={tol:g} "
-                    f"in {quadrature.steps} Lanczos steps",
-                    ConvergenceWarning,
-                )
-        lam_max = quadrature.lambda_max
-        trace = quadrature.trace()
-        expected_jdelta = lower = exp_i2f = None
-        epsilon = damp.at(lam_max)
-        if noise_std is not None or deltas is not None:
-            jdeltas = None if deltas is None else problems.matvec_shared(deltas)  # (N, s, n)
-            if jdeltas is None:
-                expected_jdelta = noise_std * trace.clamp_min(0).sqrt()
-            else:
-                expected_jdelta = jdeltas.pow(2).sum(-1).mean(-1).sqrt()
-            if expected:
-                squares, epsilon = expected_squares(problems, quadrature, damp, isotropic=jdeltas is None,
-                                                    jdeltas=jdeltas, cg_maxiter=cg_maxiter(n),
-                                                    lambda_max=lambda: float(lam_max.max()))
-                exp_i2f = root_mean_square(squares)[0]
-                if noise_std is not None:
-                    exp_i2f = noise_std * exp_i2f
-            lower = expected_jdelta / (lam_max + epsilon)
+            expected_jdelta = jdeltas.pow(2).sum(-1).mean(-1).sqrt()
+        if expected:
+            squares, epsilon = expected_squares(problems, quadrature, damp, isotropic=jdeltas is None,
+                                                jdeltas=jdeltas, cg_maxiter=cg_maxiter(n),
+                                                lambda_max=lambda: float(lam_max.max()))
+            exp_i2f = root_mean_square(squares)[0]
+            if noise_std is not None:
+                exp_i2f = noise_std * exp_i2f
+        lower = expected_jdelta / (lam_max + epsilon)
 
     return PerSampleLeakage(
         lambda_max=lam_max,
@@ -230,5 +258,5 @@ def per_sample_leakage(
         iterations=quadrature.steps,
         method=method,
         damping=epsilon,
-        labels=ys,
+        labels=problems.y,
     )

@@ -10,23 +10,25 @@ basis, extended by its image under the new operator, holds nearly all of the new
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
-from torch.func import grad, jvp, vmap
+from torch import Tensor
 
-from pl_i2f.gradients import eval_mode, flatten
+from pl_i2f.influence.damping import Damping
 from pl_i2f.influence.estimator import f_damped
 from pl_i2f.influence.krylov import Lanczos
-from pl_i2f.influence.operator import GradientJacobian
-from pl_i2f.influence.per_sample import PerSampleGram, _per_sample_batch
+from pl_i2f.influence.per_sample import PerSampleOperator
 from pl_i2f.influence.settings import EXACT_BLOCK_NUMBERS
 from pl_i2f.rng import analysis_generator, rademacher
 
-__all__ = ["BasisLeakage", "basis_leakage", "exact_spectra"]
+__all__ = ["BASIS_RCOND", "BasisLeakage", "basis_leakage", "exact_spectra"]
+
+# Undamped (ε = 0), a one-vector Gauss quadrature has few nodes, each a Ritz value well inside the spectrum:
+# only a node at rounding level (a numerically null direction of that small basis) is dropped, so the floor is
+# far below the d_x·u threshold of an exact spectrum.
+BASIS_RCOND = 1e-12
 
 
 @dataclass
@@ -45,7 +47,6 @@ class BasisLeakage:
     damping: float
     products: tuple[int, int]
     warm: bool
-    spectra_seconds: float = 0.0  # set by the caller that adds exact spectra (pl_i2f.leakage.monitor_leakage)
 
 
 def _orthonormal_complement(Z: Tensor, V: Tensor) -> Tensor:
@@ -59,18 +60,13 @@ def _orthonormal_complement(Z: Tensor, V: Tensor) -> Tensor:
 
 
 def basis_leakage(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
+    operator: PerSampleOperator,
+    damping: Damping,
     *,
     steps: int = 16,
     basis: Tensor | None = None,
-    damping: float = 0.0,
-    relative_damping: float = 0.01,
     generator: torch.Generator | None = None,
-    max_seconds: float | None = None,
-    min_steps: int = 2,
-    stop: Callable[[int, float], bool] | None = None,
+    keep_going: Callable[[int], bool] | None = None,
 ) -> BasisLeakage:
     """Per-sample λ_max, trace and unit-noise expected I²F from one Lanczos basis per sample — the
     monitor's cheap evaluation, fresh or warm-started from the previous evaluation's basis.
@@ -89,75 +85,57 @@ def basis_leakage(
     a digits run: within 5% (tests/test_monitoring.py). (A one-product variant — A on the stored basis and
     its previous image together — lags the Jacobian by one evaluation and was 20% off at step 80 of that
     run: the second product is what keeps the estimate within 5%.)
-    ε = ``damping`` + ``relative_damping`` · median λ_max, as :func:`per_sample_leakage`.
+    ε from ``damping`` (:meth:`Damping.at` the Ritz λ_max); undamped, quadrature nodes at or below
+    ``damping.zero_floor`` of the largest λ_max count as null directions.
 
-    ``max_seconds`` (fresh runs): stop the Lanczos run before a step that would end past this many seconds
-    (each step predicted to take as long as the one before), after at least ``min_steps`` steps — the first
-    products of a run are its own price, so an evaluation whose cost is not known yet (the first one of a
-    large model) does what fits instead of timing a product and throwing it away. ``stop(steps, seconds of
-    the last step)``: the caller's own reason to stop there (also after ``min_steps``).
+    ``keep_going(steps done)`` (fresh runs): called after each Lanczos step; ``False`` ends the run there —
+    the caller's budget (a timed ``apply``, see :class:`pl_i2f.leakage.WarmBasis`), so the first products of an
+    evaluation whose cost is not known yet are its own price. The model must be in eval mode (the caller's).
     """
-    params, xs, ys = _per_sample_batch(model, x, y)
-    ref = next(iter(params.values()))
-    N, n = xs.shape[0], xs[0].numel()
+    N, n, like = operator.N, operator.n, operator.like
     steps = max(1, min(int(steps), n))
-    gen = analysis_generator(generator, ref.device)
-    like = torch.empty(0, dtype=ref.dtype, device=ref.device)
+    gen = analysis_generator(generator, like.device)
     if basis is not None and (basis.shape[0] != N or basis.shape[-1] != n or basis.shape[1] > n):
         basis = None  # another probe set or input size: start afresh
-    with eval_mode(model):
-        if N == 1:
-            # one probe: the plain autograd operator, no vmap — 2.5x cheaper a product on resnet18 on CPU
-            # (4 s against 10 s on the loaded 2-core machine), 4x on lenet_zhu (20 ms against 80 ms)
-            single = GradientJacobian(model, xs, ys)
-            gram = single._apply_flat
-        else:
-            gram = PerSampleGram(model, xs, ys, None, None).gram
-        if basis is None:
-            lz = Lanczos(gram, rademacher((N, 1, n), gen, like), steps, gen)
-            started = time.perf_counter()
-            while not lz.done:
-                before = time.perf_counter()
-                lz.step()
-                now = time.perf_counter()
-                if lz.steps >= min_steps and (
-                        (max_seconds is not None and now - started + (now - before) > max_seconds)
-                        or (stop is not None and stop(lz.steps, now - before))):
-                    break
-            m = lz.steps
-            off = lz.beta[:, 0, : m - 1]
-            T = torch.diag_embed(lz.alpha[:, 0, :m]) + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
-            theta, S = torch.linalg.eigh(T)
-            last = lz.beta[:, 0, m - 1] if m < n else torch.zeros_like(theta[:, 0])
-            resid = last.abs() * S[:, m - 1, -1].abs()
-            products = (m, N * m)
-            next_basis = lz.Q[:, 0, :m, :]
-        else:
-            V = basis.to(device=ref.device, dtype=ref.dtype)
-            k = V.shape[1]
-            W = gram(V)
-            U = _orthonormal_complement(W - (V @ W.transpose(-1, -2)) @ V, V)
-            W2 = gram(U)
-            B = torch.cat([V, U], 1)
-            AB = torch.cat([W, W2], 1)
-            T = B @ AB.transpose(-1, -2)
-            T = (T + T.transpose(-1, -2)) / 2
-            theta, S = torch.linalg.eigh(T)
-            top = S[:, :, -1]  # (N, 2k) coefficients of the top Ritz vector
-            resid = (torch.einsum("nk,nkd->nd", top, AB) - theta[:, -1:] * torch.einsum("nk,nkd->nd", top, B)).norm(
-                dim=-1)
-            products = (2, 2 * N * k)
-            # next basis: the Krylov basis of the projected matrix from e₁ (= bᵢ), mapped back; no product
-            e1 = torch.zeros(N, 1, T.shape[-1], dtype=T.dtype, device=T.device)
-            e1[..., 0] = 1
-            small = Lanczos(lambda v: v @ T, e1, min(2 * k, steps), gen)  # the basis grows up to `steps`
-            while not small.done:
-                small.step()
-            next_basis = small.Q[:, 0, : small.steps, :] @ B
+    gram = operator.lanczos_apply()
+    if basis is None:
+        lz = Lanczos(gram, rademacher((N, 1, n), gen, like), steps, gen)
+        while not lz.done:
+            lz.step()
+            if keep_going is not None and not keep_going(lz.steps):
+                break
+        m = lz.steps
+        T = lz.tridiagonal()[:, 0]
+        theta, S, resid = (r[:, 0] for r in lz.ritz())
+        resid = resid[:, -1]
+        products = (m, N * m)
+        next_basis = lz.Q[:, 0, :m, :]
+    else:
+        V = basis.to(like)
+        k = V.shape[1]
+        W = gram(V)
+        U = _orthonormal_complement(W - (V @ W.transpose(-1, -2)) @ V, V)
+        W2 = gram(U)
+        B = torch.cat([V, U], 1)
+        AB = torch.cat([W, W2], 1)
+        T = B @ AB.transpose(-1, -2)
+        T = (T + T.transpose(-1, -2)) / 2
+        theta, S = torch.linalg.eigh(T)
+        top = S[:, :, -1]  # (N, 2k) coefficients of the top Ritz vector
+        resid = (torch.einsum("nk,nkd->nd", top, AB) - theta[:, -1:] * torch.einsum("nk,nkd->nd", top, B)).norm(
+            dim=-1)
+        products = (2, 2 * N * k)
+        # next basis: the Krylov basis of the projected matrix from e₁ (= bᵢ), mapped back; no product
+        e1 = torch.zeros(N, 1, T.shape[-1], dtype=T.dtype, device=T.device)
+        e1[..., 0] = 1
+        small = Lanczos(lambda v: v @ T, e1, min(2 * k, steps), gen)  # the basis grows up to `steps`
+        while not small.done:
+            small.step()
+        next_basis = small.Q[:, 0, : small.steps, :] @ B
     lam_max = theta[:, -1]
-    eps = float(damping) + relative_damping * float(lam_max.median())
+    eps = damping.at(lam_max)
     weights = S[:, 0, :] ** 2  # the start vector bᵢ/‖bᵢ‖ is the first basis row
-    f = f_damped(theta, eps, -1.0 if eps > 0 else 1e-12 * float(lam_max.max()))
+    f = f_damped(theta, eps, -1.0 if eps > 0 else damping.zero_floor(float(lam_max.max())))
     return BasisLeakage(
         lambda_max=lam_max,
         lambda_max_residual=resid,
@@ -170,33 +148,23 @@ def basis_leakage(
     )
 
 
-def exact_spectra(model: nn.Module, x: Tensor, y: Tensor, block_numbers: int = EXACT_BLOCK_NUMBERS) -> Tensor:
-    """Every eigenvalue of each sample's JᵢJᵢᵀ (N, d_x), ascending, from its explicit Jacobian: the d_x
-    columns Jᵢeⱼ (θ-space) as forward-mode products of x ↦ ∇_θℓ, vmapped over the columns and the samples,
-    then the eigenvalues of the d_x × d_x Gram matrix of those columns. A column is one forward-mode product,
-    where a JJᵀ product is a forward and a reverse one: about half the cost of forming JJᵀ from d_x products
-    (:meth:`PerSampleGram.dense_gram`). Columns are taken in blocks of about ``block_numbers`` numbers
-    (samples × columns × d_θ)."""
-    params, xs, ys = _per_sample_batch(model, x, y)
-    loss = PerSampleGram(model, xs, ys, None, None).loss
-    N, n = xs.shape[0], xs[0].numel()
-    d_theta = sum(p.numel() for p in params.values())
-    eye = torch.eye(n, dtype=xs.dtype, device=xs.device).reshape(n, *xs.shape[1:])
-
-    def columns(xi: Tensor, yi: Tensor, tangents: Tensor) -> Tensor:
-        def g1(z: Tensor) -> Tensor:
-            return flatten(grad(loss)(params, z.unsqueeze(0), yi.unsqueeze(0)))
-
-        return vmap(lambda t: jvp(g1, (xi,), (t,))[1])(tangents)
-
-    block = max(1, min(n, block_numbers // max(1, N * d_theta)))
-    gram_blocks = torch.zeros(N, n, n, dtype=xs.dtype, device=xs.device)
-    with eval_mode(model):
-        cols = [vmap(columns, in_dims=(0, 0, None))(xs, ys, eye[s: s + block]) for s in range(0, n, block)]
+def exact_spectra(operator: PerSampleOperator, count: int | None = None,
+                  block_numbers: int = EXACT_BLOCK_NUMBERS) -> Tensor:
+    """Every eigenvalue of the first ``count`` samples' JᵢJᵢᵀ (count, d_x), ascending, from their explicit
+    Jacobians: the d_x columns Jᵢeⱼ (θ-space) as forward-mode products of x ↦ ∇_θℓ
+    (:meth:`PerSampleOperator.jacobian_columns`), then the eigenvalues of the d_x × d_x Gram matrix of those
+    columns. A column is one forward-mode product, where a JJᵀ product is a forward and a reverse one: about half
+    the cost of forming JJᵀ from d_x products (:meth:`PerSampleOperator.dense_gram`). Columns are taken in blocks
+    of about ``block_numbers`` numbers (samples × columns × d_θ). The model must be in eval mode (the caller's)."""
+    N = operator.N if count is None else min(int(count), operator.N)
+    n, like = operator.n, operator.like
+    block = max(1, min(n, block_numbers // max(1, N * operator.d_theta)))
+    gram_blocks = torch.zeros(N, n, n, dtype=like.dtype, device=like.device)
+    cols = [operator.jacobian_columns(N, s, s + block) for s in range(0, n, block)]
     for i, ci in enumerate(cols):
         for j, cj in enumerate(cols[: i + 1]):
             g = ci @ cj.transpose(-1, -2)  # (N, block_i, block_j)
             si, sj = i * block, j * block
             gram_blocks[:, si: si + ci.shape[1], sj: sj + cj.shape[1]] = g
             gram_blocks[:, sj: sj + cj.shape[1], si: si + ci.shape[1]] = g.transpose(-1, -2)
-    return torch.linalg.eigvalsh(gram_blocks.double()).to(xs.dtype)
+    return torch.linalg.eigvalsh(gram_blocks.double()).to(like.dtype)
