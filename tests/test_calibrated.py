@@ -67,8 +67,8 @@ def test_full_covariance_equals_dense(sigma):
     # a dense covariance tensor works as the prior too, and pixel scaling is exact per value
     scale = torch.linspace(0.5, 2.0, 10, dtype=D)
     spec_px = cal.posterior_spectrum(j.transpose(-1, -2) @ j, cov, scale=sigma, value_scale=scale)
-    dense_px = torch.stack([torch.trace(torch.diag(scale) @ torch.linalg.inv(jj.T @ jj / sigma**2 + torch.linalg.inv(cov))
-                                        @ torch.diag(scale)) for jj in j])
+    post = [torch.linalg.inv(jj.T @ jj / sigma**2 + torch.linalg.inv(cov)) for jj in j]
+    dense_px = torch.stack([torch.trace(torch.diag(scale) @ c @ torch.diag(scale)) for c in post])
     torch.testing.assert_close(spec_px.error(), dense_px, rtol=1e-6, atol=0)
 
 
