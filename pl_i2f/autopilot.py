@@ -47,6 +47,8 @@ from typing import Any
 import numpy as np
 
 from pl_i2f.errors import ConfigError, unknown_name
+from pl_i2f.privacy import epsilon_after as epsilon_after  # ε accounting lives in pl_i2f.privacy
+from pl_i2f.privacy import epsilon_floor as epsilon_floor
 
 DB_PER_LN = 20.0 / math.log(10.0)  # dB of PSNR per unit of relative RMSE change (d PSNR = −20/ln10 · dm/m)
 PROTECT = ("quantile", "worst_k")
@@ -112,38 +114,6 @@ def next_sigma(required: float, current: float, *, sigma_min: float, sigma_max: 
     if floor is not None and sigma < floor:
         sigma, reason = floor, "epsilon_cap"
     return float(sigma), reason
-
-
-def epsilon_after(history: Sequence[tuple[float, float, int]], sigma: float, sample_rate: float, steps: int,
-                  delta: float, accountant: str = "rdp") -> float:
-    """ε at ``delta`` of an Opacus accountant ``history`` ((σ, q, steps) segments) followed by ``steps`` steps
-    at ``sigma`` — a fresh Opacus accountant, so it is the number the run will log."""
-    from opacus.accountants import create_accountant
-
-    acc = create_accountant(mechanism=accountant)
-    acc.history = [tuple(h) for h in history]
-    if steps > 0:
-        acc.history.append((float(sigma), float(sample_rate), int(steps)))
-    if not acc.history:
-        return 0.0
-    return float(acc.get_epsilon(delta))
-
-
-def epsilon_floor(history: Sequence[tuple[float, float, int]], sample_rate: float, remaining_steps: int,
-                  target_epsilon: float, delta: float, accountant: str = "rdp", rtol: float = 1e-4) -> float:
-    """The smallest σ (to ``rtol``, rounded up) such that ``history`` plus ``remaining_steps`` steps at σ
-    spends at most ``target_epsilon``; 0 when nothing remains, ``inf`` when the history alone exceeds it."""
-    if remaining_steps <= 0:
-        return 0.0
-    if history and epsilon_after(history, 0.0, sample_rate, 0, delta, accountant) > target_epsilon:
-        return math.inf
-
-    from pl_i2f.privacy import smallest_sigma  # imports Opacus: not at module level (validation is torch-free)
-
-    def fits(sigma: float) -> bool:
-        return epsilon_after(history, sigma, sample_rate, remaining_steps, delta, accountant) <= target_epsilon
-
-    return smallest_sigma(fits, rtol=rtol)
 
 
 @dataclass

@@ -1,5 +1,13 @@
-"""DP-SGD's guarantee in reconstruction terms.
+"""Privacy accounting in one place: ε of a (σ, q, steps) history, calibrating σ₀ to a target ε, the autopilot's
+ε-cap floor, and DP-SGD's guarantee in reconstruction terms.
 
+**ε.** Every ε of the project comes from a fresh Opacus accountant (RDP or PRV) replaying a *history* of
+``(noise_multiplier, sample_rate, steps)`` segments (:func:`epsilon_of_history`), the form Opacus' accountants keep
+in ``accountant.history``: a run's logged ε, the ε a noise schedule will spend (:func:`calibrate_noise_multiplier`)
+and the ε a run will have spent if σ is held from now on (:func:`epsilon_after`, :func:`epsilon_floor`). Opacus is
+imported inside the functions, so importing this module stays torch-free (config validation reads it).
+
+**Reconstruction bound.**
 Hayes, Mahloujifar & Balle (2023, "Bounding training data reconstruction in DP-SGD") show that for a
 mechanism whose privacy is described by a trade-off function f, any reconstruction attack whose success
 probability without seeing the model is κ (the *baseline*: e.g. 1/n for a target drawn uniformly from n
@@ -17,13 +25,14 @@ beside it, not instead of it.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
-from opacus.accountants.analysis.gdp import compute_mu_poisson, compute_mu_uniform
 from scipy.stats import norm
 
-from .errors import ConfigError
+from pl_i2f.errors import ConfigError
 
 #: Default baseline κ: an attacker who must single out the right one of 100 equally likely candidates.
 DEFAULT_RECONSTRUCTION_BASELINE = 0.01
@@ -47,6 +56,85 @@ def smallest_sigma(fits: Callable[[float], bool], rtol: float = 1e-4, ceiling: f
     return high
 
 
+History = Sequence[tuple[float, float, int]]  #: ``(noise_multiplier, sample_rate, steps)`` segments, as Opacus keeps
+
+
+class _Schedule(Protocol):
+    """What calibration reads of a noise schedule (:class:`pl_i2f.defenses.schedules.NoiseSchedule`)."""
+
+    name: str
+
+    def factor(self, step: int) -> float: ...
+
+
+def epsilon_of_history(history: History, delta: float, accountant: str = "rdp") -> float:
+    """ε at ``delta`` that a fresh Opacus accountant (``rdp`` or ``prv``) computes for ``history``; 0 when empty."""
+    if not history:
+        return 0.0
+    from opacus.accountants import create_accountant
+
+    acc = create_accountant(mechanism=accountant)
+    acc.history = [tuple(h) for h in history]
+    return float(acc.get_epsilon(delta))
+
+
+def schedule_history(base: float, factors: Iterable[float], sample_rate: float) -> list[tuple[float, float, int]]:
+    """The history Opacus' accountant records for steps at σ_t = ``base`` · f(t): equal consecutive σ merge into
+    one segment, as ``accountant.step`` merges them."""
+    return [(sigma, sample_rate, len(list(run))) for sigma, run in itertools.groupby(base * f for f in factors)]
+
+
+def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                               schedule: _Schedule, accountant: str) -> float:
+    """σ₀ such that the schedule σ_t = σ₀ f(t) over ``steps`` steps spends ``target_epsilon`` (Opacus'
+    ``get_noise_multiplier`` for a constant schedule, else a bisection over the accountant replaying it)."""
+    def unreachable() -> ConfigError:
+        return ConfigError(f"defense.target_epsilon={target_epsilon} is unreachable with delta={delta}, sample rate "
+                           f"{sample_rate:.4g} and {steps} steps (it would need a noise multiplier above 1e6)")
+
+    if schedule.name == "constant":
+        from opacus.accountants.utils import get_noise_multiplier
+
+        try:
+            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                              sample_rate=sample_rate, steps=steps, accountant=accountant))
+        except ValueError:
+            raise unreachable() from None
+
+    factors = [schedule.factor(t) for t in range(steps)]
+    base = smallest_sigma(lambda sigma: epsilon_of_history(schedule_history(sigma, factors, sample_rate), delta,
+                                                           accountant) <= target_epsilon)
+    if math.isinf(base):
+        raise unreachable()
+    return base
+
+
+def epsilon_after(history: History, sigma: float, sample_rate: float, steps: int, delta: float,
+                  accountant: str = "rdp") -> float:
+    """ε at ``delta`` of an Opacus accountant ``history`` followed by ``steps`` steps at ``sigma`` — a fresh Opacus
+    accountant, so it is the number the run will log."""
+    history = [tuple(h) for h in history]
+    if steps > 0:
+        history.append((float(sigma), float(sample_rate), int(steps)))
+    return epsilon_of_history(history, delta, accountant)
+
+
+def epsilon_floor(history: History, sample_rate: float, remaining_steps: int, target_epsilon: float, delta: float,
+                  accountant: str = "rdp", rtol: float = 1e-4) -> float:
+    """The smallest σ (to ``rtol``, rounded up) such that ``history`` plus ``remaining_steps`` steps at σ spends at
+    most ``target_epsilon`` (the autopilot's ε cap); 0 when nothing remains, ``inf`` when the history alone
+    exceeds it."""
+    if remaining_steps <= 0:
+        return 0.0
+    if history and epsilon_of_history(history, delta, accountant) > target_epsilon:
+        return math.inf
+
+    def fits(sigma: float) -> bool:
+        return epsilon_after(history, sigma, sample_rate, remaining_steps, delta, accountant) <= target_epsilon
+
+    return smallest_sigma(fits, rtol=rtol)
+
+
 def check_baseline(baseline: float) -> float:
     """``baseline`` (κ) as a float in (0, 1), or a one-line :class:`ConfigError`."""
     if not (isinstance(baseline, int | float) and 0.0 < float(baseline) < 1.0):
@@ -59,6 +147,8 @@ def _segment_mu(noise_multiplier: float, sample_rate: float, steps: int, poisson
         return 0.0
     if noise_multiplier <= 0 or 1.0 / noise_multiplier**2 > 700:  # exp overflows: no privacy left
         return math.inf
+    from opacus.accountants.analysis.gdp import compute_mu_poisson, compute_mu_uniform
+
     compute = compute_mu_poisson if poisson else compute_mu_uniform
     return float(compute(steps=steps, noise_multiplier=noise_multiplier, sample_rate=sample_rate))
 
@@ -101,8 +191,14 @@ def reconstruction_bound_from_history(history: Iterable[tuple[float, float, int]
 
 __all__ = [
     "DEFAULT_RECONSTRUCTION_BASELINE",
+    "calibrate_noise_multiplier",
     "check_baseline",
+    "epsilon_after",
+    "epsilon_floor",
+    "epsilon_of_history",
     "gdp_mu",
     "reconstruction_bound",
     "reconstruction_bound_from_history",
+    "schedule_history",
+    "smallest_sigma",
 ]

@@ -55,9 +55,10 @@ from pl_i2f.errors import ConfigError, unknown_name
 from pl_i2f.gradients import per_sample_gradients
 from pl_i2f.privacy import (
     DEFAULT_RECONSTRUCTION_BASELINE,
+    calibrate_noise_multiplier,
     check_baseline,
+    epsilon_of_history,
     reconstruction_bound_from_history,
-    smallest_sigma,
 )
 
 if TYPE_CHECKING:
@@ -83,37 +84,6 @@ def _world_size() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size()
     return 1
-
-
-def calibrate_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                               schedule: NoiseSchedule, accountant: str) -> float:
-    """σ₀ such that the schedule σ_t = σ₀ f(t) over ``steps`` steps spends ``target_epsilon`` (Opacus)."""
-    from opacus.accountants import create_accountant
-    from opacus.accountants.utils import get_noise_multiplier
-
-    def unreachable() -> ConfigError:
-        return ConfigError(f"defense.target_epsilon={target_epsilon} is unreachable with delta={delta}, sample rate "
-                           f"{sample_rate:.4g} and {steps} steps (it would need a noise multiplier above 1e6)")
-
-    if schedule.name == "constant":
-        try:
-            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                              sample_rate=sample_rate, steps=steps, accountant=accountant))
-        except ValueError:
-            raise unreachable() from None
-
-    factors = [schedule.factor(t) for t in range(steps)]
-
-    def epsilon(base: float) -> float:
-        acc = create_accountant(mechanism=accountant)
-        for f in factors:  # Opacus' accountant merges equal consecutive entries itself
-            acc.step(noise_multiplier=base * f, sample_rate=sample_rate)
-        return float(acc.get_epsilon(delta))
-
-    base = smallest_sigma(lambda sigma: epsilon(sigma) <= target_epsilon)
-    if math.isinf(base):
-        raise unreachable()
-    return base
 
 
 def _dp_optimizer_class(base: type) -> type:
@@ -142,24 +112,23 @@ def _dp_optimizer_class(base: type) -> type:
     return AnisotropicDPOptimizer
 
 
-class _Engine:
-    """Opacus' ``PrivacyEngine`` whose ``_prepare_optimizer`` can inject our ``DPOptimizer`` subclass."""
+def privacy_engine(accountant: str, anisotropic: AnisotropicNoise | None) -> Any:
+    """Opacus' ``PrivacyEngine`` with an ``accountant`` (``rdp``/``prv``) whose ``_prepare_optimizer`` injects the
+    anisotropic ``DPOptimizer`` subclass when ``anisotropic`` is given."""
+    from opacus import PrivacyEngine
 
-    def __new__(cls, accountant: str, anisotropic: AnisotropicNoise | None) -> Any:
-        from opacus import PrivacyEngine
-
-        class Engine(PrivacyEngine):
-            def _prepare_optimizer(self, **kwargs: Any) -> Any:
-                optimizer = super()._prepare_optimizer(**kwargs)
-                if anisotropic is None:
-                    return optimizer
-                optimizer.__class__ = _dp_optimizer_class(type(optimizer))
-                optimizer.anisotropic = anisotropic
+    class Engine(PrivacyEngine):
+        def _prepare_optimizer(self, **kwargs: Any) -> Any:
+            optimizer = super()._prepare_optimizer(**kwargs)
+            if anisotropic is None:
                 return optimizer
+            optimizer.__class__ = _dp_optimizer_class(type(optimizer))
+            optimizer.anisotropic = anisotropic
+            return optimizer
 
-        with warnings.catch_warnings():  # "secure RNG turned off": by design, the run is seeded
-            warnings.simplefilter("ignore")
-            return Engine(accountant=accountant, secure_mode=False)
+    with warnings.catch_warnings():  # "secure RNG turned off": by design, the run is seeded
+        warnings.simplefilter("ignore")
+        return Engine(accountant=accountant, secure_mode=False)
 
 
 class DPSGDDefense(Defense):
@@ -218,7 +187,7 @@ class DPSGDDefense(Defense):
         self.reconstruction_baseline = check_baseline(reconstruction_baseline)
         self.sample_rate: float | None = None
         self.anisotropic = AnisotropicNoise(**(anisotropic or {})) if noise_shape == "anisotropic" else None
-        self.engine = _Engine(accountant, self.anisotropic)
+        self.engine = privacy_engine(accountant, self.anisotropic)
         self._hooks: Any = None
         self._optimizer: Any = None
         self._datamodule: Any = None
@@ -342,9 +311,7 @@ class DPSGDDefense(Defense):
 
     def epsilon(self) -> float:
         """ε spent so far at ``delta`` (Opacus accountant over the recorded (σ_t, q) history)."""
-        if len(self.engine.accountant) == 0:
-            return 0.0
-        return float(self.engine.accountant.get_epsilon(self.delta))
+        return epsilon_of_history(self.engine.accountant.history, self.delta, self.accountant)
 
     def metrics(self, step: int) -> dict[str, float]:
         return {"defense/sigma": self.sigma_at(step)}
