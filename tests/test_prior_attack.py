@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from pl_i2f import calibrated as cal
+from pl_i2f.attacks import invert
+from pl_i2f.attacks.prior import map_attack, noise_weighted_sq
 from pl_i2f.errors import ConfigError
 from pl_i2f.gradients import flat_gradient
-from pl_i2f.prior_attack import map_attack, noise_weighted_sq
 from pl_i2f.threat import SampleNoise
 
 D = torch.float64
@@ -90,3 +91,18 @@ def test_noise_weighted_residual_is_the_mahalanobis_norm():
 def test_bad_prior_size_is_one_line():
     with pytest.raises(ConfigError, match="prior has"):
         map_attack(_mlp(), torch.zeros(163, dtype=D), torch.tensor([0]), SHAPE, cal.isotropic_prior(0.0, 1.0, dim=9))
+
+
+def test_invert_routes_the_map_preset():
+    model = _mlp()
+    prior = _prior(11)
+    x = torch.randn(1, *SHAPE, dtype=D, generator=torch.Generator().manual_seed(12))
+    g = flat_gradient(model, x, torch.tensor([1]))
+    direct = map_attack(model, g, None, SHAPE, prior, 0.01)  # labels by iDLG
+    routed = invert(model, g, None, SHAPE, preset="map", prior=prior, noise=0.01)
+    torch.testing.assert_close(routed.x, direct.x)
+    assert routed.labels.tolist() == [1] and routed.threat_model["preset"] == "map"
+    with pytest.raises(ConfigError, match="needs prior"):
+        invert(model, g, None, SHAPE, preset="map")
+    with pytest.raises(ConfigError, match="bad options"):
+        invert(model, g, None, SHAPE, preset="map", prior=prior, lr=0.1)

@@ -1,4 +1,4 @@
-"""The prior-aware (MAP) gradient-inversion attack: the attacker :mod:`pl_i2f.calibrated` prices.
+"""The prior-aware (MAP) gradient-inversion attack, preset ``map``: the attacker :mod:`pl_i2f.calibrated` prices.
 
 It knows the Gaussian prior N(μ, Σ_x) of the data and the noise on the sample's released gradient (the shared
 threat model, :class:`~pl_i2f.threat.SampleNoise`), and maximises the posterior
@@ -17,16 +17,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from pl_i2f.attacks.inputs import idlg_label
+from pl_i2f.attacks.result import AttackResult
 from pl_i2f.calibrated import GaussianPrior
 from pl_i2f.errors import ConfigError
 from pl_i2f.gradients import LossFn, as_flat, batch_loss_fn, eval_mode, trainable_parameters
 from pl_i2f.threat import SampleNoise
 
+MAP_PRESET = "map"  # invert(..., preset="map", prior=..., noise=...) routes here
 NOISELESS_WEIGHT = 1e6  # weight of noiseless directions relative to the least noisy one (σ_iso = 0)
 
 
@@ -58,7 +60,7 @@ def noise_scale_sq(noise: SampleNoise) -> float:
 def map_attack(
     model: nn.Module,
     target_grad: Tensor | Sequence[Tensor],
-    labels: Tensor,
+    labels: Tensor | None,
     input_shape: Sequence[int],
     prior: GaussianPrior,
     noise: SampleNoise | float = 0.0,
@@ -70,12 +72,11 @@ def map_attack(
     max_evaluations: int | None = None,
     loss_fn: LossFn | None = None,
     progress_callback: Callable[[int, float], bool | None] | None = None,
-) -> Any:
+) -> AttackResult:
     """Reconstruct one sample (or a batch, each with the prior) from its released gradient; see the module
-    docstring. ``noise``: a :class:`SampleNoise` or an isotropic std. Returns :class:`pl_i2f.attacks.AttackResult`
-    with ``stop_reason`` ``converged`` when L-BFGS met its tolerances before ``iterations`` outer steps."""
-    from pl_i2f.attacks import AttackResult
-
+    docstring. ``noise``: a :class:`SampleNoise` or an isotropic std; ``labels`` None: iDLG's (batch of 1).
+    Returns an :class:`AttackResult` with ``stop_reason`` ``converged`` when L-BFGS met its tolerances before
+    ``iterations`` outer steps."""
     if not isinstance(noise, SampleNoise):
         noise = SampleNoise(std=float(noise), source="explicit")
     if iterations < 1 or lbfgs_max_iter < 1:
@@ -86,6 +87,8 @@ def map_attack(
         raise ConfigError("the attacked model has no trainable parameters")
     ref = next(iter(params.values()))
     target = as_flat(target_grad, params).detach().to(ref)
+    if labels is None:
+        labels = idlg_label(model, target)
     labels = torch.as_tensor(labels).to(device=ref.device, dtype=torch.long)
     shape = tuple(int(s) for s in input_shape)
     if len(shape) == 3:
