@@ -261,15 +261,21 @@ def noise_gram(jacobian: Tensor, noise: SampleNoise, gradient: Tensor | None = N
     g = j.transpose(-1, -2) @ j
     if noise.basis is None:
         return NoiseGram(gram=g, exact=None, scale=float(noise.std))
-    v = noise.basis.to(DTYPE)
+    return woodbury_gram(g, noise.basis.to(DTYPE).T @ j, noise)
+
+
+def woodbury_gram(gram: Tensor, basis_jacobian: Tensor, noise: SampleNoise) -> NoiseGram:
+    """:func:`noise_gram` from products only: the (clipped, if DP-SGD) Gram G (P, d_x, d_x) and Vᵀ J (P, k, d_x),
+    V = ``noise.basis`` — for engines that form Grams and a few projections rather than the whole J."""
+    g = gram.to(DTYPE)
+    b = basis_jacobian.to(DTYPE)
     extra = noise.extra_variance.to(DTYPE).reshape(-1)
-    b = v.T @ j  # (P, k, d_x)
     if noise.std > 0:
         a = extra / noise.std ** 2
         f = g - b.transpose(-1, -2) @ ((a / (1 + a))[:, None] * b)
         return NoiseGram(gram=f, exact=None, scale=float(noise.std))
     noisy = extra > 0
-    bn = b[:, noisy]
+    bn = b[..., noisy, :]
     f = bn.transpose(-1, -2) @ (bn / extra[noisy][:, None])
     exact = g - bn.transpose(-1, -2) @ bn  # Jᵀ(I − V₊V₊ᵀ)J: everything outside the noisy span
     return NoiseGram(gram=f, exact=exact, scale=1.0)

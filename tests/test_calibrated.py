@@ -159,6 +159,14 @@ def test_clipped_jacobian_matches_jacrev_of_the_clipped_gradient():
         e = cal.expected_error(j[None], SampleNoise(std=sigma * clip, clip_norm=clip), 0.3, gradient=g[None])
         dense = torch.trace(torch.linalg.inv(want.T @ want / (sigma * clip) ** 2 + torch.eye(6, dtype=D) / 0.3))
         assert float(e[0]) == pytest.approx(float(dense), rel=1e-6)
+        # DP-SGD with the anisotropic extra along a basis: Woodbury on the clipped Jacobian
+        v = _basis(j.shape[0], 3, seed=21)
+        extra = torch.tensor([0.5, 2.0, 8.0], dtype=D) * (sigma * clip) ** 2
+        noise = SampleNoise(std=sigma * clip, clip_norm=clip, basis=v, extra_variance=extra)
+        cov_n = (sigma * clip) ** 2 * torch.eye(j.shape[0], dtype=D) + v @ torch.diag(extra) @ v.T
+        e = cal.expected_error(j[None], noise, 0.3, gradient=g[None])
+        dense = torch.trace(torch.linalg.inv(want.T @ torch.linalg.solve(cov_n, want) + torch.eye(6, dtype=D) / 0.3))
+        assert float(e[0]) == pytest.approx(float(dense), rel=1e-6)
 
 
 def test_monotone_in_sigma_over_random_jacobians():
