@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--sigmas", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2, 1e-1, 1.0])
     ap.add_argument("--priors", nargs="+", default=["full", "isotropic"])
     ap.add_argument("--iterations", type=int, default=50)
+    ap.add_argument("--weights", nargs="+", default=["untrained", "trained"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -75,7 +76,7 @@ def main() -> None:
     x, y = dm.probe_batch(args.samples)
     x = x.double()
     rows = []
-    for weights in ("untrained", "trained"):
+    for weights in args.weights:
         torch.manual_seed(args.seed)
         model = build_model("lenet_zhu", dm.input_shape, dm.num_classes)
         if weights == "trained":

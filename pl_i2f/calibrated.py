@@ -183,13 +183,34 @@ def estimate_prior(samples: Tensor, *, full: bool | None = None, rank: int = PRI
     return GaussianPrior(mean=mean, basis=vh[:r].T.contiguous(), eigenvalues=e, rest=rest)
 
 
+PPCA_MAX_SAMPLES = 10_000  # samples the PPCA prior's thin SVD uses (a full covariance streams every sample)
+
+
 def prior_from_dataset(dataset: torch.utils.data.Dataset, *, max_samples: int | None = None, batch_size: int = 512,
                        full: bool | None = None, rank: int = PRIOR_RANK) -> GaussianPrior:
-    """:func:`estimate_prior` over a dataset of ``(x, y)`` items (the first ``max_samples`` when set)."""
+    """:func:`estimate_prior` over a dataset of ``(x, y)`` items (the first ``max_samples`` when set).
+
+    The full covariance streams the data (sum and Σxxᵀ in float64: d² memory, never n × d); PPCA takes a thin
+    SVD of at most :data:`PPCA_MAX_SAMPLES` samples."""
     n = len(dataset) if max_samples is None else min(len(dataset), max_samples)
+    d = int(dataset[0][0].numel())
+    full = d <= FULL_COVARIANCE_MAX_DIM if full is None else full
+    if not full:
+        n = min(n, PPCA_MAX_SAMPLES)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size)
-    xs = torch.cat([batch[0].reshape(batch[0].shape[0], -1).to(DTYPE) for batch in loader])
-    return estimate_prior(xs, full=full, rank=rank)
+    if not full:
+        xs = torch.cat([batch[0].reshape(batch[0].shape[0], -1).to(DTYPE) for batch in loader])
+        return estimate_prior(xs, full=False, rank=rank)
+    if n < 2:
+        raise ConfigError(f"a data prior needs at least 2 samples, the dataset has {n}")
+    total = torch.zeros(d, dtype=DTYPE)
+    outer = torch.zeros(d, d, dtype=DTYPE)
+    for batch in loader:
+        x = batch[0].reshape(batch[0].shape[0], -1).to(DTYPE)
+        total += x.sum(0)
+        outer += x.T @ x
+    mean = total / n
+    return covariance_prior(mean, (outer - n * torch.outer(mean, mean)) / (n - 1))
 
 
 def value_scale(std: Sequence[float], input_shape: Sequence[int]) -> Tensor:

@@ -297,3 +297,15 @@ def test_anisotropic_covariance_matches_its_draws():
             want = std**2 * torch.eye(6, dtype=D) + basis.double() @ torch.diag(extra) @ basis.double().T
             draws = torch.stack([0.5 * draw(gen, like) for _ in range(20000)]).double()
             torch.testing.assert_close(draws.T @ draws / len(draws), want, rtol=0, atol=0.05 * float(want.max()))
+
+
+def test_prior_from_dataset_streams_the_same_covariance():
+    gen = torch.Generator().manual_seed(22)
+    x = torch.rand(300, 1, 3, 3, generator=gen, dtype=D)
+    ds = torch.utils.data.TensorDataset(x, torch.zeros(300, dtype=torch.long))
+    streamed = cal.prior_from_dataset(ds, batch_size=64)
+    direct = cal.estimate_prior(x)
+    torch.testing.assert_close(streamed.covariance(), direct.covariance(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(streamed.mean, direct.mean, rtol=1e-12, atol=0)
+    ppca = cal.prior_from_dataset(ds, full=False, rank=2)
+    assert ppca.basis.shape == (9, 2) and ppca.trace == pytest.approx(direct.trace, rel=1e-9)
