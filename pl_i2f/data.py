@@ -21,6 +21,7 @@ import math
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytorch_lightning as pl
 import torch
@@ -29,6 +30,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 from pl_i2f.errors import ConfigError, DataUnavailableError, check_options, unknown_name
+
+if TYPE_CHECKING:
+    from pl_i2f.calibrated import GaussianPrior
 
 
 def distributed_rank() -> tuple[int, int]:
@@ -261,6 +265,16 @@ class ImageDataModule(pl.LightningDataModule):
             ys = torch.as_tensor([int(s[1]) for s in samples])
             self._probe = (xs, ys)
         return self._probe[0][:size].clone(), self._probe[1][:size].clone()
+
+    def data_prior(self, full: bool | None = None) -> GaussianPrior:
+        """The Gaussian prior of the training inputs in the model's input space (mean, covariance), formed once:
+        :func:`pl_i2f.calibrated.prior_from_dataset` (full covariance up to a few thousand values, PPCA beyond)."""
+        if getattr(self, "_data_prior", None) is None or full is not None:
+            from pl_i2f.calibrated import prior_from_dataset
+
+            self.setup("fit")
+            self._data_prior = prior_from_dataset(self.train_set, full=full)
+        return self._data_prior
 
     def normalize(self, x: Tensor) -> Tensor:
         mean, std = self._stats(x)

@@ -70,9 +70,26 @@ from pl_i2f.attacks.config import (
 from pl_i2f.attacks.inputs import AttackInputs, idlg_label
 from pl_i2f.attacks.loop import _StepDecay as _StepDecay  # the tests drive the lr schedule directly
 from pl_i2f.attacks.objective import Objective
+from pl_i2f.attacks.prior import MAP_PRESET, map_attack
 from pl_i2f.attacks.result import AttackResult
 
 __all__ = [
-    "CONFIG_KEYS", "INITS", "LABEL_MODES", "LINE_SEARCHES", "OBJECTIVES", "OPTIMIZERS", "PRESETS", "STOP_REASONS",
-    "AttackConfig", "AttackInputs", "AttackResult", "Bounds", "Objective", "attack_config", "idlg_label", "invert",
+    "CONFIG_KEYS",
+    "INITS",
+    "LABEL_MODES",
+    "LINE_SEARCHES",
+    "MAP_PRESET",
+    "OBJECTIVES",
+    "OPTIMIZERS",
+    "PRESETS",
+    "STOP_REASONS",
+    "AttackConfig",
+    "AttackInputs",
+    "AttackResult",
+    "Bounds",
+    "Objective",
+    "attack_config",
+    "idlg_label",
+    "invert",
+    "map_attack",
 ]

@@ -10,7 +10,9 @@ from torch import Tensor, nn
 from pl_i2f.attacks import loop
 from pl_i2f.attacks.config import CONFIG_KEYS, attack_config
 from pl_i2f.attacks.inputs import prepare_inputs
+from pl_i2f.attacks.prior import MAP_PRESET, map_attack
 from pl_i2f.attacks.result import AttackResult
+from pl_i2f.errors import ConfigError, check_options
 
 
 def invert(
@@ -30,7 +32,10 @@ def invert(
         labels: (B,) class indices the threat model grants, or ``None`` to recover them
             (``label_mode``: iDLG for batch 1, joint soft-label optimisation otherwise).
         input_shape: ``(B, C, H, W)``, or ``(C, H, W)`` with B from ``labels`` / ``batch_size``.
-        preset: ``dlg``, ``inverting_gradients`` or ``gradinversion`` (see :data:`PRESETS`).
+        preset: ``dlg``, ``inverting_gradients`` or ``gradinversion`` (see :data:`PRESETS`), or ``map``: the
+            prior-aware MAP attack (:func:`pl_i2f.attacks.prior.map_attack`; overrides ``prior=`` a
+            :class:`~pl_i2f.calibrated.GaussianPrior`, ``noise=`` a :class:`~pl_i2f.threat.SampleNoise` or std,
+            and its own options).
         **overrides: any :class:`AttackConfig` field (``iterations``, ``lr``, ``tv``, ``bounds``, ``seed`` …).
             For callers with a time budget (e.g. an audit):
 
@@ -49,6 +54,11 @@ def invert(
         callback, or ``diverged``); ``result.evaluations`` is its cost in gradient evaluations and
         ``result.iterations`` in optimizer steps (L-BFGS: outer steps).
     """
+    if preset == MAP_PRESET:
+        if "prior" not in overrides:
+            raise ConfigError("attack preset 'map' needs prior= (e.g. datamodule.data_prior())")
+        check_options(map_attack, overrides, "attack preset 'map'", model, target_grad, labels, input_shape)
+        return map_attack(model, target_grad, labels, input_shape, **overrides)
     config = attack_config(preset, **overrides)
     start = loop.clock()
     inputs = prepare_inputs(model, target_grad, labels, input_shape, config)

@@ -44,7 +44,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +54,9 @@ from pl_i2f.defenses.gaussian import NoisyDefense, clip_norm
 from pl_i2f.defenses.schedules import NoiseSchedule
 from pl_i2f.errors import ConfigError, check_options, unknown_name
 from pl_i2f.rng import randn
+
+if TYPE_CHECKING:
+    from pl_i2f.threat import SampleNoise
 
 WHICH = ("smallest", "largest")
 
@@ -210,6 +213,18 @@ class AnisotropicNoise:
         d = self.vectors.shape[1] if self.vectors is not None else 0
         return math.sqrt(self.dp_extra_energy * d) * self._span_part(generator, like)
 
+    def covariance(self, std: float, energy: float | None = None) -> tuple[float, Tensor, Tensor]:
+        """The covariance of ``std`` · :meth:`shaped` (``energy`` None) or of ``std`` · :meth:`extra` (``energy`` =
+        ``dp_extra_energy``, no isotropic part) as (isotropic std, basis d_θ × k, extra variances k):
+        std²[(1−f)I + f·d_θ·V W Vᵀ] → (std√(1−f), Vᵀ, std² f d_θ w), resp. (0, Vᵀ, std² e d_θ w)."""
+        if self.vectors is None or self.weights is None:
+            raise ValueError("anisotropic noise has no directions yet: call refresh(model) first")
+        d = self.vectors.shape[1]
+        w = self.weights.double()
+        if energy is None:
+            return std * math.sqrt(1 - self.span_fraction), self.vectors.T, std ** 2 * self.span_fraction * d * w
+        return 0.0, self.vectors.T, std ** 2 * energy * d * w
+
     def describe(self) -> dict[str, Any]:
         return {"directions": self.directions, "which": self.which, "power": self.power, "damping": self.damping,
                 "relative_damping": self.relative_damping,
@@ -281,6 +296,24 @@ class AnisotropicDefense(NoisyDefense):
 
     def noise_std(self, step: int) -> float | None:
         return 0.0 if self.sigma_at(step) == 0 else None
+
+    def sample_noise(self, step: int, model: nn.Module | None = None, *, batch_size: int | None = None,
+                     batch_of_one: bool = False) -> SampleNoise:
+        """Bσ_t · (shaped noise) on one sample's gradient (B the batch, 1 with ``batch_of_one``), in closed form:
+        (Bσ_t)²[(1−f)I + f·d_θ·V W Vᵀ] as isotropic std + basis + extra variances (batch-level clip: see
+        :meth:`GaussianDefense.sample_noise`)."""
+        from pl_i2f.threat import SampleNoise
+
+        b = self._sample_batch(batch_size, batch_of_one)
+        sigma = b * self.sigma_at(step)
+        if sigma == 0:
+            return SampleNoise(source=self.name, batch_of_one=batch_of_one)
+        if self.noise.vectors is None:
+            if model is None:
+                raise ValueError("anisotropic noise has no directions yet: pass model= or call refresh(model)")
+            self.noise.refresh(model, step)
+        std, basis, extra = self.noise.covariance(sigma)
+        return SampleNoise(std=std, basis=basis, extra_variance=extra, source=self.name, batch_of_one=batch_of_one)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), **self.noise.describe()}

@@ -30,7 +30,7 @@ import copy
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,9 @@ from torch import Tensor, nn
 from pl_i2f.errors import ConfigError
 from pl_i2f.gradients import flat_gradient
 from pl_i2f.rng import analysis_generator
+
+if TYPE_CHECKING:
+    from pl_i2f.threat import SampleNoise
 
 NoiseSampler = Callable[[torch.Generator], Tensor]
 
@@ -147,6 +150,7 @@ class Defense:
         self._model_ref: nn.Module | None = None
         self.steps_per_epoch: int | None = None
         self.total_steps: int | None = None
+        self.batch_size: int | None = None
 
     # -- training side ---------------------------------------------------------------------------
     def setup(self, module: Any, datamodule: Any | None) -> None:
@@ -155,6 +159,7 @@ class Defense:
         model = getattr(module, "model", module)
         self._model_ref = model
         self._sizes = trainable_sizes(model)
+        self.batch_size = getattr(datamodule, "batch_size", None)  # B: noise σ on the mean is Bσ on a sample
         spe, total = run_length(module, datamodule)
         if spe is not None:
             self.steps_per_epoch, self.total_steps = spe, total
@@ -217,6 +222,26 @@ class Defense:
     def noise_std(self, step: int) -> float | None:
         """Per-coordinate std of the added noise when it is isotropic Gaussian N(0, σ²I), else ``None``."""
         return 0.0 if self.noise_sampler(step) is None else None
+
+    def sample_noise(self, step: int, model: nn.Module | None = None, *, batch_size: int | None = None,
+                     batch_of_one: bool = False) -> SampleNoise:
+        """The noise on one sample's own gradient at ``step`` under the shared threat model
+        (:mod:`pl_i2f.threat`); none for a defense that adds no noise."""
+        from pl_i2f.threat import SampleNoise  # threat imports this module
+
+        return SampleNoise(source=self.name, batch_of_one=batch_of_one)
+
+    def _sample_batch(self, batch_size: int | None, batch_of_one: bool) -> int:
+        """B relative to which noise on the mean gradient protects one sample (1 with ``batch_of_one``)."""
+        if batch_of_one:
+            return 1
+        b = batch_size if batch_size is not None else self.batch_size
+        if b is None:
+            raise ConfigError(f"defense {self.name!r}: the training batch size is unknown; pass batch_size= (or "
+                              "batch_of_one=True for a single sample's gradient)")
+        if b < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {b}")
+        return int(b)
 
     def describe(self) -> dict[str, Any]:
         """Parameters for the run's config and threat model."""

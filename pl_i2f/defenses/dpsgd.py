@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -60,6 +60,9 @@ from pl_i2f.privacy import (
     epsilon_of_history,
     reconstruction_bound_from_history,
 )
+
+if TYPE_CHECKING:
+    from pl_i2f.threat import SampleNoise
 
 ACCOUNTANTS = ("rdp", "prv")
 NOISE_SHAPES = ("isotropic", "anisotropic")
@@ -370,6 +373,23 @@ class DPSGDDefense(Defense):
         if self.anisotropic is not None:
             return None
         return self.sigma_at(step) * self.max_grad_norm / self._batch_size(None)
+
+    def sample_noise(self, step: int, model: nn.Module | None = None, *, batch_size: int | None = None,
+                     batch_of_one: bool = False) -> SampleNoise:
+        """clip_C(gᵢ) + N(0, σ_t²C²I) (+ the anisotropic extra) on one sample's own gradient: the view ε takes,
+        independent of the batch size (``batch_size`` and ``batch_of_one`` change nothing here)."""
+        from pl_i2f.threat import SampleNoise
+
+        std = self.sigma_at(step) * self.max_grad_norm
+        if self.anisotropic is None or std == 0:
+            return SampleNoise(std=std, clip_norm=self.max_grad_norm, source=self.name, batch_of_one=batch_of_one)
+        if self.anisotropic.vectors is None:
+            if model is None:
+                raise ValueError("anisotropic noise has no directions yet: pass model= or call refresh(model)")
+            self.anisotropic.refresh(analysis_model(model), step)
+        _, basis, extra = self.anisotropic.covariance(std, self.anisotropic.dp_extra_energy)
+        return SampleNoise(std=std, clip_norm=self.max_grad_norm, basis=basis, extra_variance=extra,
+                           source=self.name, batch_of_one=batch_of_one)
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {

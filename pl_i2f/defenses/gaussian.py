@@ -10,7 +10,7 @@ clipping bounds the batch's contribution, not one sample's). E‖δ‖² = σ_t�
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,9 @@ from pl_i2f.defenses.base import (
 )
 from pl_i2f.defenses.schedules import NoiseSchedule
 from pl_i2f.rng import randn
+
+if TYPE_CHECKING:
+    from pl_i2f.threat import SampleNoise
 
 
 def clip_norm(gradient: Tensor, clip: float | None) -> Tensor:
@@ -87,3 +90,13 @@ class GaussianDefense(NoisyDefense):
 
     def noise_std(self, step: int) -> float | None:
         return self.sigma_at(step)
+
+    def sample_noise(self, step: int, model: nn.Module | None = None, *, batch_size: int | None = None,
+                     batch_of_one: bool = False) -> SampleNoise:
+        """N(0, σ_t²I) on the mean of a batch of B is N(0, B²σ_t²I) on one sample's gradient (σ_t itself with
+        ``batch_of_one``). The optional clip acts on the batch mean, not on the sample, so it is not a
+        per-sample clip and is left out of the sample's Jacobian."""
+        from pl_i2f.threat import SampleNoise
+
+        b = self._sample_batch(batch_size, batch_of_one)
+        return SampleNoise(std=b * self.sigma_at(step), source=self.name, batch_of_one=batch_of_one)
