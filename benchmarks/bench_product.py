@@ -18,6 +18,8 @@ Sections (``--sections``):
               (default) or float32, with ``eigvalsh`` (exact spectra), and the same with one probe per call (to
               show the per-call overhead), and ``torch.compile`` of the product (reported, falls back to eager).
               Accuracy: λ_min / λ_max of each route against the same Grams of a float64 copy of the model.
+* ``vectors`` lenet_zhu (untrained) on 8 and 32 probes: one vmapped block product against its vectors per probe
+              (1–16): what a warm evaluation (two block products of k vectors) costs for a smaller basis.
 * ``resnet``  resnet18 on 3x32x32 fake data (d_x = 3,072): the explicit route's size (refused), and one
               matrix-free JᵢJᵢᵀ product (1 and 4 probes, one vector) for comparison.
 
@@ -31,6 +33,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
@@ -105,6 +108,31 @@ def compile_attempt(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> str:
     return f"compiled in {compile_s:.1f} s; compiled/eager {t['compiled'] / t['eager']:.2f}"
 
 
+def evaluation_candidates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, basis: torch.Tensor,
+                          op: PerSampleGram, v1: torch.Tensor, v16: torch.Tensor) -> dict[str, Callable[[], object]]:
+    none = build_defense("none")
+    return {
+        "old: monitor evaluation, warm (2 block products × 16 vectors)":
+            lambda: monitor_leakage(model, x, y, none, 1, basis=basis, steps=16),
+        "old: monitor evaluation, fresh (16 sequential products)": lambda: monitor_leakage(model, x, y, none, 1,
+                                                                                           steps=16),
+        "old: one vmapped JᵢJᵢᵀ product, 1 vector per probe": lambda: op.gram(v1),
+        "old: one vmapped JᵢJᵢᵀ product, 16 vectors per probe": lambda: op.gram(v16),
+    }
+
+
+def spectra_candidates(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                       per_probe: int) -> dict[str, Callable[[], object]]:
+    return {
+        "old: exact spectra (warm.exact_spectra)": lambda: exact_spectra(model, x, y),
+        "new: J_i and g_i (per_sample_jacobians)": lambda: per_sample_jacobians(model, x, y),
+        "new: Grams float64 + eigvalsh": lambda: spectra_new(model, x, y, torch.float64),
+        "new: Grams float32 + eigvalsh": lambda: spectra_new(model, x, y, None),
+        "new: Grams float64 + eigvalsh, one probe per call":
+            lambda: spectra_new(model, x, y, torch.float64, max_numbers=per_probe),
+    }
+
+
 def lenet_section(threads: list[int], repeats: int, train_steps: int, compile_too: bool) -> None:
     x_all, y_all = build_datamodule("digits").probe_batch(32)
     none = build_defense("none")
@@ -125,22 +153,8 @@ def lenet_section(threads: list[int], repeats: int, train_steps: int, compile_to
             per_probe = d_theta * 256
             for th in threads:
                 torch.set_num_threads(th)
-                evals = interleaved({
-                    "old: monitor evaluation, warm (2 block products × 16 vectors)":
-                        lambda: monitor_leakage(model, x, y, none, 1, basis=basis, steps=16),
-                    "old: monitor evaluation, fresh (16 sequential products)":
-                        lambda: monitor_leakage(model, x, y, none, 1, steps=16),
-                    "old: one vmapped JᵢJᵢᵀ product, 1 vector per probe": lambda: op.gram(v1),
-                    "old: one vmapped JᵢJᵢᵀ product, 16 vectors per probe": lambda: op.gram(v16),
-                }, repeats)
-                spectra = interleaved({
-                    "old: exact spectra (warm.exact_spectra)": lambda: exact_spectra(model, x, y),
-                    "new: J_i and g_i (per_sample_jacobians)": lambda: per_sample_jacobians(model, x, y),
-                    "new: Grams float64 + eigvalsh": lambda: spectra_new(model, x, y, torch.float64),
-                    "new: Grams float32 + eigvalsh": lambda: spectra_new(model, x, y, None),
-                    "new: Grams float64 + eigvalsh, one probe per call":
-                        lambda: spectra_new(model, x, y, torch.float64, max_numbers=per_probe),
-                }, repeats)
+                evals = interleaved(evaluation_candidates(model, x, y, basis, op, v1, v16), repeats)
+                spectra = interleaved(spectra_candidates(model, x, y, per_probe), repeats)
                 for group in (evals, spectra):
                     first = next(iter(group.values()))
                     for name, sec in group.items():
@@ -166,6 +180,22 @@ def lenet_section(threads: list[int], repeats: int, train_steps: int, compile_to
         print(f"| {weights} | {n} | {name} | {emax:.1e} | {emin:.1e} | {cond:.1e} |")
     for note in notes:
         print(f"\n{note}")
+
+
+def vectors_section(threads: list[int], repeats: int) -> None:
+    x_all, y_all = build_datamodule("digits").probe_batch(32)
+    torch.manual_seed(0)
+    model = build_model("lenet_zhu", (1, 16, 16), 10, init="xavier_uniform").eval()
+    print("\n## lenet_zhu: one vmapped JᵢJᵢᵀ block product against its vectors per probe\n")
+    print("| threads | probes | vectors per probe | median (ms) | ms per probe-vector |")
+    print("|---|---|---|---|---|")
+    for th in threads:
+        torch.set_num_threads(th)
+        for n in (8, 32):
+            op = PerSampleGram(model, x_all[:n], y_all[:n], None, None)
+            t = interleaved({k: partial(op.gram, torch.randn(n, k, 256)) for k in (1, 2, 4, 8, 16)}, repeats)
+            for k, sec in t.items():
+                print(f"| {th} | {n} | {k} | {sec * 1e3:.1f} | {sec * 1e3 / (n * k):.2f} |")
 
 
 def _double(model: nn.Module) -> nn.Module:
@@ -212,6 +242,8 @@ def main() -> None:
     sections = args.sections.split(",")
     if "lenet" in sections:
         lenet_section(threads, args.repeats, args.train_steps, not args.no_compile)
+    if "vectors" in sections:
+        vectors_section(threads, args.repeats)
     if "resnet" in sections:
         resnet_section(threads, max(1, args.repeats // 2))
     print(f"\nload average after: {load()}")
