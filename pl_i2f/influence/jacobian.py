@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
-from pl_i2f.gradients import LossFn, ParamDict, batch_loss_fn, eval_mode, flatten, trainable_parameters
+from pl_i2f.gradients import LossFn, batch_loss_fn, eval_mode, flatten
+from pl_i2f.influence.per_sample import _per_sample_batch
 from pl_i2f.influence.settings import EXACT_BLOCK_NUMBERS
 
 __all__ = ["JacobianChunk", "PerSampleGrams", "iter_per_sample_jacobians", "per_sample_grams",
@@ -51,20 +52,6 @@ class PerSampleGrams:
     gradients: Tensor
 
 
-def _batch(model: nn.Module, x: Tensor, y: Tensor) -> tuple[ParamDict, Tensor, Tensor]:
-    params = trainable_parameters(model)
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    ref = next(iter(params.values()))
-    if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] == 0:
-        raise ValueError("x must be a batch (N, ...) with at least one sample")
-    if not isinstance(y, Tensor) or y.shape[0] != x.shape[0]:
-        raise ValueError("y must have one entry per sample of x")
-    xs = x.detach().to(device=ref.device, dtype=ref.dtype)
-    ys = y.detach().to(ref.device, dtype=ref.dtype if y.is_floating_point() else y.dtype)
-    return params, xs, ys
-
-
 def iter_per_sample_jacobians(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: LossFn | None = None,
                               max_numbers: int = EXACT_BLOCK_NUMBERS) -> Iterator[JacobianChunk]:
     """Every probe's J_i (d_θ × d_x) and g_i, a chunk of probes at a time (see :class:`JacobianChunk`).
@@ -74,7 +61,7 @@ def iter_per_sample_jacobians(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn
     keep memory at one chunk."""
     if max_numbers < 1:
         raise ValueError(f"max_numbers must be >= 1, got {max_numbers}")
-    params, xs, ys = _batch(model, x, y)
+    params, xs, ys = _per_sample_batch(model, x, y)
     N, d_x = xs.shape[0], xs[0].numel()
     d_theta = sum(p.numel() for p in params.values())
     if d_theta * d_x > MAX_JACOBIAN_NUMBERS:
