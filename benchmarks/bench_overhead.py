@@ -112,6 +112,8 @@ def main() -> None:
                         help="only the whole-run wall ratio with/without callbacks: median of this many "
                              "interleaved pairs (>= 5 for a figure to report)")
     args = parser.parse_args()
+    if args.pairs is not None and args.pairs < 1:
+        parser.error(f"--pairs must be >= 1, got {args.pairs}")
     if args.pairs is not None:
         load_before = os.getloadavg()
         results = []
