@@ -4,6 +4,7 @@ monitor logged leakage.
     python benchmarks/bench_overhead.py                 # both scenarios, 2 repeats each
     python benchmarks/bench_overhead.py --scenarios digits --repeats 3
     python benchmarks/bench_overhead.py --scenarios resnet18 --repeats 1
+    python benchmarks/bench_overhead.py --scenarios digits --pairs 5   # only the whole-run wall ratio
 
 "With" is ``callbacks=default`` (checkpointing, progress bar, I2FMonitor, TradeoffTracker); "without" drops
 the monitor and the tracker (``~callbacks.i2f_monitor ~callbacks.tradeoff_tracker``) so both runs do the
@@ -85,11 +86,46 @@ def timed_run(overrides: list[str]) -> dict:
     return out
 
 
+def paired_wall_ratio(overrides: list[str], pairs: int) -> tuple[float, list[float]]:
+    """Median over ``pairs`` interleaved pairs of the whole-run wall ratio with/without the leakage callbacks,
+    and each pair's ratio. The order inside a pair alternates (with first, then without first) so a load that
+    drifts across the measurement weighs on both sides alike; everything the callbacks do in the process (the
+    monitor, the tracker, their W&B media writes) is inside the "with" wall time."""
+    if pairs < 1:
+        raise ValueError(f"pairs must be >= 1, got {pairs}")
+    ratios = []
+    for i in range(pairs):
+        walls = {}
+        order = [True, False] if i % 2 == 0 else [False, True]
+        for watched in order:
+            walls[watched] = timed_run(overrides if watched else overrides + WITHOUT)["wall"]
+        ratios.append(walls[True] / walls[False])
+        print(f"pair {i + 1}: with {walls[True]:.1f}s, without {walls[False]:.1f}s, ratio {ratios[-1]:.3f}", flush=True)
+    return statistics.median(ratios), ratios
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenarios", default="digits,resnet18")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--pairs", type=int, default=None,
+                        help="only the whole-run wall ratio with/without callbacks: median of this many "
+                             "interleaved pairs (>= 5 for a figure to report)")
     args = parser.parse_args()
+    if args.pairs is not None and args.pairs < 1:
+        parser.error(f"--pairs must be >= 1, got {args.pairs}")
+    if args.pairs is not None:
+        load_before = os.getloadavg()
+        results = []
+        for name in args.scenarios.split(","):
+            label, overrides = SCENARIOS[name]
+            results.append((label, *paired_wall_ratio(overrides, args.pairs)))
+        print(f"\nload average before: {load_before[0]:.2f}, after: {os.getloadavg()[0]:.2f}\n")
+        print("| scenario | pairs | median paired wall ratio (with / without callbacks) | each pair |")
+        print("|---|---|---|---|")
+        for label, median, ratios in results:
+            print(f"| {label} | {len(ratios)} | {median:.3f} | {', '.join(f'{r:.3f}' for r in ratios)} |")
+        return
     rows = []
     load_before = os.getloadavg()
     for name in args.scenarios.split(","):

@@ -1,0 +1,133 @@
+"""Explicit per-sample Jacobians J_i = ∂(∇_θ L(x_i))/∂x_i (d_θ × d_x) and their x-side Grams G_i = J_iᵀJ_i.
+
+For a small input (d_x ≤ ~1024) an explicit J_i is a modest d_θ × d_x matrix, and with G_i in hand every
+spectral quantity of the sample (λ_max, λ_min, Σ f(λ), the σ that holds an error at a target) is a small
+eigen-problem instead of a Krylov run. One call forms them for a batch of probes: ``vmap`` over the probes
+of forward-mode products of x ↦ ∇_θ L(x) along the d_x unit tangents (forward-over-reverse: d_x tangents
+per probe, where reverse-over-reverse would need d_θ ≫ d_x rows), the per-sample gradient g_i coming out of
+the same primal computation. Probes and tangents are taken in blocks of about ``max_numbers`` numbers
+(probes × tangents × d_θ), so memory stays bounded whatever the batch.
+
+The model runs in eval mode (BatchNorm on its running statistics, dropout off) through
+:func:`pl_i2f.gradients.batch_loss_fn`, like every other analysis path; models carrying Opacus hooks must
+be passed through :func:`pl_i2f.defenses.base.analysis_model` first (``torch.func`` cannot run them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad, jvp, vmap
+
+from pl_i2f.gradients import LossFn, batch_loss_fn, eval_mode, flatten
+from pl_i2f.influence.per_sample import _per_sample_batch
+from pl_i2f.influence.settings import EXACT_BLOCK_NUMBERS
+
+__all__ = ["JacobianChunk", "PerSampleGrams", "iter_per_sample_jacobians", "per_sample_grams",
+           "per_sample_jacobians"]
+
+MAX_JACOBIAN_NUMBERS = 1 << 28
+"""Largest single-probe Jacobian (d_θ × d_x numbers) the explicit route forms; beyond it (a ResNet on CIFAR
+images: 11 M × 3,072) the matrix-free products of :mod:`pl_i2f.influence.per_sample` are the only option."""
+
+
+@dataclass
+class JacobianChunk:
+    """Probes ``start:start + n`` of the batch: ``jacobians`` (n, d_θ, d_x) and ``gradients`` (n, d_θ)."""
+
+    start: int
+    jacobians: Tensor
+    gradients: Tensor
+
+
+@dataclass
+class PerSampleGrams:
+    """``grams`` (N, d_x, d_x) G_i = J_iᵀJ_i (of the clipped gradient when a clipping norm was given) and
+    ``gradients`` (N, d_θ) the unclipped per-sample gradients g_i, in the order of the batch."""
+
+    grams: Tensor
+    gradients: Tensor
+
+
+def iter_per_sample_jacobians(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: LossFn | None = None,
+                              max_numbers: int = EXACT_BLOCK_NUMBERS) -> Iterator[JacobianChunk]:
+    """Every probe's J_i (d_θ × d_x) and g_i, a chunk of probes at a time (see :class:`JacobianChunk`).
+
+    A chunk holds as many probes as fit in ``max_numbers`` numbers (at least one); a probe whose own
+    Jacobian exceeds it is built from tangent blocks of that size. Consume each chunk before the next one to
+    keep memory at one chunk."""
+    if max_numbers < 1:
+        raise ValueError(f"max_numbers must be >= 1, got {max_numbers}")
+    params, xs, ys = _per_sample_batch(model, x, y)
+    N, d_x = xs.shape[0], xs[0].numel()
+    d_theta = sum(p.numel() for p in params.values())
+    if d_theta * d_x > MAX_JACOBIAN_NUMBERS:
+        raise ValueError(f"an explicit per-sample Jacobian of d_θ × d_x = {d_theta} × {d_x} numbers is too large "
+                         f"(limit {MAX_JACOBIAN_NUMBERS}); use the matrix-free products of pl_i2f.influence")
+    loss = batch_loss_fn(model, loss_fn)
+    eye = torch.eye(d_x, dtype=xs.dtype, device=xs.device).reshape(d_x, *xs.shape[1:])
+
+    def columns(xi: Tensor, yi: Tensor, tangents: Tensor) -> tuple[Tensor, Tensor]:
+        def g1(z: Tensor) -> Tensor:
+            return flatten(grad(loss)(params, z.unsqueeze(0), yi.unsqueeze(0)))
+
+        g, cols = vmap(lambda t: jvp(g1, (xi,), (t,)))(tangents)
+        return g[0], cols  # the primal g_i, the same along every tangent (as torch.func.jacfwd's aux)
+
+    per_probe = d_theta * d_x
+    probes = max(1, min(N, max_numbers // per_probe))
+    block = d_x if per_probe <= max_numbers else max(1, max_numbers // d_theta)
+    batched = vmap(columns, in_dims=(0, 0, None))
+    with eval_mode(model):
+        for s in range(0, N, probes):
+            xc, yc = xs[s: s + probes], ys[s: s + probes]
+            g, cols = None, []
+            for t in range(0, d_x, block):
+                g, c = batched(xc, yc, eye[t: t + block])  # (n, d_θ), (n, block, d_θ)
+                cols.append(c)
+            J = (cols[0] if len(cols) == 1 else torch.cat(cols, 1)).transpose(1, 2)
+            yield JacobianChunk(s, J, g)
+
+
+def per_sample_jacobians(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: LossFn | None = None,
+                         max_numbers: int = EXACT_BLOCK_NUMBERS) -> tuple[Tensor, Tensor]:
+    """All probes' J_i as one (N, d_θ, d_x) tensor and their gradients g_i (N, d_θ). Holds N·d_θ·d_x numbers:
+    for many probes prefer :func:`iter_per_sample_jacobians` or :func:`per_sample_grams`."""
+    chunks = list(iter_per_sample_jacobians(model, x, y, loss_fn=loss_fn, max_numbers=max_numbers))
+    return torch.cat([c.jacobians for c in chunks]), torch.cat([c.gradients for c in chunks])
+
+
+def per_sample_grams(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: LossFn | None = None,
+                     clipping_norm: float | None = None, dtype: torch.dtype | None = torch.float64,
+                     max_numbers: int = EXACT_BLOCK_NUMBERS) -> PerSampleGrams:
+    """Every probe's x-side Gram G_i = J_iᵀJ_i (N, d_x, d_x) and gradient g_i, one chunk of Jacobians alive
+    at a time. Its eigenvalues are those of J_iJ_iᵀ in the engine's convention (the same nonzero spectrum).
+
+    ``dtype``: the precision of the Gram's accumulation (``None``: the model's). Float64 by default: J_i
+    itself is accurate to float32 rounding relative to its largest singular value, but squaring it in float32
+    leaves every eigenvalue below ~1e-6·λ_max to rounding, and the monitor's Jacobians are conditioned past
+    that (see the README on the numerical rank).
+
+    ``clipping_norm`` C: the Jacobian of the *clipped* gradient clip(g_i) = g_i·min(1, C/‖g_i‖), the one
+    DP-SGD releases: where ‖g_i‖ > C it is (C/‖g_i‖)(I − ĝ_iĝ_iᵀ)J_i, whose Gram is
+    (C/‖g_i‖)²(G_i − u_iu_iᵀ) with u_i = J_iᵀĝ_i; elsewhere clipping is the identity."""
+    if clipping_norm is not None and not clipping_norm > 0:
+        raise ValueError(f"clipping_norm must be > 0, got {clipping_norm}")
+    grams, grads = [], []
+    for chunk in iter_per_sample_jacobians(model, x, y, loss_fn=loss_fn, max_numbers=max_numbers):
+        J = chunk.jacobians if dtype is None else chunk.jacobians.to(dtype)
+        G = J.transpose(1, 2) @ J
+        if clipping_norm is not None:
+            g = chunk.gradients.to(J.dtype)
+            norm = g.norm(dim=1).clamp_min(torch.finfo(J.dtype).tiny)
+            u = (J.transpose(1, 2) @ (g / norm[:, None]).unsqueeze(-1)).squeeze(-1)  # (n, d_x)
+            clipped = norm > clipping_norm
+            scale = torch.where(clipped, clipping_norm / norm, torch.ones_like(norm))
+            G = torch.where(clipped[:, None, None], G - u.unsqueeze(-1) * u.unsqueeze(-2), G)
+            G = G * scale[:, None, None] ** 2
+        grams.append((G + G.transpose(1, 2)) / 2)
+        grads.append(chunk.gradients)
+    return PerSampleGrams(torch.cat(grams), torch.cat(grads))
