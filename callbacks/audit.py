@@ -11,7 +11,6 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-from callbacks._logging import log_media, log_scalars, wandb_image, wandb_run
 from pl_i2f.attacks import attack_config, invert
 from pl_i2f.defenses.base import analysis_model
 from pl_i2f.errors import ConfigError
@@ -19,6 +18,8 @@ from pl_i2f.leakage import mean_pixel_std, measure_leakage, undamped_leakage
 from pl_i2f.metrics import per_image_metrics
 from pl_i2f.report import format_number
 from pl_i2f.studies.stats import spearman
+
+from ._logging import log_media, log_scalars, wandb_image, wandb_run
 
 
 class AttackAudit(Callback):

@@ -17,7 +17,6 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from callbacks._logging import log_media, log_scalars_at_step, wandb_image, wandb_run
 from pl_i2f.defenses.base import analysis_model
 from pl_i2f.errors import ConfigError
 from pl_i2f.influence import InfluenceWarning, per_sample_product_seconds
@@ -34,6 +33,8 @@ from pl_i2f.leakage import (
     spectrum_products,
 )
 from pl_i2f.monitoring import DenseEarlySchedule, EvaluationPlan, OverheadBudget, PlanCost
+
+from ._logging import log_media, log_scalars_at_step, wandb_image, wandb_run
 
 
 @functools.cache

@@ -12,9 +12,10 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_only
 
-from callbacks._logging import log_media, wandb_run
 from pl_i2f.errors import ConfigError
 from pl_i2f.report import SUMMARY_FILE
+
+from ._logging import log_media, wandb_run
 
 
 def _metric(trainer: pl.Trainer, key: str) -> float | None:
