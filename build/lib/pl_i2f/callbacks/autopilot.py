@@ -1,0 +1,176 @@
+"""LeakageAutopilot: after each leakage-monitor evaluation, set the defense's σ for the steps ahead."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+
+from pl_i2f.autopilot import Decision, LeakageTargetSchedule, epsilon_floor
+from pl_i2f.errors import ConfigError
+
+from ._logging import log_scalars_at_step
+from .leakage import I2FMonitor
+
+
+class LeakageAutopilot(Callback):
+    """Drive ``noise_schedule=leakage_target``: read the :class:`I2FMonitor`'s latest report, let the
+    schedule (:class:`pl_i2f.autopilot.LeakageTargetSchedule`) decide σ, log. Inactive (a no-op) for every
+    other noise schedule, so it sits in the default callbacks.
+
+    **When.** In ``on_before_optimizer_step`` of step t — after the monitor's ``on_train_batch_start`` of the
+    same step, whatever the callback order, and before the module hands σ_t to the defense — a report newer
+    than the last one consumed sets σ from step t on; σ is held until the next report. The monitor's final
+    evaluation (after the last step) is recorded and logged, not applied.
+
+    **Logs.** At the measured step: ``leakage/protected_attack_psnr`` (the protected probes' expected attack
+    PSNR under the σ in force then). At the step σ changes: ``autopilot/sigma`` (the σ now in force),
+    ``autopilot/sigma_required`` (before limits), ``autopilot/margin_db``, ``autopilot/predicted_protected_psnr``
+    (at the new σ), ``autopilot/limited`` (1 when a bound, the rate limit or the ε cap moved σ off the required
+    value), and under an ε cap ``autopilot/epsilon_floor``. ``defense/sigma`` (the module's, every step) shows σ
+    over training. At the end: ``autopilot/fraction_meeting_target`` (within 1 dB).
+
+    **Monitor.** The controller needs every probe: it sets the monitor's ``max_overhead`` to the schedule's
+    ``monitor_max_overhead`` (default ``null``: no limit, so evaluations are never reduced to fewer probes) for
+    this run only, and ignores (holds σ, logs ``autopilot/too_few_probes``) any report on fewer than
+    ``min_probes`` probes.
+
+    **ε cap** (DP-SGD, ``noise_schedule.target_epsilon``): every applied σ is at least the smallest constant σ
+    that keeps the run's final ε within the cap if held to the end (:func:`pl_i2f.autopilot.epsilon_floor`, from
+    the Opacus accountant's recorded history), and so is σ before the first measurement. The cap therefore holds
+    by induction; if the history alone already exceeds it (a cap below what was spent before resuming), training
+    stops.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._monitor: I2FMonitor | None = None
+        self._warned_probes = False
+
+    # -- small named predicates -----------------------------------------------------------------------
+    @staticmethod
+    def schedule_of(pl_module: pl.LightningModule) -> LeakageTargetSchedule | None:
+        schedule = getattr(getattr(pl_module, "defense", None), "schedule", None)
+        return schedule if isinstance(schedule, LeakageTargetSchedule) else None
+
+    def _new_report(self, schedule: LeakageTargetSchedule) -> Any:
+        report = self._monitor.last_report if self._monitor is not None else None
+        return report if report is not None and report.step > schedule.last_measured_step else None
+
+    # -- hooks ----------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        schedule = self.schedule_of(pl_module)
+        if schedule is None or stage != "fit":
+            return
+        monitors = [c for c in trainer.callbacks if isinstance(c, I2FMonitor)]
+        if not monitors:
+            raise ConfigError("noise_schedule=leakage_target needs the leakage monitor (callbacks.i2f_monitor): it "
+                              "measures the leakage the autopilot sets σ from")
+        if trainer.world_size > 1:
+            raise ConfigError("noise_schedule=leakage_target runs on one process (the monitor measures on rank 0 "
+                              "only); multi-process training is not supported yet")
+        if schedule.target_epsilon is not None and getattr(pl_module.defense, "name", "") != "dpsgd":
+            raise ConfigError("noise_schedule.target_epsilon caps DP-SGD's ε; it needs defense=dpsgd")
+        self._monitor = monitors[0]
+        every = schedule.monitor_every_n_steps
+        if every is not None and every != self._monitor.every_n_steps:
+            # denser evaluations: σ is re-planned at each one (the monitor's checkpoint key keeps its own value)
+            self._monitor.schedule = replace(self._monitor.schedule, every_n_steps=every)
+            rank_zero_info(f"LeakageAutopilot: the leakage monitor evaluates every {every} steps for this run")
+        if self._monitor.max_overhead != schedule.monitor_max_overhead:
+            self._monitor.max_overhead = schedule.monitor_max_overhead  # read by the monitor's on_train_start
+            rank_zero_info(f"LeakageAutopilot: the leakage monitor's max_overhead set to "
+                           f"{schedule.monitor_max_overhead} for this run (the controller needs every probe)")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        schedule = self.schedule_of(pl_module)
+        if schedule is None:
+            return
+        floor = self._epsilon_floor(trainer, pl_module, schedule, trainer.global_step)
+        if floor is not None:
+            decision = schedule.enforce_floor(trainer.global_step, floor)
+            if decision is not None:
+                self._log_decision(trainer, decision)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        schedule = self.schedule_of(pl_module)
+        if schedule is None:
+            return
+        report = self._new_report(schedule)
+        if report is None:
+            return
+        step = trainer.global_step
+        floor = self._epsilon_floor(trainer, pl_module, schedule, step)
+        decision = schedule.observe(report.step, step, report.pixel_rmse.detach().double().cpu().tolist(),
+                                    floor=floor, apply=not trainer.should_stop,
+                                    next_evaluation=self._next_evaluation(step, pl_module))
+        self._log_decision(trainer, decision)
+        if decision.limited_by == "too_few_probes" and not self._warned_probes:
+            self._warned_probes = True
+            rank_zero_warn(f"LeakageAutopilot: the monitor evaluated {decision.probes} probes, fewer than "
+                           f"noise_schedule.min_probes={schedule.min_probes}; σ is held at {decision.sigma:.4g} "
+                           "(raise data.probe_size or lower min_probes)")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        schedule = self.schedule_of(pl_module)
+        if schedule is None:
+            return
+        report = self._new_report(schedule)
+        if report is not None:  # the final weights' evaluation: recorded, nothing left to apply it to
+            decision = schedule.observe(report.step, trainer.global_step,
+                                        report.pixel_rmse.detach().double().cpu().tolist(), apply=False)
+            self._log_decision(trainer, decision)
+        fraction = schedule.fraction_meeting(1.0)
+        if math.isfinite(fraction):
+            log_scalars_at_step(trainer, {"fraction_meeting_target": fraction}, "autopilot")
+            rank_zero_info(f"LeakageAutopilot: {len(schedule.measured())} evaluations, {fraction:.0%} with the "
+                           f"protected probes within target+1 dB ({schedule.target_psnr:g} dB); final σ "
+                           f"{schedule.sigma_at(trainer.global_step):.4g}")
+
+    # -- helpers --------------------------------------------------------------------------------------
+    def _next_evaluation(self, step: int, pl_module: pl.LightningModule) -> int | None:
+        """The monitor's next evaluation step after ``step`` (the run's last step at the latest)."""
+        total = getattr(pl_module.defense, "total_steps", None)
+        if total is None or step >= total:
+            return None
+        return next((s for s in self._monitor.schedule.steps(total) if s > step), total)
+
+    def _epsilon_floor(self, trainer: pl.Trainer, pl_module: pl.LightningModule, schedule: LeakageTargetSchedule,
+                       step: int) -> float | None:
+        """The ε cap's σ floor from ``step`` to the end (``None`` without a cap)."""
+        if schedule.target_epsilon is None:
+            return None
+        defense = pl_module.defense
+        total = defense.total_steps
+        if total is None or defense.sample_rate is None:
+            raise ConfigError("noise_schedule.target_epsilon needs a run of known length (trainer.max_epochs or "
+                              "max_steps) under defense=dpsgd")
+        history = list(defense.engine.accountant.history)
+        floor = epsilon_floor(history, defense.sample_rate, total - step, schedule.target_epsilon, defense.delta,
+                              defense.accountant)
+        if math.isinf(floor):
+            rank_zero_warn(f"LeakageAutopilot: ε already spent exceeds noise_schedule.target_epsilon="
+                           f"{schedule.target_epsilon}; stopping training")
+            trainer.should_stop = True
+            return None
+        return floor
+
+    @staticmethod
+    def _log_decision(trainer: pl.Trainer, decision: Decision) -> None:
+        if decision.measured_step >= 0:
+            log_scalars_at_step(trainer, {"protected_attack_psnr": decision.protected_psnr}, "leakage",
+                                step=decision.measured_step)
+        scalars = {"sigma": decision.sigma}
+        if decision.measured_step >= 0:
+            scalars.update(sigma_required=decision.sigma_required, margin_db=decision.margin_db,
+                           predicted_protected_psnr=decision.predicted_psnr,
+                           limited=float(decision.limited_by != ""),
+                           too_few_probes=float(decision.limited_by == "too_few_probes"))
+        if decision.floor is not None:
+            scalars["epsilon_floor"] = decision.floor
+        log_scalars_at_step(trainer, {k: v for k, v in scalars.items() if math.isfinite(v)}, "autopilot",
+                            step=decision.effective_step)

@@ -1,0 +1,64 @@
+"""The one threat model every leakage number, the audit, σ-for-target and the DP bound share.
+
+The attacker sees **one sample's contribution** to what training releases, with everything else known. So
+the noise that protects sample i is the release's noise measured relative to that sample's own gradient gᵢ:
+
+* DP-SGD (Opacus): the mean (Σⱼ clip_C(gⱼ) + N(0, σ²C²I)) / B, i.e. clip_C(gᵢ) + N(0, σ²C²I) on the
+  sample's own, **clipped** gradient — the view the ε accounting takes;
+* Gaussian noise σ on the mean gradient of a batch of B: gᵢ + N(0, B²σ²I);
+* anisotropic noise: the same with its covariance σ²(stuff along the defense's own directions);
+* no noise: exact recovery to first order; only the σ needed for a target is meaningful.
+
+DLG's federated "batch of one" (noise σ on a single sample's gradient, no 1/B) is a named option
+(``batch_of_one=True``), never the silent default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from pl_i2f.defenses.base import NoiseSampler
+from pl_i2f.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SampleNoise:
+    """The noise on one sample's own gradient under the shared threat model.
+
+    Covariance ``std² I + basis · diag(extra_variance) · basisᵀ`` (``basis`` a d_θ × k matrix with
+    orthonormal columns, ``extra_variance`` k values ≥ 0), added to the sample's gradient, which is first
+    clipped to norm ``clip_norm`` when that is set (DP-SGD). ``sampler`` draws the same noise when the
+    covariance is not known in closed form (Monte Carlo fallback). ``source`` says where the description came
+    from ("none", "gaussian", "dpsgd", "anisotropic", "opacus", "explicit", …), for logs.
+    """
+
+    std: float = 0.0
+    clip_norm: float | None = None
+    basis: Tensor | None = None
+    extra_variance: Tensor | None = None
+    sampler: NoiseSampler | None = None
+    source: str = "none"
+    batch_of_one: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.std >= 0:
+            raise ConfigError(f"noise std must be >= 0, got {self.std}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ConfigError(f"clip_norm must be > 0 when set, got {self.clip_norm}")
+        if (self.basis is None) != (self.extra_variance is None):
+            raise ConfigError("SampleNoise needs basis and extra_variance together")
+
+    @property
+    def isotropic(self) -> bool:
+        """True when the covariance is std²·I (no directional part, no sampler-only noise)."""
+        return self.basis is None and self.sampler is None
+
+    @property
+    def is_zero(self) -> bool:
+        """True when nothing is added: the gradient pins the input down to first order."""
+        return self.std == 0 and self.basis is None and self.sampler is None
+
+
+NO_NOISE = SampleNoise()
