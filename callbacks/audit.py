@@ -12,7 +12,6 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from pl_i2f.attacks import attack_config, invert
-from pl_i2f.defenses.base import analysis_model
 from pl_i2f.errors import ConfigError
 from pl_i2f.leakage import measure_leakage, undamped_leakage
 from pl_i2f.metrics import per_image_metrics
@@ -20,10 +19,10 @@ from pl_i2f.report import format_number
 from pl_i2f.sources import (
     ProbeSpec,
     Sources,
+    analysis_network,
     check_noise,
     check_positive,
     check_probe,
-    network_of,
     resolve_noise,
     resolve_sources,
 )
@@ -158,7 +157,7 @@ class AttackAudit(Callback):
         pixels = self._sources.pixels
         noise = resolve_noise(pl_module, trainer, self.noise_std, self.noise_multiplier, self.max_grad_norm)
         step, epoch = trainer.global_step, trainer.current_epoch
-        model = analysis_model(network_of(pl_module))
+        model = analysis_network(pl_module)
         x, y = (t[: self.n_samples].to(pl_module.device) for t in self._sources.probe)
         lo, hi = pixels.bounds()
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed + step)

@@ -16,7 +16,6 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from pl_i2f.defenses.base import analysis_model
 from pl_i2f.errors import ConfigError
 from pl_i2f.influence import InfluenceWarning, per_sample_product_seconds
 from pl_i2f.influence.results import renamed
@@ -35,6 +34,7 @@ from pl_i2f.sources import (
     NoiseSource,
     ProbeSpec,
     Sources,
+    analysis_network,
     check_noise,
     check_positive,
     check_probe,
@@ -352,7 +352,7 @@ class I2FMonitor(Callback):
     # -- evaluation -----------------------------------------------------------------------------------
     def _freeze(self, pl_module: pl.LightningModule, step: int, copy_weights: bool) -> _Snapshot:
         network = network_of(pl_module)
-        model = analysis_model(network)  # hook-free (a copy already) under DP-SGD
+        model = analysis_network(pl_module)  # hook-free (a copy already) under DP-SGD
         if copy_weights and model is network:
             model = copy_network(model)
         noise = NoiseModel.of(self.noise_source(pl_module.trainer, pl_module), step, model)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from pl_i2f.defenses.base import NoiseSampler, analysis_model
+from pl_i2f.defenses.base import NoiseSampler, analysis_model, has_opacus_hooks
 from pl_i2f.errors import ConfigError
 from pl_i2f.gradients import LossFn, default_loss, flat_gradient
 from pl_i2f.leakage import NoiseModel, mean_pixel_std
@@ -100,12 +100,27 @@ def copy_network(network: nn.Module) -> nn.Module:
     return copy.deepcopy(network, {} if trainer is None else {id(trainer): trainer})
 
 
-def check_labels(model: nn.Module, probe: Probe, what: str) -> Tensor:
-    """The model's logits on the probes (eval mode, no gradient); a label outside its classes is an error."""
+def analysis_network(pl_module: nn.Module) -> nn.Module:
+    """:func:`pl_i2f.defenses.base.analysis_model` of :func:`network_of`: the network, or its hook-free copy when
+    Opacus hooks sit on it. A LightningModule that is itself the network (Opacus' example wraps ``self``) is
+    copied without its trainer."""
+    network = network_of(pl_module)
+    if network is not pl_module or not has_opacus_hooks(network) or "_trainer" not in network.__dict__:
+        return analysis_model(network)
+    trainer = network.__dict__["_trainer"]
+    network.__dict__["_trainer"] = None  # not part of the network: the copy must not clone the trainer
+    try:
+        return analysis_model(network)
+    finally:
+        network.__dict__["_trainer"] = trainer
+
+
+def check_labels(pl_module: nn.Module, probe: Probe, what: str) -> Tensor:
+    """The network's logits on the probes (eval mode, no gradient); a label outside its classes is an error."""
     x, y = probe
-    param = next(model.parameters(), None)
+    net = analysis_network(pl_module)
+    param = next(net.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    net = analysis_model(model)
     flags = [(m, m.training) for m in net.modules()]
     net.eval()
     try:
@@ -389,7 +404,7 @@ def resolve_pixels(datamodule: Any, x: Tensor, pixel_std: float | None = None) -
     lo, hi = x.detach().min().cpu(), x.detach().max().cpu()
     if pixel_std is not None:
         std = float(pixel_std)
-    elif getattr(datamodule, "std", None):
+    elif isinstance(getattr(datamodule, "std", None), (tuple, list)) and datamodule.std:
         std = mean_pixel_std(datamodule)
     else:
         std = 1.0 / max(float(hi - lo), 1e-12)
@@ -468,7 +483,7 @@ def resolve_sources(trainer: Any, pl_module: Any, what: str, *, probe: ProbeSpec
     must be mean cross-entropy (or equal to it): the leakage estimate differentiates that loss."""
     datamodule = getattr(trainer, "datamodule", None)
     x, y = resolve_probe(probe, datamodule, size, seed, what)
-    logits = check_labels(network_of(pl_module), (x, y), what)
+    logits = check_labels(pl_module, (x, y), what)
     loss = resolve_loss(pl_module, loss_fn)
     check_loss(loss, logits, y[: len(logits)], what)
     if not is_cross_entropy(loss, logits, y):

@@ -12,11 +12,20 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from pl_i2f.attacks import attack_config, invert
-from pl_i2f.defenses.base import analysis_model
 from pl_i2f.errors import ConfigError
-from pl_i2f.leakage import mean_pixel_std, measure_leakage, undamped_leakage
+from pl_i2f.leakage import measure_leakage, undamped_leakage
 from pl_i2f.metrics import per_image_metrics
 from pl_i2f.report import format_number
+from pl_i2f.sources import (
+    ProbeSpec,
+    Sources,
+    analysis_network,
+    check_noise,
+    check_positive,
+    check_probe,
+    resolve_noise,
+    resolve_sources,
+)
 from pl_i2f.studies.stats import spearman
 
 from ._logging import log_media, log_scalars, wandb_image, wandb_run
@@ -43,6 +52,11 @@ class AttackAudit(Callback):
 
     ``attack`` is a preset name or a mapping ``{preset: ..., <invert overrides>}`` (the ``conf/attack`` group);
     ``threat_model`` decides whether the attacker gets the labels and BatchNorm statistics.
+
+    Works with any LightningModule and data, as :class:`callbacks.leakage.I2FMonitor` does (the same ``probe``,
+    ``loss_fn``, ``noise_std``/``noise_multiplier``/``max_grad_norm``, ``pixel_std`` and ``prior`` arguments;
+    :mod:`pl_i2f.sources`): the attacked samples are the first ``n_samples`` probes; without this package's
+    defense the released gradient is the sample's own, clipped to C under Opacus, plus its noise.
     """
 
     def __init__(
@@ -57,8 +71,23 @@ class AttackAudit(Callback):
         max_seconds: float | None = 120.0,
         at_end: bool = True,
         progress_seconds: float = 10.0,
+        probe: ProbeSpec | None = None,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        noise_std: float | None = None,
+        noise_multiplier: float | None = None,
+        max_grad_norm: float | None = None,
+        pixel_std: float | None = None,
+        prior: Any = None,
     ):
         super().__init__()
+        check_probe(probe, "AttackAudit")
+        check_noise(noise_std, noise_multiplier, max_grad_norm, "AttackAudit")
+        check_positive(pixel_std, "pixel_std", "AttackAudit")
+        if loss_fn is not None and not callable(loss_fn):
+            raise ConfigError(f"AttackAudit.loss_fn must be a callable (logits, labels) -> scalar, got {loss_fn!r}")
+        self.probe, self.loss_fn, self.pixel_std, self.prior = probe, loss_fn, pixel_std, prior
+        self.noise_std, self.noise_multiplier, self.max_grad_norm = noise_std, noise_multiplier, max_grad_norm
+        self._sources: Sources | None = None
         if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
             raise ConfigError(f"AttackAudit.every_n_epochs must be an integer >= 1, got {every_n_epochs!r}")
         if not isinstance(n_samples, int) or n_samples < 1:
@@ -89,10 +118,11 @@ class AttackAudit(Callback):
         return self._generate_state_key(preset=self.preset, n_samples=self.n_samples)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if trainer.datamodule is None or not hasattr(trainer.datamodule, "probe_batch"):
-            raise ConfigError("AttackAudit needs a pl_i2f datamodule (one with probe_batch())")
+        self._sources = resolve_sources(trainer, pl_module, "AttackAudit", probe=self.probe, size=self.n_samples,
+                                        seed=self.seed, loss_fn=self.loss_fn, pixel_std=self.pixel_std,
+                                        prior=self.prior)
         # unknown preset/option or impossible settings: one clear line now, not at the first audit
-        config = attack_config(self.preset, **{"bounds": trainer.datamodule.pixel_bounds(), **self.overrides})
+        config = attack_config(self.preset, **{"bounds": self._sources.pixels.bounds(), **self.overrides})
         if config.bn > 0 and not self.threat_model.get("bn_statistics_known", False):
             raise ConfigError(
                 f"attack {self.preset!r} uses the BatchNorm prior but threat_model.bn_statistics_known is false"
@@ -124,18 +154,19 @@ class AttackAudit(Callback):
     def audit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """Attack the probe samples now; log and remember the (predicted, actual) pairs."""
         start = time.perf_counter()
-        datamodule = trainer.datamodule
+        pixels = self._sources.pixels
+        noise = resolve_noise(pl_module, trainer, self.noise_std, self.noise_multiplier, self.max_grad_norm)
         step, epoch = trainer.global_step, trainer.current_epoch
-        model = analysis_model(pl_module.model)
-        x, y = (t.to(pl_module.device) for t in datamodule.probe_batch(self.n_samples))
-        lo, hi = datamodule.pixel_bounds()
+        model = analysis_network(pl_module)
+        x, y = (t[: self.n_samples].to(pl_module.device) for t in self._sources.probe)
+        lo, hi = pixels.bounds()
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed + step)
         n = len(y)
         budget = f", {self.max_seconds:g}s budget" if self.max_seconds else ""
         rank_zero_info(f"AttackAudit: attacking {n} probe samples at step {step} ({self.preset}{budget})")
         recons, failed, out_of_time = [], 0, 0
         for i in range(n):
-            released = pl_module.defense.release(model, x[i : i + 1], y[i : i + 1], step=step, generator=generator)
+            released = noise.release(model, x[i : i + 1], y[i : i + 1], step=step, generator=generator)
             labels = y[i : i + 1] if self.threat_model.get("labels_known", True) else None
             options = {"bounds": (lo.to(x), hi.to(x)), "seed": self.seed + i, **self.overrides,
                        "progress_callback": self._progress(i, n, start)}
@@ -150,12 +181,12 @@ class AttackAudit(Callback):
                            f"iterations ({result.stop_reason})")
         recon = torch.cat(recons)
         # batch size 1 per attack: each reconstruction belongs to its own sample, no matching needed
-        per = per_image_metrics(recon, x, denormalize=datamodule.denormalize, matched=False)
+        per = per_image_metrics(recon, x, denormalize=pixels.to_pixels, matched=False)
         predicted = measure_leakage(
-            model, x, y, pl_module.defense, step, pixel_std=mean_pixel_std(datamodule), damping=self.damping,
+            model, x, y, noise, step, pixel_std=pixels.std, damping=self.damping,
             relative_damping=self.relative_damping, worst_k=0, exact_spectrum_probes=0, generator=generator,
         ).pixel_rmse
-        undamped = undamped_leakage(model, x, y, pl_module.defense, step, pixel_std=mean_pixel_std(datamodule))
+        undamped = undamped_leakage(model, x, y, noise, step, pixel_std=pixels.std)
         actual = per["rmse"]
         for i in range(len(y)):
             self.pairs.append({"epoch": epoch, "step": step, "sample": i, "label": int(y[i]),
@@ -179,7 +210,7 @@ class AttackAudit(Callback):
             if float(undamped.mean()) > 0:
                 scalars["rmse_over_undamped"] = float(actual.mean()) / float(undamped.mean())
         log_scalars(pl_module, scalars, "audit")
-        self._log_media(trainer, datamodule.denormalize(x.cpu()), datamodule.denormalize(recon.cpu()))
+        self._log_media(trainer, pixels.to_pixels(x.cpu()), pixels.to_pixels(recon.cpu()))
         self.audits += 1
         self.last_epoch = epoch
         return scalars

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import time
@@ -17,7 +16,6 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from pl_i2f.defenses.base import analysis_model
 from pl_i2f.errors import ConfigError
 from pl_i2f.influence import InfluenceWarning, per_sample_product_seconds
 from pl_i2f.influence.results import renamed
@@ -27,12 +25,24 @@ from pl_i2f.leakage import (
     EXACT_MAX_DIM,
     LeakageReport,
     NoiseModel,
-    mean_pixel_std,
     measure_leakage,
     monitor_leakage,
     spectrum_products,
 )
 from pl_i2f.monitoring import DenseEarlySchedule, EvaluationPlan, OverheadBudget, PlanCost
+from pl_i2f.sources import (
+    NoiseSource,
+    ProbeSpec,
+    Sources,
+    analysis_network,
+    check_noise,
+    check_positive,
+    check_probe,
+    copy_network,
+    network_of,
+    resolve_noise,
+    resolve_sources,
+)
 
 from ._logging import log_media, log_scalars_at_step, wandb_image, wandb_run
 
@@ -106,6 +116,15 @@ class I2FMonitor(Callback):
     samples keep the curve comparable and the basis warm), then a smaller Lanczos basis; the log says how.
     It is skipped only when even one probe at the smallest basis cannot fit what is left.
 
+    **Any LightningModule and data** (:mod:`pl_i2f.sources`): probes from ``probe`` (an ``(x, y)`` pair, or a
+    held-out Dataset/DataLoader: ``probe_size`` samples, seeded) or this package's datamodule; the network is the
+    module's ``model`` attribute or the module itself; the loss the module's ``loss_fn``/``criterion`` or
+    ``loss_fn`` (mean cross-entropy or equal to it); the noise this package's defense, else an Opacus
+    ``DPOptimizer`` on the trainer (σ·C on one sample's clipped gradient, read at every evaluation), else
+    ``noise_std`` (on one sample's own gradient) or ``noise_multiplier`` × ``max_grad_norm``, else none (per unit
+    σ); the pixel scale ``pixel_std``, the datamodule's std or the probes' range; the prior ``prior``, the
+    datamodule's ``prior()`` or one estimated from the probes.
+
     Analysis never touches training: hook-free model copies under DP-SGD, eval-mode functional calls, its own
     seeded generator (reseeded per step, so a resumed run measures the same noise draws).
     """
@@ -134,8 +153,25 @@ class I2FMonitor(Callback):
         per_sample: bool | None = None,
         spectrum_samples: int | None = None,
         samples: int | None = None,
+        probe: ProbeSpec | None = None,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        noise_std: float | None = None,
+        noise_multiplier: float | None = None,
+        max_grad_norm: float | None = None,
+        pixel_std: float | None = None,
+        prior: Any = None,
     ):
         super().__init__()
+        # -- any LightningModule and data (pl_i2f.sources resolves them at setup) --
+        check_probe(probe, "I2FMonitor")
+        check_noise(noise_std, noise_multiplier, max_grad_norm, "I2FMonitor")
+        check_positive(pixel_std, "pixel_std", "I2FMonitor")
+        if loss_fn is not None and not callable(loss_fn):
+            raise ConfigError(f"I2FMonitor.loss_fn must be a callable (logits, labels) -> scalar, got {loss_fn!r}")
+        self.probe, self.loss_fn, self.pixel_std, self.prior = probe, loss_fn, pixel_std, prior
+        self.noise_std, self.noise_multiplier, self.max_grad_norm = noise_std, noise_multiplier, max_grad_norm
+        self._sources: Sources | None = None
+        # -- end of the drop-in arguments --
         # the old spellings mixed up probes and noise draws; configs may still set them
         exact_spectrum_probes = renamed("exact_spectrum_probes", exact_spectrum_probes, "spectrum_samples",
                                         spectrum_samples)
@@ -220,13 +256,16 @@ class I2FMonitor(Callback):
         return self._generate_state_key(every_n_steps=self.every_n_steps, probe_size=self.probe_size)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        datamodule = trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "probe_batch"):
-            raise ConfigError("I2FMonitor needs a pl_i2f datamodule (one with probe_batch())")
-        if not hasattr(pl_module, "defense"):
-            raise ConfigError("I2FMonitor needs a module with a `defense` (pl_i2f.module.ClassifierModule)")
         if stage == "fit":
-            self._probe = datamodule.probe_batch(self.probe_size)
+            self._sources = resolve_sources(trainer, pl_module, "I2FMonitor", probe=self.probe, size=self.probe_size,
+                                            seed=self.seed, loss_fn=self.loss_fn, pixel_std=self.pixel_std,
+                                            prior=self.prior)
+            self._probe = self._sources.probe
+
+    def noise_source(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> NoiseSource:
+        """The training's noise, read now (an Opacus optimizer exists only once optimizers are configured, and
+        its σ may follow a schedule): :func:`pl_i2f.sources.resolve_noise`."""
+        return resolve_noise(pl_module, trainer, self.noise_std, self.noise_multiplier, self.max_grad_norm)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the overhead budget counts this fit call only (a resumed run starts a new one)
@@ -312,10 +351,12 @@ class I2FMonitor(Callback):
 
     # -- evaluation -----------------------------------------------------------------------------------
     def _freeze(self, pl_module: pl.LightningModule, step: int, copy_weights: bool) -> _Snapshot:
-        model = analysis_model(pl_module.model)  # hook-free (a copy already) under DP-SGD
-        if copy_weights and model is pl_module.model:
-            model = copy.deepcopy(model)
-        return _Snapshot(step=step, model=model, noise=NoiseModel.of(pl_module.defense, step, model))
+        network = network_of(pl_module)
+        model = analysis_network(pl_module)  # hook-free (a copy already) under DP-SGD
+        if copy_weights and model is network:
+            model = copy_network(model)
+        noise = NoiseModel.of(self.noise_source(pl_module.trainer, pl_module), step, model)
+        return _Snapshot(step=step, model=model, noise=noise)
 
     def _full_plan(self, final: bool = False, model: nn.Module | None = None) -> EvaluationPlan:
         """Every probe, starting with a fresh basis of half ``lanczos_steps`` vectors (it grows to the full
@@ -523,14 +564,14 @@ class I2FMonitor(Callback):
         would end past ``max_seconds``."""
         x, y = self._probe
         device = pl_module.device
-        model = pl_module.model if model is None else model
+        model = network_of(pl_module) if model is None else model
         plan = self._full_plan(final=True, model=model) if plan is None else plan
         index = self._subset(plan)
         self._last_index, self._last_fit = index, None
         xs, ys = x[index].to(device), y[index].to(device)
-        defense = pl_module.defense
+        defense = self.noise_source(trainer, pl_module)
         common = dict(
-            pixel_std=mean_pixel_std(trainer.datamodule), damping=self.damping,
+            pixel_std=self._sources.pixels.std, damping=self.damping,
             relative_damping=self.relative_damping, exact_spectrum_probes=plan.spectra, worst_k=self.worst_k,
             noise_draws=self.noise_draws, generator=torch.Generator(device=device).manual_seed(self.seed + step),
             noise=noise, target_pixel_rmse=self.target_pixel_rmse,
@@ -578,7 +619,7 @@ class I2FMonitor(Callback):
                                     data=[[c, v] for c, v in sorted(report.per_class.items())])
             x, _ = self._probe
             worst = self._last_index[[i for i, _ in report.worst]]
-            images = trainer.datamodule.denormalize(x[worst].cpu()) if len(worst) else []
+            images = self._sources.pixels.to_pixels(x[worst].cpu()) if len(worst) else []
             payload.update({
                 "leakage/per_class": per_class,
                 "leakage/per_class_bar": wandb.plot.bar(per_class, "class", "expected_pixel_rmse",
