@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities.model_helpers import is_overridden
 
 from pl_i2f.attacks import attack_config, invert
 from pl_i2f.errors import ConfigError
@@ -36,6 +37,8 @@ class AttackAudit(Callback):
     a run shorter than ``every_n_epochs`` is audited too — attack the **released** gradient of each of
     ``n_samples`` probe samples (batch size 1, the gradient ``defense.release`` gives at the current step)
     with the configured attack, and compare with the I²F prediction for the same samples.
+
+    Without a validation loop (a module with no ``validation_step``) the audit runs after training epochs instead.
 
     One audit takes at most ``max_seconds`` (null: no limit), split evenly over the samples; an attack that
     runs out of its share stops with what it has (counted in ``audit/out_of_time``). Progress reaches the
@@ -147,6 +150,13 @@ class AttackAudit(Callback):
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit" or not trainer.is_global_zero:
+            return
+        if self._due(trainer, trainer.current_epoch):
+            self.audit(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a module without a validation loop is audited at the end of its training epochs instead
+        if is_overridden("validation_step", pl_module) or trainer.sanity_checking or not trainer.is_global_zero:
             return
         if self._due(trainer, trainer.current_epoch):
             self.audit(trainer, pl_module)
