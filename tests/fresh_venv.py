@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -34,9 +35,17 @@ def make_venv(directory: Path) -> Path:
     return python_of(directory)
 
 
+def source_copy(out: Path) -> Path:
+    """A copy of the repository's sources under ``out``: setuptools builds in the source tree (``build/``,
+    ``*.egg-info``), which must not land in the checkout."""
+    skip = shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "outputs", "multirun", "logs",
+                                  "wandb", "data", ".venv", "lightning_logs", ".pytest_cache", ".ruff_cache")
+    return Path(shutil.copytree(ROOT, out / "source", ignore=skip))
+
+
 def build_wheel(out: Path) -> Path:
-    """``pip wheel`` of the repository into ``out``; returns the wheel."""
-    subprocess.run([sys.executable, "-m", "pip", "wheel", *_pip_options(), str(ROOT), "-w", str(out)],
+    """``pip wheel`` of (a copy of) the repository into ``out``; returns the wheel."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", *_pip_options(), str(source_copy(out)), "-w", str(out)],
                    check=True, timeout=INSTALL_TIMEOUT, cwd=out)
     (wheel,) = out.glob("pl_i2f-*.whl")
     return wheel

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from fresh_venv import ROOT, clean_env, make_venv, pip_install
+from fresh_venv import ROOT, clean_env, make_venv, pip_install, source_copy
 
 EXAMPLE_TIMEOUT = 420  # seconds per example: a few dozen training steps and ~10 leakage evaluations on CPU
 
@@ -18,8 +18,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
     """The python of a fresh venv with this repository installed (not editable)."""
-    python = make_venv(tmp_path_factory.mktemp("examples") / "venv")
-    pip_install(python, ROOT)
+    directory = tmp_path_factory.mktemp("examples")
+    python = make_venv(directory / "venv")
+    pip_install(python, source_copy(directory))
     return python
 
 
