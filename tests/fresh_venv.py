@@ -40,7 +40,7 @@ def source_copy(out: Path) -> Path:
     ``*.egg-info``), which must not land in the checkout."""
     skip = shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "outputs", "multirun", "logs",
                                   "wandb", "data", ".venv", "lightning_logs", ".pytest_cache", ".ruff_cache")
-    return Path(shutil.copytree(ROOT, out / "source", ignore=skip))
+    return Path(shutil.copytree(ROOT, out.resolve() / "source", ignore=skip))
 
 
 def build_wheel(out: Path) -> Path:
