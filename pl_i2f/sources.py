@@ -184,21 +184,20 @@ def as_noise_model(noise: SampleNoise) -> NoiseModel:
 
 
 def _sampler(noise: SampleNoise, like: Tensor | None = None) -> NoiseSampler:
-    """Draws of ``noise`` as flat θ-vectors; ``like`` (any θ-vector) gives the size when only ``std`` is set."""
-    if noise.sampler is None and noise.basis is None and like is None:
+    """Draws of ``noise`` as flat θ-vectors: its own ``sampler`` when it has one (which draws all of it), else
+    std·N(0, I) plus the directional part; ``like`` (any θ-vector) gives the size when only ``std`` is set."""
+    if noise.sampler is not None:
+        return noise.sampler
+    if noise.basis is None and like is None:
         raise ValueError("isotropic noise needs the model (its number of parameters) to draw from")
 
     def draw(generator: torch.Generator) -> Tensor:
-        parts = []
-        if noise.sampler is not None:
-            parts.append(noise.sampler(generator))
+        ref = noise.basis if noise.basis is not None else like
+        delta = noise.std * randn(ref.shape[0] if noise.basis is not None else ref.numel(), generator, ref)
         if noise.basis is not None:
             scale = noise.extra_variance.clamp_min(0).sqrt()
-            parts.append(noise.basis @ (scale * randn(len(scale), generator, noise.basis)))
-        if noise.std > 0:
-            ref = parts[0] if parts else like
-            parts.append(noise.std * randn(ref.numel(), generator, ref))
-        return sum(parts[1:], parts[0])
+            delta = delta + noise.basis @ (scale * randn(len(scale), generator, noise.basis))
+        return delta
 
     return draw
 

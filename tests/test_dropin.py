@@ -268,3 +268,17 @@ print(json.dumps({"module": c.__file__, "callbacks": spec.origin if spec else No
     assert not any(f.startswith("callbacks/") for f in seen["files"])  # nothing generic in site-packages
     # an editable install of an older checkout in the base environment may still map `callbacks`; never this one
     assert seen["callbacks"] is None or not seen["callbacks"].startswith(site)
+
+
+def test_directional_noise_reaches_the_estimator_as_draws_of_its_covariance():
+    from pl_i2f.sources import as_noise_model
+
+    basis = torch.linalg.qr(torch.randn(6, 2, generator=torch.Generator().manual_seed(0)))[0]
+    noise = SampleNoise(std=0.1, basis=basis, extra_variance=torch.tensor([4.0, 9.0]))
+    model = as_noise_model(noise)
+    assert model.std is None and not model.per_unit
+    draws = torch.stack([model.sampler(torch.Generator().manual_seed(i)) for i in range(4000)])
+    covariance = draws.T @ draws / len(draws)
+    expected = 0.01 * torch.eye(6) + basis @ torch.diag(torch.tensor([4.0, 9.0])) @ basis.T
+    assert torch.allclose(covariance, expected, atol=0.6)
+    assert not torch.allclose(covariance, 0.01 * torch.eye(6), atol=0.6)  # the directional part is there
