@@ -19,13 +19,9 @@ from pl_i2f.metrics import per_image_metrics
 from pl_i2f.report import format_number
 from pl_i2f.sources import (
     ProbeSpec,
+    SourceOptions,
     Sources,
     analysis_network,
-    check_noise,
-    check_positive,
-    check_probe,
-    resolve_noise,
-    resolve_sources,
 )
 from pl_i2f.studies.stats import spearman
 
@@ -83,13 +79,8 @@ class AttackAudit(Callback):
         prior: Any = None,
     ):
         super().__init__()
-        check_probe(probe, "AttackAudit")
-        check_noise(noise_std, noise_multiplier, max_grad_norm, "AttackAudit")
-        check_positive(pixel_std, "pixel_std", "AttackAudit")
-        if loss_fn is not None and not callable(loss_fn):
-            raise ConfigError(f"AttackAudit.loss_fn must be a callable (logits, labels) -> scalar, got {loss_fn!r}")
-        self.probe, self.loss_fn, self.pixel_std, self.prior = probe, loss_fn, pixel_std, prior
-        self.noise_std, self.noise_multiplier, self.max_grad_norm = noise_std, noise_multiplier, max_grad_norm
+        self.options = SourceOptions("AttackAudit", probe, loss_fn, noise_std, noise_multiplier, max_grad_norm,
+                                     pixel_std, prior)
         self._sources: Sources | None = None
         if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
             raise ConfigError(f"AttackAudit.every_n_epochs must be an integer >= 1, got {every_n_epochs!r}")
@@ -121,9 +112,7 @@ class AttackAudit(Callback):
         return self._generate_state_key(preset=self.preset, n_samples=self.n_samples)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._sources = resolve_sources(trainer, pl_module, "AttackAudit", probe=self.probe, size=self.n_samples,
-                                        seed=self.seed, loss_fn=self.loss_fn, pixel_std=self.pixel_std,
-                                        prior=self.prior)
+        self._sources = self.options.sources(trainer, pl_module, self.n_samples, self.seed)
         # unknown preset/option or impossible settings: one clear line now, not at the first audit
         config = attack_config(self.preset, **{"bounds": self._sources.pixels.bounds(), **self.overrides})
         if config.bn > 0 and not self.threat_model.get("bn_statistics_known", False):
@@ -165,7 +154,7 @@ class AttackAudit(Callback):
         """Attack the probe samples now; log and remember the (predicted, actual) pairs."""
         start = time.perf_counter()
         pixels = self._sources.pixels
-        noise = resolve_noise(pl_module, trainer, self.noise_std, self.noise_multiplier, self.max_grad_norm)
+        noise = self.options.noise(trainer, pl_module)
         step, epoch = trainer.global_step, trainer.current_epoch
         model = analysis_network(pl_module)
         x, y = (t[: self.n_samples].to(pl_module.device) for t in self._sources.probe)

@@ -33,15 +33,11 @@ from pl_i2f.monitoring import DenseEarlySchedule, EvaluationPlan, OverheadBudget
 from pl_i2f.sources import (
     NoiseSource,
     ProbeSpec,
+    SourceOptions,
     Sources,
     analysis_network,
-    check_noise,
-    check_positive,
-    check_probe,
     copy_network,
     network_of,
-    resolve_noise,
-    resolve_sources,
 )
 
 from ._logging import log_media, log_scalars_at_step, wandb_image, wandb_run
@@ -163,13 +159,8 @@ class I2FMonitor(Callback):
     ):
         super().__init__()
         # -- any LightningModule and data (pl_i2f.sources resolves them at setup) --
-        check_probe(probe, "I2FMonitor")
-        check_noise(noise_std, noise_multiplier, max_grad_norm, "I2FMonitor")
-        check_positive(pixel_std, "pixel_std", "I2FMonitor")
-        if loss_fn is not None and not callable(loss_fn):
-            raise ConfigError(f"I2FMonitor.loss_fn must be a callable (logits, labels) -> scalar, got {loss_fn!r}")
-        self.probe, self.loss_fn, self.pixel_std, self.prior = probe, loss_fn, pixel_std, prior
-        self.noise_std, self.noise_multiplier, self.max_grad_norm = noise_std, noise_multiplier, max_grad_norm
+        self.options = SourceOptions("I2FMonitor", probe, loss_fn, noise_std, noise_multiplier, max_grad_norm,
+                                     pixel_std, prior)
         self._sources: Sources | None = None
         # -- end of the drop-in arguments --
         # the old spellings mixed up probes and noise draws; configs may still set them
@@ -257,15 +248,13 @@ class I2FMonitor(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            self._sources = resolve_sources(trainer, pl_module, "I2FMonitor", probe=self.probe, size=self.probe_size,
-                                            seed=self.seed, loss_fn=self.loss_fn, pixel_std=self.pixel_std,
-                                            prior=self.prior)
+            self._sources = self.options.sources(trainer, pl_module, self.probe_size, self.seed)
             self._probe = self._sources.probe
 
     def noise_source(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> NoiseSource:
         """The training's noise, read now (an Opacus optimizer exists only once optimizers are configured, and
         its σ may follow a schedule): :func:`pl_i2f.sources.resolve_noise`."""
-        return resolve_noise(pl_module, trainer, self.noise_std, self.noise_multiplier, self.max_grad_norm)
+        return self.options.noise(trainer, pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the overhead budget counts this fit call only (a resumed run starts a new one)

@@ -490,3 +490,33 @@ def resolve_sources(trainer: Any, pl_module: Any, what: str, *, probe: ProbeSpec
                           "differs from it on the probes")
     return Sources(probe=(x, y), loss=loss, pixels=resolve_pixels(datamodule, x, pixel_std),
                    prior=resolve_prior(prior, datamodule, x, estimate_prior))
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """A callback's drop-in arguments, checked at construction (one line naming the argument); :meth:`sources`
+    resolves them at ``setup``, :meth:`noise` at each evaluation. ``what`` names the callback in errors."""
+
+    what: str
+    probe: ProbeSpec | None = None
+    loss_fn: LossFn | None = None
+    noise_std: float | None = None
+    noise_multiplier: float | None = None
+    max_grad_norm: float | None = None
+    pixel_std: float | None = None
+    prior: Any = None
+
+    def __post_init__(self) -> None:
+        check_probe(self.probe, self.what)
+        check_noise(self.noise_std, self.noise_multiplier, self.max_grad_norm, self.what)
+        check_positive(self.pixel_std, "pixel_std", self.what)
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise ConfigError(f"{self.what}.loss_fn must be a callable (logits, labels) -> scalar, "
+                              f"got {self.loss_fn!r}")
+
+    def sources(self, trainer: Any, pl_module: Any, size: int | None, seed: int) -> Sources:
+        return resolve_sources(trainer, pl_module, self.what, probe=self.probe, size=size, seed=seed,
+                               loss_fn=self.loss_fn, pixel_std=self.pixel_std, prior=self.prior)
+
+    def noise(self, trainer: Any, pl_module: Any) -> NoiseSource:
+        return resolve_noise(pl_module, trainer, self.noise_std, self.noise_multiplier, self.max_grad_norm)
