@@ -1,8 +1,8 @@
 """Lightning callbacks that watch leakage while training (thin: scheduling and logging; math in pl_i2f)."""
 
-from callbacks.audit import AttackAudit
-from callbacks.autopilot import LeakageAutopilot
-from callbacks.leakage import I2FMonitor
-from callbacks.tradeoff import TradeoffTracker
+from .audit import AttackAudit
+from .autopilot import LeakageAutopilot
+from .leakage import I2FMonitor
+from .tradeoff import TradeoffTracker
 
 __all__ = ["AttackAudit", "I2FMonitor", "LeakageAutopilot", "TradeoffTracker"]

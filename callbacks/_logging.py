@@ -75,9 +75,10 @@ def warn_once(caught: list[warnings.WarningMessage], category: type[Warning], se
                            category=record.category)
 
 
-def log_leakage_media(trainer: pl.Trainer, report: Any, probes: Tensor, index: Tensor, tables: bool) -> None:
+def log_leakage_media(trainer: pl.Trainer, report: Any, probes: Tensor, index: Tensor, tables: bool,
+                      to_pixels: Any) -> None:
     """The per-sample leakage media of a :class:`pl_i2f.leakage.LeakageReport` on the probe samples
-    ``probes[index]``: a histogram of the per-sample errors, and with ``tables`` (files: first and last
+    ``probes[index]`` (``to_pixels`` maps model inputs to [0, 1] images): a histogram of the per-sample errors, and with ``tables`` (files: first and last
     evaluation only) the per-class table and bar chart and the worst samples' images."""
     import wandb
 
@@ -87,7 +88,7 @@ def log_leakage_media(trainer: pl.Trainer, report: Any, probes: Tensor, index: T
         per_class = wandb.Table(columns=["class", "expected_pixel_rmse"],
                                 data=[[c, v] for c, v in sorted(report.per_class.items())])
         worst = index[[i for i, _ in report.worst]]
-        images = trainer.datamodule.denormalize(probes[worst].cpu()) if len(worst) else []
+        images = to_pixels(probes[worst].cpu()) if len(worst) else []
         payload.update({
             "leakage/per_class": per_class,
             "leakage/per_class_bar": wandb.plot.bar(per_class, "class", "expected_pixel_rmse",

@@ -10,15 +10,22 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities.model_helpers import is_overridden
 
-from callbacks._logging import log_media, log_scalars, wandb_image, wandb_run
 from pl_i2f.attacks import attack_config, invert
-from pl_i2f.defenses.base import analysis_model
 from pl_i2f.errors import ConfigError
-from pl_i2f.leakage import mean_pixel_std, measure_leakage, undamped_leakage
+from pl_i2f.leakage import measure_leakage, undamped_leakage
 from pl_i2f.metrics import per_image_metrics
 from pl_i2f.report import format_number
+from pl_i2f.sources import (
+    ProbeSpec,
+    SourceOptions,
+    Sources,
+    analysis_network,
+)
 from pl_i2f.studies.stats import spearman
+
+from ._logging import log_media, log_scalars, wandb_image, wandb_run
 
 
 class AttackAudit(Callback):
@@ -26,6 +33,8 @@ class AttackAudit(Callback):
     a run shorter than ``every_n_epochs`` is audited too — attack the **released** gradient of each of
     ``n_samples`` probe samples (batch size 1, the gradient ``defense.release`` gives at the current step)
     with the configured attack, and compare with the I²F prediction for the same samples.
+
+    Without a validation loop (a module with no ``validation_step``) the audit runs after training epochs instead.
 
     One audit takes at most ``max_seconds`` (null: no limit), split evenly over the samples; an attack that
     runs out of its share stops with what it has (counted in ``audit/out_of_time``). Progress reaches the
@@ -42,6 +51,11 @@ class AttackAudit(Callback):
 
     ``attack`` is a preset name or a mapping ``{preset: ..., <invert overrides>}`` (the ``conf/attack`` group);
     ``threat_model`` decides whether the attacker gets the labels and BatchNorm statistics.
+
+    Works with any LightningModule and data, as :class:`callbacks.leakage.I2FMonitor` does (the same ``probe``,
+    ``loss_fn``, ``noise_std``/``noise_multiplier``/``max_grad_norm``, ``pixel_std`` and ``prior`` arguments;
+    :mod:`pl_i2f.sources`): the attacked samples are the first ``n_samples`` probes; without this package's
+    defense the released gradient is the sample's own, clipped to C under Opacus, plus its noise.
     """
 
     def __init__(
@@ -56,8 +70,18 @@ class AttackAudit(Callback):
         max_seconds: float | None = 120.0,
         at_end: bool = True,
         progress_seconds: float = 10.0,
+        probe: ProbeSpec | None = None,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        noise_std: float | None = None,
+        noise_multiplier: float | None = None,
+        max_grad_norm: float | None = None,
+        pixel_std: float | None = None,
+        prior: Any = None,
     ):
         super().__init__()
+        self.options = SourceOptions("AttackAudit", probe, loss_fn, noise_std, noise_multiplier, max_grad_norm,
+                                     pixel_std, prior)
+        self._sources: Sources | None = None
         if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
             raise ConfigError(f"AttackAudit.every_n_epochs must be an integer >= 1, got {every_n_epochs!r}")
         if not isinstance(n_samples, int) or n_samples < 1:
@@ -88,10 +112,9 @@ class AttackAudit(Callback):
         return self._generate_state_key(preset=self.preset, n_samples=self.n_samples)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if trainer.datamodule is None or not hasattr(trainer.datamodule, "probe_batch"):
-            raise ConfigError("AttackAudit needs a pl_i2f datamodule (one with probe_batch())")
+        self._sources = self.options.sources(trainer, pl_module, self.n_samples, self.seed)
         # unknown preset/option or impossible settings: one clear line now, not at the first audit
-        config = attack_config(self.preset, **{"bounds": trainer.datamodule.pixel_bounds(), **self.overrides})
+        config = attack_config(self.preset, **{"bounds": self._sources.pixels.bounds(), **self.overrides})
         if config.bn > 0 and not self.threat_model.get("bn_statistics_known", False):
             raise ConfigError(
                 f"attack {self.preset!r} uses the BatchNorm prior but threat_model.bn_statistics_known is false"
@@ -120,21 +143,29 @@ class AttackAudit(Callback):
         if self._due(trainer, trainer.current_epoch):
             self.audit(trainer, pl_module)
 
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a module without a validation loop is audited at the end of its training epochs instead
+        if is_overridden("validation_step", pl_module) or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        if self._due(trainer, trainer.current_epoch):
+            self.audit(trainer, pl_module)
+
     def audit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """Attack the probe samples now; log and remember the (predicted, actual) pairs."""
         start = time.perf_counter()
-        datamodule = trainer.datamodule
+        pixels = self._sources.pixels
+        noise = self.options.noise(trainer, pl_module)
         step, epoch = trainer.global_step, trainer.current_epoch
-        model = analysis_model(pl_module.model)
-        x, y = (t.to(pl_module.device) for t in datamodule.probe_batch(self.n_samples))
-        lo, hi = datamodule.pixel_bounds()
+        model = analysis_network(pl_module)
+        x, y = (t[: self.n_samples].to(pl_module.device) for t in self._sources.probe)
+        lo, hi = pixels.bounds()
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed + step)
         n = len(y)
         budget = f", {self.max_seconds:g}s budget" if self.max_seconds else ""
         rank_zero_info(f"AttackAudit: attacking {n} probe samples at step {step} ({self.preset}{budget})")
         recons, failed, out_of_time = [], 0, 0
         for i in range(n):
-            released = pl_module.defense.release(model, x[i : i + 1], y[i : i + 1], step=step, generator=generator)
+            released = noise.release(model, x[i : i + 1], y[i : i + 1], step=step, generator=generator)
             labels = y[i : i + 1] if self.threat_model.get("labels_known", True) else None
             options = {"bounds": (lo.to(x), hi.to(x)), "seed": self.seed + i, **self.overrides,
                        "progress_callback": self._progress(i, n, start)}
@@ -149,12 +180,12 @@ class AttackAudit(Callback):
                            f"iterations ({result.stop_reason})")
         recon = torch.cat(recons)
         # batch size 1 per attack: each reconstruction belongs to its own sample, no matching needed
-        per = per_image_metrics(recon, x, denormalize=datamodule.denormalize, matched=False)
+        per = per_image_metrics(recon, x, denormalize=pixels.to_pixels, matched=False)
         predicted = measure_leakage(
-            model, x, y, pl_module.defense, step, pixel_std=mean_pixel_std(datamodule), damping=self.damping,
+            model, x, y, noise, step, pixel_std=pixels.std, damping=self.damping,
             relative_damping=self.relative_damping, worst_k=0, exact_spectrum_probes=0, generator=generator,
         ).pixel_rmse
-        undamped = undamped_leakage(model, x, y, pl_module.defense, step, pixel_std=mean_pixel_std(datamodule))
+        undamped = undamped_leakage(model, x, y, noise, step, pixel_std=pixels.std)
         actual = per["rmse"]
         for i in range(len(y)):
             self.pairs.append({"epoch": epoch, "step": step, "sample": i, "label": int(y[i]),
@@ -178,7 +209,7 @@ class AttackAudit(Callback):
             if float(undamped.mean()) > 0:
                 scalars["rmse_over_undamped"] = float(actual.mean()) / float(undamped.mean())
         log_scalars(pl_module, scalars, "audit")
-        self._log_media(trainer, datamodule.denormalize(x.cpu()), datamodule.denormalize(recon.cpu()))
+        self._log_media(trainer, pixels.to_pixels(x.cpu()), pixels.to_pixels(recon.cpu()))
         self.audits += 1
         self.last_epoch = epoch
         return scalars

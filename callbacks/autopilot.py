@@ -10,10 +10,11 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-from callbacks._logging import log_scalars_at_step
-from callbacks.leakage import I2FMonitor
 from pl_i2f.autopilot import Decision, LeakageTargetSchedule, epsilon_floor
 from pl_i2f.errors import ConfigError
+
+from ._logging import log_scalars_at_step
+from .leakage import I2FMonitor
 
 
 class LeakageAutopilot(Callback):

@@ -14,13 +14,14 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from callbacks._logging import log_leakage_media, log_scalars_at_step, wandb_run, warn_once
 from pl_i2f import leakage as lk
 from pl_i2f import monitoring as mon
-from pl_i2f.defenses.base import analysis_model
 from pl_i2f.errors import ConfigError
 from pl_i2f.influence import InfluenceWarning
 from pl_i2f.influence.results import renamed
+from pl_i2f.sources import NoiseSource, ProbeSpec, SourceOptions, Sources, analysis_network, copy_network, network_of
+
+from ._logging import log_leakage_media, log_scalars_at_step, wandb_run, warn_once
 
 
 class I2FMonitor(Callback):
@@ -49,6 +50,14 @@ class I2FMonitor(Callback):
     spectra, fewer probes, a smaller basis; the log says how) or skipped when it does not fit; the final weights
     are always evaluated. The step-0 evaluation runs on a snapshot after ``warmup_steps`` steps.
 
+    **Any LightningModule and data** (:mod:`pl_i2f.sources`): probes from ``probe`` (an ``(x, y)`` pair, or a
+    held-out Dataset/DataLoader: ``probe_size`` samples, seeded) or this package's datamodule; the network is the
+    module's ``model`` attribute or the module itself; the loss the module's ``loss_fn``/``criterion`` or
+    ``loss_fn``; the noise this package's defense, else an Opacus ``DPOptimizer`` on the trainer (σ·C on one
+    sample's clipped gradient, read at every evaluation), else ``noise_std`` (on one sample's own gradient) or
+    ``noise_multiplier`` × ``max_grad_norm``, else none; the pixel scale ``pixel_std``, the datamodule's std or
+    the probes' range; the prior ``prior``, the datamodule's or one estimated from the probes.
+
     Analysis never touches training: hook-free model copies under DP-SGD, eval-mode functional calls, its own
     seeded generator (reseeded per step, so a resumed run measures the same noise draws).
     """
@@ -56,9 +65,17 @@ class I2FMonitor(Callback):
     METHODS = mon.MONITOR_METHODS
 
     def __init__(self, per_sample: bool | None = None, spectrum_samples: int | None = None,
-                 samples: int | None = None, **settings: Any):
-        """``settings``: the fields of :class:`pl_i2f.monitoring.MonitorSettings`, readable as attributes."""
+                 samples: int | None = None, *, probe: ProbeSpec | None = None, loss_fn: Any = None,
+                 noise_std: float | None = None, noise_multiplier: float | None = None,
+                 max_grad_norm: float | None = None, pixel_std: float | None = None, prior: Any = None,
+                 **settings: Any):
+        """``settings``: the fields of :class:`pl_i2f.monitoring.MonitorSettings`, readable as attributes; the
+        keyword-only arguments say where probes, loss, noise, pixel scale and prior come from outside this
+        package's app (:class:`pl_i2f.sources.SourceOptions`)."""
         super().__init__()
+        self.options = SourceOptions("I2FMonitor", probe, loss_fn, noise_std, noise_multiplier, max_grad_norm,
+                                     pixel_std, prior)
+        self._sources: Sources | None = None
         # the old spellings mixed up probes and noise draws; configs may still set them
         for new, old, value in (("exact_spectrum_probes", "spectrum_samples", spectrum_samples),
                                 ("noise_draws", "samples", samples)):
@@ -114,13 +131,22 @@ class I2FMonitor(Callback):
         return self._generate_state_key(every_n_steps=self.every_n_steps, probe_size=self.probe_size)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        datamodule = trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "probe_batch"):
-            raise ConfigError("I2FMonitor needs a pl_i2f datamodule (one with probe_batch())")
-        if not hasattr(pl_module, "defense"):
-            raise ConfigError("I2FMonitor needs a module with a `defense` (pl_i2f.module.ClassifierModule)")
         if stage == "fit":
-            self._probe = datamodule.probe_batch(self.probe_size)
+            self._sources = self.options.sources(trainer, pl_module, self.probe_size, self.seed)
+            self._probe = self._sources.probe
+
+    def noise_source(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> NoiseSource:
+        """The training's noise, read now (an Opacus optimizer exists only once optimizers are configured, and
+        its σ may follow a schedule): :func:`pl_i2f.sources.resolve_noise`."""
+        return self.options.noise(trainer, pl_module)
+
+    def _snapshot(self, pl_module: pl.LightningModule, step: int, copy_weights: bool = False) -> lk.Snapshot:
+        """The network's weights at ``step`` (hook-free; a copy with ``copy_weights``) and the noise there."""
+        network, model = network_of(pl_module), analysis_network(pl_module)
+        if copy_weights and model is network:
+            model = copy_network(model)
+        return lk.Snapshot(step=step, model=model,
+                           noise=lk.NoiseModel.of(self.noise_source(pl_module.trainer, pl_module), step, model))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the budget counts this fit call (a resumed run starts a new one); the share logged is the whole run's
@@ -150,10 +176,10 @@ class I2FMonitor(Callback):
         if not budget.unlimited and budget.train_steps == 0 and self._pending is None:
             # nothing measured yet this fit: evaluate this step's weights once seconds per step are known
             start = self.planner.clock()
-            self._pending = lk.Snapshot.of(pl_module.model, pl_module.defense, step, copy_weights=True)
+            self._pending = self._snapshot(pl_module, step, copy_weights=True)
             self._spend(self.planner.clock() - start)  # the copy counts against the budget too
         else:
-            self._evaluate_within_budget(pl_module, lk.Snapshot.of(pl_module.model, pl_module.defense, step))
+            self._evaluate_within_budget(pl_module, self._snapshot(pl_module, step))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero or self._probe is None:
@@ -164,7 +190,7 @@ class I2FMonitor(Callback):
             self._evaluate_within_budget(pl_module, pending)
         step = trainer.global_step
         if step != self.last_step:  # the final weights, always evaluated
-            weights = lk.Snapshot.of(pl_module.model, pl_module.defense, step)
+            weights = self._snapshot(pl_module, step)
             self._evaluate_within_budget(pl_module, weights, final=True)
         rank_zero_info("I2FMonitor: " + self.planner.summary(self.evaluations, len(set(self.steps_logged)),
                                                              self.seconds, self.reduced, self.skipped,
@@ -235,7 +261,8 @@ class I2FMonitor(Callback):
         media = self.evaluations == 0 or final
         log_scalars_at_step(trainer, report.scalars, "leakage", step=report.step)
         if self.log_per_sample_media and wandb_run(trainer) is not None:
-            log_leakage_media(trainer, report, self._probe[0], torch.arange(len(report.labels)), tables=media)
+            log_leakage_media(trainer, report, self._probe[0], torch.arange(len(report.labels)), tables=media,
+                              to_pixels=self._sources.pixels.to_pixels)
         seconds = self.planner.clock() - start
         self._spend(seconds)
         if not media:  # the routine logging every evaluation pays (tables and images: first and last only)
@@ -253,13 +280,13 @@ class I2FMonitor(Callback):
         module's current one) under ``noise`` (default: the defense's at ``step``), as ``plan`` says (default:
         every probe, exact spectra as at a first evaluation); ``stop``: :class:`pl_i2f.leakage.WarmBasis`'s."""
         x, y = self._probe
-        device, defense = pl_module.device, pl_module.defense
-        model = analysis_model(pl_module.model if model is None else model)
+        device, defense = pl_module.device, self.noise_source(trainer, pl_module)
+        model = analysis_network(pl_module) if model is None else model
         plan = self._full_plan(model, final=True) if plan is None else plan
         index = torch.arange(min(plan.probes, len(x)))  # the first plan.probes of the fixed probe batch
         xs, ys = x[index].to(device), y[index].to(device)
         options = lk.LeakageOptions(
-            pixel_std=lk.mean_pixel_std(trainer.datamodule), damping=self.damping,
+            pixel_std=self._sources.pixels.std, damping=self.damping,
             relative_damping=self.relative_damping, exact_spectrum_probes=plan.spectra, worst_k=self.worst_k,
             noise_draws=self.noise_draws, target_pixel_rmse=self.target_pixel_rmse,
             clipping_norm=float(getattr(defense, "max_grad_norm", None) or self.clipping_norm),

@@ -16,8 +16,9 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_only
 
-from callbacks.leakage import I2FMonitor
 from pl_i2f.studies.training import LEAKAGE_FILE
+
+from .leakage import I2FMonitor
 
 
 class LeakageRecord(Callback):

@@ -12,9 +12,12 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_only
 
-from callbacks._logging import log_media, wandb_run
 from pl_i2f.errors import ConfigError
+from pl_i2f.module import log_at_step
 from pl_i2f.report import SUMMARY_FILE
+from pl_i2f.sources import DEFAULT_DELTA, find_dp_optimizer, find_privacy_engine, opacus_epsilon, resolve_noise
+
+from ._logging import log_media, wandb_run
 
 
 def _metric(trainer: pl.Trainer, key: str) -> float | None:
@@ -30,7 +33,11 @@ class TradeoffTracker(Callback):
     leakage, leakage_step, audit_rmse)``:
 
     * ``epsilon``: the privacy spent *after* this epoch (read from the defense, so epoch 0 has one and the
-      last point carries the final ε — the module logs it only after the callbacks' epoch-end hooks);
+      last point carries the final ε — the module logs it only after the callbacks' epoch-end hooks). In a
+      project that trains with Opacus (a ``DPOptimizer`` on the trainer) ε comes from the accountant of
+      ``privacy_engine`` — by default the module's ``privacy_engine`` attribute, where Opacus' own Lightning
+      example keeps it — at ``delta`` (default: the module's ``delta`` attribute, else 1e-5), and the tracker
+      logs it as ``privacy/epsilon`` after every epoch and at the end of training;
     * ``leakage`` and ``leakage_step``: the leakage monitor's estimate measured nearest to the point's step,
       and the step it was measured at (an evaluation scheduled at the epoch boundary runs at the next
       epoch's first batch: the points are completed at the end of training from every value seen) — a value
@@ -55,8 +62,17 @@ class TradeoffTracker(Callback):
         audit_key: str = "audit/rmse",
         dirpath: str | None = None,
         log_every_n_epochs: int | None = None,
+        privacy_engine: Any = None,
+        delta: float | None = None,
     ):
         super().__init__()
+        if delta is not None and not (isinstance(delta, (int, float)) and 0 < delta < 1):
+            raise ConfigError(f"TradeoffTracker.delta must be in (0, 1), got {delta!r}")
+        if privacy_engine is not None and not hasattr(privacy_engine, "get_epsilon"):
+            raise ConfigError(f"TradeoffTracker.privacy_engine must be an Opacus PrivacyEngine, got "
+                              f"{type(privacy_engine).__name__}")
+        self.privacy_engine = privacy_engine
+        self.delta = delta
         if log_every_n_epochs is not None and log_every_n_epochs < 1:
             raise ConfigError(f"TradeoffTracker.log_every_n_epochs must be >= 1 or null, got {log_every_n_epochs}")
         for name, key in (("utility_key", utility_key), ("leakage_key", leakage_key),
@@ -109,7 +125,20 @@ class TradeoffTracker(Callback):
             value = defense.epoch_metrics().get(self.epsilon_key)
             if value is not None and not math.isnan(float(value)):
                 return float(value)
-        return _metric(trainer, self.epsilon_key)
+        value = self._opacus_epsilon(trainer, pl_module)
+        return value if value is not None else _metric(trainer, self.epsilon_key)
+
+    def _opacus_epsilon(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
+        """ε from the Opacus accountant when the trainer steps a ``DPOptimizer`` and a PrivacyEngine is found."""
+        if getattr(pl_module, "defense", None) is not None or find_dp_optimizer(trainer) is None:
+            return None
+        delta = self.delta if self.delta is not None else float(getattr(pl_module, "delta", None) or DEFAULT_DELTA)
+        return opacus_epsilon(find_privacy_engine(pl_module, self.privacy_engine), delta)
+
+    def _log_opacus_epsilon(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        value = self._opacus_epsilon(trainer, pl_module)
+        if value is not None:
+            log_at_step(trainer, {self.epsilon_key: value})
 
     def _fresh_audit(self, trainer: pl.Trainer) -> float | None:
         value = _metric(trainer, self.audit_key)
@@ -129,6 +158,7 @@ class TradeoffTracker(Callback):
         if trainer.sanity_checking:
             return
         self._see_leakage(trainer)
+        self._log_opacus_epsilon(trainer, pl_module)
         epoch, step = trainer.current_epoch, trainer.global_step
         leakage, leakage_step = self._nearest_leakage(step)
         point = {
@@ -181,7 +211,7 @@ class TradeoffTracker(Callback):
             "epochs": len(self.points),
             "steps": trainer.global_step,
             "points": self.points,
-            "defense": pl_module.defense.describe() if hasattr(pl_module, "defense") else {"name": "none"},
+            "defense": resolve_noise(pl_module, trainer).describe(),
             "data": datamodule.describe() if hasattr(datamodule, "describe") else {},
             "run_config": self.run_config,
         }
@@ -197,6 +227,7 @@ class TradeoffTracker(Callback):
         # the monitor's final evaluation is logged in its own on_train_end: callbacks run in list order,
         # and the monitor comes first in the default config (the tracker reads what it logged)
         self._see_leakage(trainer)
+        self._log_opacus_epsilon(trainer, pl_module)
         self._complete_points()
         self._log_table(trainer)
         self._write(trainer, pl_module)

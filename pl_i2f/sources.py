@@ -1,0 +1,522 @@
+"""Where the callbacks find what they measure, in any Lightning project: the probes, the loss, the noise the
+training releases, the prior and the pixel scale — from explicit arguments, from an Opacus ``DPOptimizer`` on
+the trainer, from this package's own module and datamodule when those are used, or from the probe data.
+
+Pure: no Trainer hooks, no logging, no W&B or Hydra; a trainer and module are only read. Every check raises a
+one-line :class:`pl_i2f.errors.ConfigError` naming the argument (``what`` is the caller's name, e.g.
+``"I2FMonitor"``).
+
+The noise follows the shared threat model (:mod:`pl_i2f.threat`): under Opacus' DP-SGD one sample's own clipped
+gradient carries N(0, σ²C²), so an Opacus run is described as ``SampleNoise(std=σ·C, clip_norm=C)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from pl_i2f.defenses.base import NoiseSampler, analysis_model, has_opacus_hooks
+from pl_i2f.errors import ConfigError
+from pl_i2f.gradients import LossFn, default_loss, flat_gradient
+from pl_i2f.leakage import NoiseModel, mean_pixel_std
+from pl_i2f.rng import analysis_generator, randn
+from pl_i2f.threat import NO_NOISE, SampleNoise
+
+Probe = tuple[Tensor, Tensor]
+ProbeSpec = tuple[Tensor, Tensor] | Dataset | DataLoader
+DEFAULT_PROBES = 32  # as many as our datamodules' default probe batch
+DEFAULT_DELTA = 1e-5  # Opacus' examples' δ for ε when neither the callback nor the module names one
+
+
+# -- probes ---------------------------------------------------------------------------------------------
+def check_probe(probe: Any, what: str) -> None:
+    """At construction: ``probe`` is ``None``, a Dataset/DataLoader, or an ``(x, y)`` pair of tensors with
+    one integer label per input (x of at least 2 dims: samples first)."""
+    if probe is None or isinstance(probe, (Dataset, DataLoader)):
+        return
+    if not (isinstance(probe, (tuple, list)) and len(probe) == 2 and all(isinstance(t, Tensor) for t in probe)):
+        raise ConfigError(f"{what}.probe must be an (x, y) pair of tensors, a Dataset or a DataLoader, "
+                          f"got {type(probe).__name__}")
+    x, y = probe
+    if x.dim() < 2 or len(x) == 0:
+        raise ConfigError(f"{what}.probe: x must be a non-empty batch (samples first), got shape {tuple(x.shape)}")
+    if y.dim() != 1 or len(y) != len(x):
+        raise ConfigError(f"{what}.probe: y must hold one label per sample ({len(x)}), got shape {tuple(y.shape)}")
+    if y.is_floating_point() or y.is_complex() or (len(y) and int(y.min()) < 0):
+        raise ConfigError(f"{what}.probe: y must hold class indices >= 0, got {y.dtype} {y[:4].tolist()}")
+
+
+def _from_dataset(data: Dataset | DataLoader, size: int, seed: int, what: str) -> Probe:
+    """``size`` samples of one seeded permutation of the dataset (the first ``size`` of it: the same samples
+    in every run with the same seed)."""
+    dataset = data.dataset if isinstance(data, DataLoader) else data
+    n = len(dataset)  # type: ignore[arg-type]
+    if n == 0:
+        raise ConfigError(f"{what}.probe: the dataset is empty")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(size, n)]
+    samples = [dataset[int(i)] for i in order]
+    try:
+        xs = torch.stack([torch.as_tensor(s[0]) for s in samples])
+        ys = torch.as_tensor([int(s[1]) for s in samples])
+    except (TypeError, IndexError, ValueError) as exc:
+        raise ConfigError(f"{what}.probe: dataset items must be (input, label) pairs ({exc})") from exc
+    return xs, ys
+
+
+def resolve_probe(probe: ProbeSpec | None, datamodule: Any, size: int | None, seed: int, what: str) -> Probe:
+    """The probe batch: explicit tensors (their first ``size``), a Dataset/DataLoader (``size`` held-out samples,
+    default 32, seeded), or the datamodule's ``probe_batch(size)`` (this package's datamodules)."""
+    if isinstance(probe, (tuple, list)):
+        x, y = probe
+        x, y = (x[:size], y[:size]) if size is not None else (x, y)
+    elif probe is not None:
+        x, y = _from_dataset(probe, size or DEFAULT_PROBES, seed, what)
+    elif datamodule is not None and hasattr(datamodule, "probe_batch"):
+        x, y = datamodule.probe_batch(size)
+    else:
+        raise ConfigError(f"{what} needs probes: pass probe=(x, y), a held-out Dataset or DataLoader, or use a "
+                          "datamodule with probe_batch()")
+    check_probe((x, y), what)
+    return x.detach().clone(), y.detach().clone().long()
+
+
+def network_of(pl_module: nn.Module) -> nn.Module:
+    """The network the leakage is measured on: the module's ``model`` attribute when it is one (this package's
+    module, Opacus' Lightning example), else the LightningModule itself (its ``forward``)."""
+    model = getattr(pl_module, "model", None)
+    return model if isinstance(model, nn.Module) else pl_module
+
+
+def copy_network(network: nn.Module) -> nn.Module:
+    """A deep copy of ``network`` with its weights; a LightningModule's trainer is shared, not copied."""
+    trainer = getattr(network, "_trainer", None)
+    return copy.deepcopy(network, {} if trainer is None else {id(trainer): trainer})
+
+
+def analysis_network(pl_module: nn.Module) -> nn.Module:
+    """:func:`pl_i2f.defenses.base.analysis_model` of :func:`network_of`: the network, or its hook-free copy when
+    Opacus hooks sit on it. A LightningModule that is itself the network (Opacus' example wraps ``self``) is
+    copied without its trainer."""
+    network = network_of(pl_module)
+    if network is not pl_module or not has_opacus_hooks(network) or "_trainer" not in network.__dict__:
+        return analysis_model(network)
+    trainer = network.__dict__["_trainer"]
+    network.__dict__["_trainer"] = None  # not part of the network: the copy must not clone the trainer
+    try:
+        return analysis_model(network)
+    finally:
+        network.__dict__["_trainer"] = trainer
+
+
+def check_labels(pl_module: nn.Module, probe: Probe, what: str) -> Tensor:
+    """The network's logits on the probes (eval mode, no gradient); a label outside its classes is an error."""
+    x, y = probe
+    net = analysis_network(pl_module)
+    param = next(net.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    flags = [(m, m.training) for m in net.modules()]
+    net.eval()
+    try:
+        with torch.no_grad():
+            logits = net(x[:2].to(device))
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    if logits.dim() != 2:
+        raise ConfigError(f"{what}: the model must return (batch, classes) logits, got shape {tuple(logits.shape)}")
+    classes = logits.shape[1]
+    if int(y.max()) >= classes:
+        raise ConfigError(f"{what}.probe: label {int(y.max())} is out of range for a model with {classes} outputs")
+    return logits
+
+
+# -- loss ----------------------------------------------------------------------------------------------
+def resolve_loss(pl_module: Any, loss_fn: LossFn | None) -> LossFn:
+    """``loss_fn`` when given; else the module's own (an attribute ``loss_fn`` or ``criterion`` holding a
+    callable ``(logits, y) -> scalar``); else mean cross-entropy (what this package's module trains with)."""
+    if loss_fn is not None:
+        return loss_fn
+    for name in ("loss_fn", "criterion"):
+        own = getattr(pl_module, name, None)
+        if callable(own):
+            return own
+    return default_loss
+
+
+def check_loss(loss: LossFn, logits: Tensor, y: Tensor, what: str) -> None:
+    """The loss must map (logits, labels) to one finite scalar."""
+    try:
+        value = loss(logits, y.to(logits.device))
+    except Exception as exc:  # any failure of the user's callable is a configuration error here
+        raise ConfigError(f"{what}.loss_fn failed on the probe logits: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(value, Tensor) or value.numel() != 1 or value.dim() != 0:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ConfigError(f"{what}.loss_fn must return a scalar (reduce over the batch), got {shape}")
+
+
+def is_cross_entropy(loss: LossFn, logits: Tensor, y: Tensor) -> bool:
+    """Whether ``loss`` is mean cross-entropy on these logits and on a perturbed copy of them."""
+    if loss is default_loss:
+        return True
+    shifted = logits + torch.linspace(-1.0, 1.0, logits.numel(), device=logits.device).view_as(logits)
+    y = y[: len(logits)].to(logits.device)
+    return all(torch.allclose(loss(z, y).double(), default_loss(z, y).double(), rtol=1e-6, atol=1e-8)
+               for z in (logits, shifted))
+
+
+# -- noise ---------------------------------------------------------------------------------------------
+def as_noise_model(noise: SampleNoise) -> NoiseModel:
+    """The adapter to the estimator's current :class:`pl_i2f.leakage.NoiseModel`: isotropic → its std; a
+    sampler or a directional part → Monte Carlo draws; nothing → per unit σ. (The clipping is not
+    represented there: the estimator then uses the unclipped per-sample Jacobian.)"""
+    if noise.is_zero:
+        return NoiseModel(std=1.0, sampler=None, per_unit=True)
+    if noise.isotropic:
+        return NoiseModel(std=float(noise.std), sampler=None, per_unit=False)
+    return NoiseModel(std=None, sampler=_sampler(noise), per_unit=False)  # a sampler or a basis sets the size
+
+
+def _sampler(noise: SampleNoise, like: Tensor | None = None) -> NoiseSampler:
+    """Draws of ``noise`` as flat θ-vectors: its own ``sampler`` when it has one (which draws all of it), else
+    std·N(0, I) plus the directional part; ``like`` (any θ-vector) gives the size when only ``std`` is set."""
+    if noise.sampler is not None:
+        return noise.sampler
+    if noise.basis is None and like is None:
+        raise ValueError("isotropic noise needs the model (its number of parameters) to draw from")
+
+    def draw(generator: torch.Generator) -> Tensor:
+        ref = noise.basis if noise.basis is not None else like
+        delta = noise.std * randn(ref.shape[0] if noise.basis is not None else ref.numel(), generator, ref)
+        if noise.basis is not None:
+            scale = noise.extra_variance.clamp_min(0).sqrt()
+            delta = delta + noise.basis @ (scale * randn(len(scale), generator, noise.basis))
+        return delta
+
+    return draw
+
+
+def _theta_like(model: nn.Module | None) -> Tensor | None:
+    if model is None:
+        return None
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+
+
+class NoiseSource:
+    """What the training releases, read at each evaluation: :meth:`sample_noise` (the shared threat model's
+    description) and, for the estimator and the audit today, the analysis side of a
+    :class:`pl_i2f.defenses.Defense` — ``noise_std``, ``noise_sampler``, ``release``, ``max_grad_norm``,
+    ``expected_batch_size`` — so it is passed wherever a defense is."""
+
+    name = "none"
+    #: the batch size that turns a σ-for-target into a noise multiplier (σ·B/C); 1 on the per-sample scale
+    expected_batch_size: int | None = 1
+
+    def __init__(self, noise: SampleNoise = NO_NOISE):
+        self._noise = noise
+
+    @property
+    def max_grad_norm(self) -> float | None:
+        return self.sample_noise(0).clip_norm
+
+    def sample_noise(self, step: int, model: nn.Module | None = None) -> SampleNoise:
+        return self._noise
+
+    def noise_std(self, step: int) -> float | None:
+        noise = self.sample_noise(step)
+        return float(noise.std) if noise.isotropic else None
+
+    def noise_sampler(self, step: int, model: nn.Module | None = None) -> NoiseSampler | None:
+        noise = self.sample_noise(step, model)
+        return None if noise.is_zero else _sampler(noise, _theta_like(model))
+
+    def release(self, model: nn.Module, x: Tensor, y: Tensor, step: int = 0,
+                generator: torch.Generator | None = None) -> Tensor:
+        """One sample's released gradient under the threat model: its gradient, clipped to ``clip_norm`` when
+        set, plus the noise (drawn from ``generator``)."""
+        noise = self.sample_noise(step, model)
+        g = flat_gradient(analysis_model(model), x, y)
+        if noise.clip_norm is not None:
+            g = g * (noise.clip_norm / (g.norm() + 1e-6)).clamp(max=1.0)  # Opacus' clipping factor
+        if noise.is_zero:
+            return g
+        return g + _sampler(noise, g)(analysis_generator(generator, g.device)).to(g)
+
+    def describe(self) -> dict[str, Any]:
+        noise = self.sample_noise(0)
+        return {"name": self.name, "noise_std": noise.std, "clip_norm": noise.clip_norm, "source": noise.source}
+
+
+class DefenseNoise(NoiseSource):
+    """This package's defense, read as its own description (the app's numbers, unchanged)."""
+
+    def __init__(self, defense: Any):
+        super().__init__()
+        self.defense = defense
+        self.name = defense.name
+
+    @property
+    def max_grad_norm(self) -> float | None:
+        return getattr(self.defense, "max_grad_norm", None)
+
+    @property
+    def expected_batch_size(self) -> int | None:  # type: ignore[override]
+        return getattr(self.defense, "expected_batch_size", None)
+
+    def sample_noise(self, step: int, model: nn.Module | None = None) -> SampleNoise:
+        std = self.defense.noise_std(step)
+        sampler = None if std else self.defense.noise_sampler(step, model)
+        return SampleNoise(std=float(std or 0.0), clip_norm=self.max_grad_norm, sampler=sampler, source=self.name)
+
+    def noise_std(self, step: int) -> float | None:
+        return self.defense.noise_std(step)
+
+    def noise_sampler(self, step: int, model: nn.Module | None = None) -> NoiseSampler | None:
+        return self.defense.noise_sampler(step, model)
+
+    def release(self, model: nn.Module, x: Tensor, y: Tensor, step: int = 0,
+                generator: torch.Generator | None = None) -> Tensor:
+        return self.defense.release(model, x, y, step=step, generator=generator)
+
+    def describe(self) -> dict[str, Any]:
+        return self.defense.describe()
+
+
+class OpacusNoise(NoiseSource):
+    """An Opacus ``DPOptimizer``: σ (``noise_multiplier``), C (``max_grad_norm``) read at every call, so a noise
+    schedule that changes the optimizer's σ is followed."""
+
+    name = "opacus"
+
+    def __init__(self, optimizer: Any):
+        super().__init__()
+        self.optimizer = optimizer
+
+    def sample_noise(self, step: int, model: nn.Module | None = None) -> SampleNoise:
+        sigma, clip = float(self.optimizer.noise_multiplier), float(self.optimizer.max_grad_norm)
+        return SampleNoise(std=sigma * clip, clip_norm=clip, source="opacus")
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "noise_multiplier": float(self.optimizer.noise_multiplier),
+                "max_grad_norm": float(self.optimizer.max_grad_norm),
+                "expected_batch_size": self.optimizer.expected_batch_size}
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The optimizer under Lightning's ``LightningOptimizer`` wrapper (``_optimizer``)."""
+    seen = 0
+    while hasattr(optimizer, "_optimizer") and seen < 8:
+        optimizer, seen = optimizer._optimizer, seen + 1
+    return optimizer
+
+
+def find_dp_optimizer(trainer: Any) -> Any | None:
+    """The trainer's Opacus ``DPOptimizer``, or ``None`` (also when Opacus is not installed)."""
+    try:
+        from opacus.optimizers import DPOptimizer
+    except ImportError:
+        return None
+    for optimizer in getattr(trainer, "optimizers", None) or []:
+        inner = unwrap_optimizer(optimizer)
+        if isinstance(inner, DPOptimizer):
+            return inner
+    return None
+
+
+def check_noise(noise_std: float | None, noise_multiplier: float | None, max_grad_norm: float | None,
+                what: str) -> None:
+    """At construction: the explicit noise arguments (σ ≥ 0 finite; a multiplier needs its clipping norm)."""
+    for name, value in (("noise_std", noise_std), ("noise_multiplier", noise_multiplier)):
+        if value is not None and not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
+            raise ConfigError(f"{what}.{name} must be a finite number >= 0, got {value!r}")
+    if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and 0 < max_grad_norm < math.inf):
+        raise ConfigError(f"{what}.max_grad_norm must be a positive finite number, got {max_grad_norm!r}")
+    if noise_std is not None and noise_multiplier is not None:
+        raise ConfigError(f"{what}: give noise_std or noise_multiplier, not both")
+    if noise_multiplier is not None and max_grad_norm is None:
+        raise ConfigError(f"{what}.noise_multiplier needs max_grad_norm (the clipping norm C: σ = multiplier·C)")
+
+
+def resolve_noise(pl_module: Any, trainer: Any, noise_std: float | None = None,
+                  noise_multiplier: float | None = None, max_grad_norm: float | None = None) -> NoiseSource:
+    """In order: this package's defense on the module; an Opacus ``DPOptimizer`` on the trainer; explicit
+    ``noise_std`` (on one sample's own gradient) or ``noise_multiplier`` × ``max_grad_norm``; else no noise
+    (the estimates are per unit σ and the σ-for-target keys say what would be needed)."""
+    from pl_i2f.defenses import Defense
+
+    defense = getattr(pl_module, "defense", None)
+    if isinstance(defense, Defense):
+        return DefenseNoise(defense)
+    optimizer = find_dp_optimizer(trainer)
+    if optimizer is not None:
+        return OpacusNoise(optimizer)
+    if noise_multiplier is not None:
+        source = NoiseSource(SampleNoise(std=noise_multiplier * max_grad_norm, clip_norm=max_grad_norm,
+                                         source="explicit"))
+    elif noise_std is not None:
+        source = NoiseSource(SampleNoise(std=float(noise_std), clip_norm=max_grad_norm, source="explicit"))
+    else:
+        return NoiseSource(NO_NOISE)
+    source.name = "explicit"
+    return source
+
+
+# -- pixels and prior ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PixelScale:
+    """Model-input units → [0, 1] pixels: ``std`` scales an input-space error to pixels, ``bounds`` are the valid
+    inputs (an attack's box), ``to_pixels`` maps inputs to [0, 1] images."""
+
+    std: float
+    lo: Tensor
+    hi: Tensor
+    datamodule: Any = None
+
+    def bounds(self) -> tuple[Tensor, Tensor]:
+        if self.datamodule is not None and hasattr(self.datamodule, "pixel_bounds"):
+            return self.datamodule.pixel_bounds()
+        return self.lo, self.hi
+
+    def to_pixels(self, x: Tensor) -> Tensor:
+        if self.datamodule is not None and hasattr(self.datamodule, "denormalize"):
+            return self.datamodule.denormalize(x)
+        lo, hi = self.lo.to(x), self.hi.to(x)
+        return ((x - lo) / (hi - lo).clamp_min(1e-12)).clamp(0.0, 1.0)
+
+
+def check_positive(value: float | None, name: str, what: str) -> None:
+    """An optional argument that must be a positive finite number."""
+    if value is not None and not (isinstance(value, (int, float)) and 0 < value < math.inf):
+        raise ConfigError(f"{what}.{name} must be a positive finite number, got {value!r}")
+
+
+def resolve_pixels(datamodule: Any, x: Tensor, pixel_std: float | None = None) -> PixelScale:
+    """``pixel_std`` when given; else the datamodule's (its per-channel ``std`` averaged, this package's
+    datamodules); else the probe data's range taken as [0, 1] pixels (std = 1/(max − min))."""
+    lo, hi = x.detach().min().cpu(), x.detach().max().cpu()
+    if pixel_std is not None:
+        std = float(pixel_std)
+    elif isinstance(getattr(datamodule, "std", None), (tuple, list)) and datamodule.std:
+        std = mean_pixel_std(datamodule)
+    else:
+        std = 1.0 / max(float(hi - lo), 1e-12)
+    owned = datamodule if hasattr(datamodule, "denormalize") else None
+    return PixelScale(std=std, lo=lo, hi=hi, datamodule=owned)
+
+
+@dataclass(frozen=True)
+class DataPrior:
+    """A Gaussian prior estimated from data: the per-value ``mean`` (one input's shape) and the mean per-value
+    variance ``variance`` (τ²)."""
+
+    mean: Tensor
+    variance: float
+
+
+def data_prior(x: Tensor) -> DataPrior:
+    """The prior of the probe data itself (a few samples: a rough τ²; a datamodule's is better)."""
+    flat = x.detach().double().flatten(1)
+    variance = float(flat.var(dim=0, unbiased=len(flat) > 1).mean()) if len(flat) > 1 else float(flat.var())
+    return DataPrior(mean=x.detach().mean(0), variance=variance)
+
+
+PriorEstimate = Callable[[Tensor], Any]
+
+
+def resolve_prior(prior: Any, datamodule: Any, x: Tensor, estimate: PriorEstimate = data_prior) -> Any:
+    """``prior`` when given (an object, or a callable of the probe inputs); else the datamodule's (its
+    ``prior()``); else ``estimate(x)`` from the probe data."""
+    if prior is not None:
+        return prior(x) if callable(prior) and not isinstance(prior, nn.Module) else prior
+    own = getattr(datamodule, "prior", None)
+    if callable(own):
+        return own()
+    return estimate(x)
+
+
+# -- privacy accounting ----------------------------------------------------------------------------------
+def find_privacy_engine(pl_module: Any, explicit: Any = None) -> Any | None:
+    """``explicit`` when given, else the module's ``privacy_engine`` attribute (Opacus' Lightning example keeps
+    it there); ``None`` when there is none."""
+    if explicit is not None:
+        return explicit
+    try:
+        from opacus import PrivacyEngine
+    except ImportError:
+        return None
+    engine = getattr(pl_module, "privacy_engine", None)
+    return engine if isinstance(engine, PrivacyEngine) else None
+
+
+def opacus_epsilon(engine: Any, delta: float) -> float | None:
+    """ε spent so far by ``engine``'s accountant at ``delta`` (``None`` before the first step)."""
+    if engine is None or len(getattr(engine.accountant, "history", [None])) == 0:
+        return None
+    value = float(engine.get_epsilon(delta))
+    return value if math.isfinite(value) else None
+
+
+# -- everything a callback measures with ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sources:
+    """What a callback resolved at ``setup``: the probe batch, the loss, the pixel scale and the prior."""
+
+    probe: Probe
+    loss: LossFn
+    pixels: PixelScale
+    prior: Any
+
+
+def resolve_sources(trainer: Any, pl_module: Any, what: str, *, probe: ProbeSpec | None = None,
+                    size: int | None = None, seed: int = 0, loss_fn: LossFn | None = None,
+                    pixel_std: float | None = None, prior: Any = None,
+                    estimate_prior: PriorEstimate = data_prior) -> Sources:
+    """Resolve and check a callback's probes, loss, pixel scale and prior (see the functions above). The loss
+    must be mean cross-entropy (or equal to it): the leakage estimate differentiates that loss."""
+    datamodule = getattr(trainer, "datamodule", None)
+    x, y = resolve_probe(probe, datamodule, size, seed, what)
+    logits = check_labels(pl_module, (x, y), what)
+    loss = resolve_loss(pl_module, loss_fn)
+    check_loss(loss, logits, y[: len(logits)], what)
+    if not is_cross_entropy(loss, logits, y):
+        raise ConfigError(f"{what}.loss_fn: the leakage estimate differentiates mean cross-entropy, and this loss "
+                          "differs from it on the probes")
+    return Sources(probe=(x, y), loss=loss, pixels=resolve_pixels(datamodule, x, pixel_std),
+                   prior=resolve_prior(prior, datamodule, x, estimate_prior))
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """A callback's drop-in arguments, checked at construction (one line naming the argument); :meth:`sources`
+    resolves them at ``setup``, :meth:`noise` at each evaluation. ``what`` names the callback in errors."""
+
+    what: str
+    probe: ProbeSpec | None = None
+    loss_fn: LossFn | None = None
+    noise_std: float | None = None
+    noise_multiplier: float | None = None
+    max_grad_norm: float | None = None
+    pixel_std: float | None = None
+    prior: Any = None
+
+    def __post_init__(self) -> None:
+        check_probe(self.probe, self.what)
+        check_noise(self.noise_std, self.noise_multiplier, self.max_grad_norm, self.what)
+        check_positive(self.pixel_std, "pixel_std", self.what)
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise ConfigError(f"{self.what}.loss_fn must be a callable (logits, labels) -> scalar, "
+                              f"got {self.loss_fn!r}")
+
+    def sources(self, trainer: Any, pl_module: Any, size: int | None, seed: int) -> Sources:
+        return resolve_sources(trainer, pl_module, self.what, probe=self.probe, size=size, seed=seed,
+                               loss_fn=self.loss_fn, pixel_std=self.pixel_std, prior=self.prior)
+
+    def noise(self, trainer: Any, pl_module: Any) -> NoiseSource:
+        return resolve_noise(pl_module, trainer, self.noise_std, self.noise_multiplier, self.max_grad_norm)
