@@ -78,8 +78,9 @@ def warn_once(caught: list[warnings.WarningMessage], category: type[Warning], se
 def log_leakage_media(trainer: pl.Trainer, report: Any, probes: Tensor, index: Tensor, tables: bool,
                       to_pixels: Any) -> None:
     """The per-sample leakage media of a :class:`pl_i2f.leakage.LeakageReport` on the probe samples
-    ``probes[index]`` (``to_pixels`` maps model inputs to [0, 1] images): a histogram of the per-sample errors, and with ``tables`` (files: first and last
-    evaluation only) the per-class table and bar chart and the worst samples' images."""
+    ``probes[index]`` (``to_pixels`` maps model inputs to [0, 1] images): a histogram of the per-sample errors,
+    and with ``tables`` (files: first and last evaluation only) the per-class table and bar chart and the worst
+    samples' images."""
     import wandb
 
     values = report.pixel_rmse.detach().cpu().double().numpy()

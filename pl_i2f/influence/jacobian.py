@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
 from pl_i2f.gradients import LossFn, batch_loss_fn, eval_mode, flatten
-from pl_i2f.influence.per_sample import _per_sample_batch
+from pl_i2f.influence.per_sample import per_sample_batch
 from pl_i2f.influence.settings import EXACT_BLOCK_NUMBERS
 
 __all__ = ["JacobianChunk", "PerSampleGrams", "iter_per_sample_jacobians", "per_sample_grams",
@@ -61,7 +61,7 @@ def iter_per_sample_jacobians(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn
     keep memory at one chunk."""
     if max_numbers < 1:
         raise ValueError(f"max_numbers must be >= 1, got {max_numbers}")
-    params, xs, ys = _per_sample_batch(model, x, y)
+    params, xs, ys = per_sample_batch(model, x, y)
     N, d_x = xs.shape[0], xs[0].numel()
     d_theta = sum(p.numel() for p in params.values())
     if d_theta * d_x > MAX_JACOBIAN_NUMBERS:

@@ -32,6 +32,21 @@ from pl_i2f.rng import analysis_generator, rademacher
 METHODS = ("slq", "exact")
 
 
+def per_sample_batch(model: nn.Module, x: Tensor, y: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """The trainable parameters and the batch, validated and moved to the parameters' device and dtype."""
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    ref = next(iter(params.values()))
+    if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError("x must be a batch (N, ...) with at least one sample")
+    if not isinstance(y, Tensor) or y.shape[0] != x.shape[0]:
+        raise ValueError("y must have one entry per sample of x")
+    xs = x.detach().to(device=ref.device, dtype=ref.dtype)
+    ys = y.detach().to(ref.device, dtype=ref.dtype if y.is_floating_point() else y.dtype)
+    return params, xs, ys
+
+
 class PerSampleOperator:
     """The per-sample operators of one batch, built once per evaluation and shared by every estimator: each
     sample's J_iJ_iᵀ at once, (N, p, n) → (N, p, n), ``vmap`` over samples (outer) and vectors (inner, sharing
@@ -43,19 +58,10 @@ class PerSampleOperator:
 
     def __init__(self, model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn | None = None,
                  chunk_size: int | None = None):
-        params = trainable_parameters(model)
-        if not params:
-            raise ValueError("the model has no trainable parameters")
-        ref = next(iter(params.values()))
-        if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] == 0:
-            raise ValueError("x must be a batch (N, ...) with at least one sample")
-        if not isinstance(y, Tensor) or y.shape[0] != x.shape[0]:
-            raise ValueError("y must have one entry per sample of x")
+        params, self.x, self.y = per_sample_batch(model, x, y)
         self.model = model
         self.params = params
-        self.x = x.detach().to(device=ref.device, dtype=ref.dtype)
-        self.y = y.detach().to(ref.device, dtype=ref.dtype if y.is_floating_point() else y.dtype)
-        self.like = torch.empty(0, dtype=ref.dtype, device=ref.device)  # dtype and device of every vector
+        self.like = torch.empty(0, dtype=self.x.dtype, device=self.x.device)  # dtype and device of every vector
         self.loss = batch_loss_fn(model, loss_fn)
         self.sample_shape = tuple(x.shape[1:])
         self.N, self.n = self.x.shape[0], self.x[0].numel()
