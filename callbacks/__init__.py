@@ -3,6 +3,7 @@
 from callbacks.audit import AttackAudit
 from callbacks.autopilot import LeakageAutopilot
 from callbacks.leakage import I2FMonitor
+from callbacks.preemption import PreemptionCheckpoint
 from callbacks.tradeoff import TradeoffTracker
 
-__all__ = ["AttackAudit", "I2FMonitor", "LeakageAutopilot", "TradeoffTracker"]
+__all__ = ["AttackAudit", "I2FMonitor", "LeakageAutopilot", "PreemptionCheckpoint", "TradeoffTracker"]

@@ -13,6 +13,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_only
 
 from callbacks._logging import log_media, wandb_run
+from callbacks.preemption import PreemptionCheckpoint
 from pl_i2f.errors import ConfigError
 from pl_i2f.report import SUMMARY_FILE
 
@@ -176,6 +177,7 @@ class TradeoffTracker(Callback):
                  (self.utility_key, "test/acc", self.epsilon_key, self.leakage_key, self.audit_key)}
         final = {**self._fit_final, **{k: v for k, v in final.items() if v is not None}}
         datamodule = trainer.datamodule
+        preemption = next((c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)), None)
         return {
             "final": final,
             "epochs": len(self.points),
@@ -184,6 +186,8 @@ class TradeoffTracker(Callback):
             "defense": pl_module.defense.describe() if hasattr(pl_module, "defense") else {"name": "none"},
             "data": datamodule.describe() if hasattr(datamodule, "describe") else {},
             "run_config": self.run_config,
+            # times and steps the run stopped on a signal and was resumed (absent without the callback)
+            **({"preemption": preemption.interruptions.summary()} if preemption is not None else {}),
         }
 
     @rank_zero_only
