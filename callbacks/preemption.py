@@ -72,7 +72,7 @@ class PreemptionCheckpoint(Checkpoint):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(dirpath=self.dirpath)
+        return self._generate_state_key()  # one per trainer; a resumed run may write elsewhere
 
     # -- signal handlers --------------------------------------------------------------------------------
     def _handle(self, signum: int, frame: Any) -> None:
