@@ -28,20 +28,27 @@ COMMON = [
 ]
 DEFENSES = {"none": ["defense=none"], "gaussian": ["defense=gaussian", "defense.sigma=0.05"],
             "dpsgd": ["defense=dpsgd", "defense.noise_multiplier=1.0"]}
+# the leakage autopilot under DDP: σ re-planned from every rank-0 evaluation (every 2 steps, all 4 probes)
+AUTOPILOT = {"target_psnr": 28.0, "sigma_min": 0.5, "sigma_max": 8.0, "min_probes": 4, "monitor_every_n_steps": 2}
+DEFENSES["autopilot"] = [*DEFENSES["dpsgd"], "noise_schedule=leakage_target",
+                         *(f"noise_schedule.{k}={v}" for k, v in AUTOPILOT.items())]
 
 
 class Record(pl.Callback):
-    """Remembers the rank-local batch sizes (each rank trains on its own share) and the final weights."""
+    """Remembers the rank-local batch sizes (each rank trains on its own share), the final weights and the
+    defense's final state (its accountant's history, an adaptive schedule's decisions)."""
 
     def __init__(self) -> None:
         self.sizes: list[int] = []
         self.weights: dict[str, torch.Tensor] = {}
+        self.defense: dict = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.sizes.append(len(batch[1]))
 
     def on_train_end(self, trainer, pl_module):
         self.weights = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+        self.defense = pl_module.defense.state_dict()
 
 
 def main(out: Path, names: list[str]) -> None:
@@ -63,7 +70,8 @@ def main(out: Path, names: list[str]) -> None:
         train.build = original_build
         rank = int(os.environ.get("RANK", 0))
         torch.save({"metrics": metrics, "batch_sizes": recorder.sizes, "weights": recorder.weights,
-                    "world_size": torch.distributed.get_world_size()}, out / name / f"rank{rank}.pt")
+                    "defense": recorder.defense, "world_size": torch.distributed.get_world_size()},
+                   out / name / f"rank{rank}.pt")
 
 
 if __name__ == "__main__":
