@@ -191,3 +191,21 @@ def test_unknown_preemption_signal_is_one_line():
     assert signal_numbers(["TERM", "SIGUSR1"]) == [signal.SIGTERM, signal.SIGUSR1]
     with pytest.raises(ConfigError, match="preemption signal 'SIGHUP' is not one of SIGINT, SIGTERM, SIGUSR1"):
         PreemptionCheckpoint(signals=["SIGHUP"])
+
+
+def test_slurm_launcher_signals_usr1_and_allows_requeue(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    from conftest import CONF
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["hydra/launcher=slurm_ddp"], return_hydra_config=True)
+    node = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    script = _make_sbatch_string(command="python train.py", folder=str(tmp_path), signal_delay_s=node["signal_delay_s"],
+                                 additional_parameters=node["additional_parameters"]).splitlines()
+    assert [line for line in script if line.startswith("#SBATCH --signal")] == ["#SBATCH --signal=USR1@90"]
+    assert "#SBATCH --requeue" in script
