@@ -13,14 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from ddp_worker import AUTOPILOT, COMMON, DEFENSES, Record
+from ddp_worker import AUTOPILOT, COMMON, DEFENSES, PREEMPT_AT, Record
 
 import train
 from conftest import ROOT, compose_config
 from pl_i2f.autopilot import LeakageTargetSchedule, epsilon_after
+from pl_i2f.checkpoint import batches_into_epoch, load_checkpoint
+from pl_i2f.preemption import EXIT_PREEMPTED
 
 NAMES = ("none", "gaussian", "dpsgd")
-RUNS = (*NAMES, "autopilot")  # what the torchrun fixture trains
+RUNS = (*NAMES, "autopilot", "autopilot_preempted")  # what the torchrun fixture trains
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +85,7 @@ def test_ddp_replicas_agree_and_match_the_single_process_run(ddp_runs, tmp_path,
 
 def test_only_rank_zero_prints_the_run_summary(ddp_runs):
     titles = [line for line in (ddp_runs / "torchrun.log").read_text().splitlines() if "pl_i2f run summary" in line]
-    assert len(titles) == len(RUNS)  # one per run
+    assert len(titles) == len(RUNS)  # one per run (the preempted one prints it once, when resumed)
     assert all(line.startswith("[rank0]") for line in titles), titles
 
 
@@ -121,3 +123,16 @@ def test_ddp_autopilot_decides_on_rank_zero_and_every_rank_applies_the_same_sigm
     for rank in ranks:
         assert rank["metrics"]["privacy/epsilon"] == pytest.approx(epsilon, rel=1e-6)  # logged as float32
     assert (ddp_runs / "autopilot" / "summary.json").exists()
+
+
+def test_ddp_autopilot_preempted_on_rank_zero_stops_every_rank_and_resumes_bitwise(ddp_runs):
+    ranks = [torch.load(ddp_runs / "autopilot_preempted" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    reference = torch.load(ddp_runs / "autopilot" / "rank0.pt", weights_only=True)
+    assert [r["exit_code"] for r in ranks] == [EXIT_PREEMPTED, EXIT_PREEMPTED]  # rank 1 stopped with rank 0
+    last = load_checkpoint(ddp_runs / "autopilot_preempted" / "interrupted" / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == PREEMPT_AT + 1 and batches_into_epoch(last) > 0  # after the signalled step
+    for rank in ranks:  # each replica of the resumed run is the uninterrupted DDP run, bit for bit
+        assert all(torch.equal(rank["weights"][k], v) for k, v in reference["weights"].items())
+        assert rank["defense"]["schedule"]["decisions"] == reference["defense"]["schedule"]["decisions"]
+        assert rank["defense"]["accountant"]["history"] == reference["defense"]["accountant"]["history"]
+        assert rank["metrics"]["privacy/epsilon"] == reference["metrics"]["privacy/epsilon"]
