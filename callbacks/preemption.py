@@ -116,6 +116,8 @@ class PreemptionCheckpoint(Checkpoint):
         self.interruptions.resume(trainer.global_step, trainer.current_epoch)
         loop = trainer.fit_loop
         batches = loop.epoch_loop.batch_progress.current.processed if loop.restarted_mid_epoch else 0
+        if batches >= trainer.num_training_batches:  # stopped after the epoch's last batch (in its validation):
+            batches = 0  # the restored epoch fetches nothing, the next pass is a whole epoch
         loaders = trainer.train_dataloader
         loaders = list(loaders.values()) if isinstance(loaders, dict) else (
             list(loaders) if isinstance(loaders, list | tuple) else [loaders])

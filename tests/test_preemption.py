@@ -43,13 +43,27 @@ class PauseAt(pl.Callback):
         self.step, self.marker, self.timeout = step, Path(marker), timeout
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step != self.step:
-            return
+        if trainer.global_step == self.step:
+            self._pause(trainer)
+
+    def _pause(self, trainer):
         preemption = next(c for c in trainer.callbacks if type(c).__name__ == "PreemptionCheckpoint")
         self.marker.write_text(str(self.step))
         deadline = time.monotonic() + self.timeout
         while preemption.received is None and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+class PauseInValidation(PauseAt):
+    """As :class:`PauseAt`, in the first validation batch after training step ``step`` (a signal that Lightning
+    turns into its own ``SIGTERMException`` mid-validation, before the preemption callback's next check)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        pass
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking and trainer.global_step == self.step and batch_idx == 0:
+            self._pause(trainer)
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +72,15 @@ def uninterrupted(tmp_path_factory) -> tuple[Path, dict[str, float]]:
     return out, _run(out)
 
 
-def _interrupt(run_dir: Path, step: int, signum: signal.Signals) -> subprocess.CompletedProcess:
+def _interrupt(run_dir: Path, step: int, signum: signal.Signals, pause: str = "PauseAt",
+               *extra: str) -> subprocess.CompletedProcess:
     """``python train.py`` (the RUN config) in a subprocess, sent ``signum`` once it has started ``step``."""
     marker = run_dir.parent / f"{run_dir.name}.step"
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT / "tests")}
     process = subprocess.Popen(
         [sys.executable, "train.py", *RUN, f"hydra.run.dir={run_dir}",
-         "+callbacks.pause._target_=test_preemption.PauseAt", f"+callbacks.pause.step={step}",
-         f"+callbacks.pause.marker={marker}"],
+         f"+callbacks.pause._target_=test_preemption.{pause}", f"+callbacks.pause.step={step}",
+         f"+callbacks.pause.marker={marker}", *extra],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -105,6 +120,19 @@ def test_signal_mid_epoch_checkpoints_once_and_resumes_bitwise(tmp_path, uninter
     summary = json.loads((resumed / "summary.json").read_text())["preemption"]
     assert summary == {"times_interrupted": 1, "interrupted_at_steps": [step + 1], "signals": [signum.name],
                        "times_resumed": 1, "resumed_at_steps": [step + 1]}
+
+
+def test_sigterm_during_validation_is_lightnings_stop_checkpointed_the_same_way(tmp_path, uninterrupted):
+    run_dir = tmp_path / "interrupted"
+    step = STEPS_PER_EPOCH  # validation after epoch 1, in batches of 8 (several: Lightning stops after the first)
+    result = _interrupt(run_dir, step, signal.SIGTERM, "PauseInValidation", "data.eval_batch_size=8")
+    assert result.returncode == EXIT_PREEMPTED, result.stderr[-3000:]
+    assert "PreemptionCheckpoint: SIGTERM received" in (run_dir / "train.log").read_text()
+    last = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == step and completed_epochs(last) == 0  # inside epoch 1's validation
+    resumed = tmp_path / "resumed"
+    metrics = _run(resumed, f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}")
+    _assert_same_run(resumed, metrics, uninterrupted)
 
 
 def test_uninterrupted_summary_says_so(uninterrupted):
