@@ -100,7 +100,7 @@ def warn_ineffective(cfg: DictConfig) -> None:
 
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, ClassifierModule, pl.Trainer]:
     """Build datamodule, module (model + defense + optimizer settings) and trainer from the config."""
-    from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
+    from pytorch_lightning.callbacks import Checkpoint, ProgressBar
 
     from callbacks._logging import quiet_known_warnings
     from pl_i2f import defenses
@@ -124,7 +124,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, ClassifierModule, pl
     if not cfg.trainer.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     if not cfg.trainer.get("enable_checkpointing", True):
-        callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        callbacks = [c for c in callbacks if not isinstance(c, Checkpoint)]  # ModelCheckpoint, preemption
     loggers = _instantiate_group(cfg.get("logger"))
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                       plugins=[SafeCheckpointIO()])  # weights_only loading, atomic saving
@@ -150,12 +150,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
     import torch
 
     from pl_i2f.checkpoint import prepare_resume
+    from pl_i2f.preemption import requeued_checkpoint
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, module, trainer = build(cfg)
     datamodule.setup("fit")
     check_against_data(_plain(cfg), len(datamodule.val_set), len(datamodule.train_set))
-    resume = prepare_resume(cfg.get("ckpt_path"), module.model, module.defense.name, cfg.trainer.max_epochs)
+    ckpt_path = cfg.get("ckpt_path") or requeued_checkpoint(cfg.paths.output_dir)  # a requeued SLURM job resumes
+    resume = prepare_resume(ckpt_path, module.model, module.defense.name, cfg.trainer.max_epochs)
     if resume.message:
         log.info("%s", resume.message)
     for logger in trainer.loggers:

@@ -3,6 +3,7 @@
 from .audit import AttackAudit
 from .autopilot import LeakageAutopilot
 from .leakage import I2FMonitor
+from .preemption import PreemptionCheckpoint
 from .tradeoff import TradeoffTracker
 
-__all__ = ["AttackAudit", "I2FMonitor", "LeakageAutopilot", "TradeoffTracker"]
+__all__ = ["AttackAudit", "I2FMonitor", "LeakageAutopilot", "PreemptionCheckpoint", "TradeoffTracker"]

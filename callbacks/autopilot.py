@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from typing import Any
 
 import pytorch_lightning as pl
@@ -39,6 +40,12 @@ class LeakageAutopilot(Callback):
     this run only, and ignores (holds σ, logs ``autopilot/too_few_probes``) any report on fewer than
     ``min_probes`` probes.
 
+    **DDP.** The monitor measures on rank 0 only, so rank 0 decides and broadcasts (through the strategy) the
+    decision, and whether the ε cap stops training, at every optimizer step; every rank appends the same
+    decision to its schedule and applies the same σ from the same step, so the replicas stay identical and each
+    rank's accountant — counting the global batch once — holds the same history. A resumed run reloads the
+    decisions from the checkpoint on every rank.
+
     **ε cap** (DP-SGD, ``noise_schedule.target_epsilon``): every applied σ is at least the smallest constant σ
     that keeps the run's final ε within the cap if held to the end (:func:`pl_i2f.autopilot.epsilon_floor`, from
     the Opacus accountant's recorded history), and so is σ before the first measurement. The cap therefore holds
@@ -70,9 +77,6 @@ class LeakageAutopilot(Callback):
         if not monitors:
             raise ConfigError("noise_schedule=leakage_target needs the leakage monitor (callbacks.i2f_monitor): it "
                               "measures the leakage the autopilot sets σ from")
-        if trainer.world_size > 1:
-            raise ConfigError("noise_schedule=leakage_target runs on one process (the monitor measures on rank 0 "
-                              "only); multi-process training is not supported yet")
         if schedule.target_epsilon is not None and getattr(pl_module.defense, "name", "") != "dpsgd":
             raise ConfigError("noise_schedule.target_epsilon caps DP-SGD's ε; it needs defense=dpsgd")
         self._monitor = monitors[0]
@@ -90,24 +94,33 @@ class LeakageAutopilot(Callback):
         schedule = self.schedule_of(pl_module)
         if schedule is None:
             return
-        floor = self._epsilon_floor(trainer, pl_module, schedule, trainer.global_step)
-        if floor is not None:
-            decision = schedule.enforce_floor(trainer.global_step, floor)
-            if decision is not None:
-                self._log_decision(trainer, decision)
+
+        def decide() -> Decision | None:
+            floor = self._epsilon_floor(trainer, pl_module, schedule, trainer.global_step)
+            return schedule.enforce_floor(trainer.global_step, floor) if floor is not None else None
+
+        decision = self._decided_on_rank_zero(trainer, schedule, decide)
+        if decision is not None:
+            self._log_decision(trainer, decision)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         schedule = self.schedule_of(pl_module)
         if schedule is None:
             return
-        report = self._new_report(schedule)
-        if report is None:
-            return
         step = trainer.global_step
-        floor = self._epsilon_floor(trainer, pl_module, schedule, step)
-        decision = schedule.observe(report.step, step, report.pixel_rmse.detach().double().cpu().tolist(),
+
+        def decide() -> Decision | None:
+            report = self._new_report(schedule)
+            if report is None:
+                return None
+            floor = self._epsilon_floor(trainer, pl_module, schedule, step)
+            return schedule.observe(report.step, step, report.pixel_rmse.detach().double().cpu().tolist(),
                                     floor=floor, apply=not trainer.should_stop,
                                     next_evaluation=self._next_evaluation(step, pl_module))
+
+        decision = self._decided_on_rank_zero(trainer, schedule, decide)
+        if decision is None:
+            return
         self._log_decision(trainer, decision)
         if decision.limited_by == "too_few_probes" and not self._warned_probes:
             self._warned_probes = True
@@ -119,10 +132,17 @@ class LeakageAutopilot(Callback):
         schedule = self.schedule_of(pl_module)
         if schedule is None:
             return
-        report = self._new_report(schedule)
-        if report is not None:  # the final weights' evaluation: recorded, nothing left to apply it to
-            decision = schedule.observe(report.step, trainer.global_step,
-                                        report.pixel_rmse.detach().double().cpu().tolist(), apply=False)
+
+        def decide() -> Decision | None:
+            report = self._new_report(schedule)
+            if report is None:
+                return None
+            # the final weights' evaluation: recorded, nothing left to apply it to
+            return schedule.observe(report.step, trainer.global_step,
+                                    report.pixel_rmse.detach().double().cpu().tolist(), apply=False)
+
+        decision = self._decided_on_rank_zero(trainer, schedule, decide)
+        if decision is not None:
             self._log_decision(trainer, decision)
         fraction = schedule.fraction_meeting(1.0)
         if math.isfinite(fraction):
@@ -132,6 +152,24 @@ class LeakageAutopilot(Callback):
                            f"{schedule.sigma_at(trainer.global_step):.4g}")
 
     # -- helpers --------------------------------------------------------------------------------------
+    @staticmethod
+    def _decided_on_rank_zero(trainer: pl.Trainer, schedule: LeakageTargetSchedule,
+                              decide: Callable[[], Decision | None]) -> Decision | None:
+        """``decide()`` (which records its decision in the schedule) on rank 0, the same decision recorded on
+        every other rank, and rank 0's ``should_stop`` (the ε cap) on all of them. A collective under DDP:
+        every rank calls it at the same hook of the same step."""
+        if trainer.world_size == 1:
+            return decide()
+        decision = decide() if trainer.is_global_zero else None
+        payload = trainer.strategy.broadcast(
+            {"decision": asdict(decision) if decision is not None else None, "stop": trainer.should_stop}, src=0)
+        if not trainer.is_global_zero:
+            trainer.should_stop = trainer.should_stop or payload["stop"]
+            if payload["decision"] is not None:
+                decision = Decision(**payload["decision"])
+                schedule.decisions.append(decision)
+        return decision
+
     def _next_evaluation(self, step: int, pl_module: pl.LightningModule) -> int | None:
         """The monitor's next evaluation step after ``step`` (the run's last step at the latest)."""
         total = getattr(pl_module.defense, "total_steps", None)

@@ -18,6 +18,7 @@ from pl_i2f.report import SUMMARY_FILE
 from pl_i2f.sources import DEFAULT_DELTA, find_dp_optimizer, find_privacy_engine, opacus_epsilon, resolve_noise
 
 from ._logging import log_media, wandb_run
+from .preemption import PreemptionCheckpoint
 
 
 def _metric(trainer: pl.Trainer, key: str) -> float | None:
@@ -206,6 +207,7 @@ class TradeoffTracker(Callback):
                  (self.utility_key, "test/acc", self.epsilon_key, self.leakage_key, self.audit_key)}
         final = {**self._fit_final, **{k: v for k, v in final.items() if v is not None}}
         datamodule = trainer.datamodule
+        preemption = next((c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)), None)
         return {
             "final": final,
             "epochs": len(self.points),
@@ -214,6 +216,8 @@ class TradeoffTracker(Callback):
             "defense": resolve_noise(pl_module, trainer).describe(),
             "data": datamodule.describe() if hasattr(datamodule, "describe") else {},
             "run_config": self.run_config,
+            # times and steps the run stopped on a signal and was resumed (absent without the callback)
+            **({"preemption": preemption.interruptions.summary()} if preemption is not None else {}),
         }
 
     @rank_zero_only

@@ -126,17 +126,34 @@ def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
     SafeCheckpointIO().save_checkpoint(obj, path)
 
 
-class ResumePlan:
-    """What ``ckpt_path`` means for this run: ``path`` (``None``: start fresh), ``completed`` epochs, and
-    ``finished`` (nothing left to train under ``max_epochs``) with a one-line ``message`` saying so."""
+def batches_into_epoch(checkpoint: Mapping[str, Any]) -> int:
+    """Training batches of the unfinished epoch done when the checkpoint was written (a mid-epoch checkpoint,
+    e.g. on preemption); 0 for an end-of-epoch checkpoint."""
+    try:
+        loop = checkpoint["loops"]["fit_loop"]
+        epoch = loop["epoch_progress"]["current"]
+        if epoch["started"] <= epoch["processed"]:
+            return 0
+        return int(loop["epoch_loop.batch_progress"]["current"]["processed"])
+    except (KeyError, TypeError):
+        return 0
 
-    def __init__(self, path: str | None, completed: int = 0, max_epochs: int | None = None):
-        self.path, self.completed, self.max_epochs = path, completed, max_epochs
+
+class ResumePlan:
+    """What ``ckpt_path`` means for this run: ``path`` (``None``: start fresh), ``completed`` epochs (and
+    ``batches`` into the next one, for a mid-epoch checkpoint), and ``finished`` (nothing left to train under
+    ``max_epochs``) with a one-line ``message`` saying so."""
+
+    def __init__(self, path: str | None, completed: int = 0, max_epochs: int | None = None, batches: int = 0,
+                 step: int | None = None):
+        self.path, self.completed, self.max_epochs, self.batches = path, completed, max_epochs, batches
         self.finished = path is not None and max_epochs is not None and max_epochs > 0 and completed >= max_epochs
         self.message = (f"run already finished: {path} completed {completed} of trainer.max_epochs={max_epochs} "
                         "epochs; nothing to train (raise trainer.max_epochs to continue it); testing it")
         if not self.finished:
-            self.message = f"resuming {path} after epoch {completed}" if path else ""
+            where = (f"at step {step} (epoch {completed}, after batch {batches})" if batches
+                     else f"after epoch {completed}")
+            self.message = f"resuming {path} {where}" if path else ""
 
 
 def prepare_resume(path: str | os.PathLike[str] | None, model: nn.Module, defense_name: str,
@@ -147,4 +164,5 @@ def prepare_resume(path: str | os.PathLike[str] | None, model: nn.Module, defens
         return ResumePlan(None)
     checkpoint = load_checkpoint(path)
     check_compatible(checkpoint, model, defense_name, str(path))
-    return ResumePlan(str(path), completed_epochs(checkpoint), max_epochs)
+    return ResumePlan(str(path), completed_epochs(checkpoint), max_epochs, batches_into_epoch(checkpoint),
+                      checkpoint.get("global_step"))

@@ -11,7 +11,8 @@ Every datamodule exposes what analysis needs besides the loaders:
 
 Data order is a pure function of ``(seed, epoch)``: the training samplers reseed themselves in ``set_epoch``
 (which Lightning calls at the start of every epoch), so a run resumed from an end-of-epoch checkpoint draws
-the same batches — Poisson draws included — as an uninterrupted one. Under ``torch.distributed`` every rank
+the same batches — Poisson draws included — as an uninterrupted one; ``skip`` makes the next pass start
+that many items in (a mid-epoch resume: :func:`pl_i2f.preemption.fast_forward`). Under ``torch.distributed`` every rank
 draws the same global order (same seed) and keeps its own share of each batch.
 """
 
@@ -55,6 +56,7 @@ class EpochShuffleSampler(Sampler[int]):
     def __init__(self, num_samples: int, seed: int = 0, rank: int = 0, world_size: int = 1):
         self.num_samples, self.seed, self.rank, self.world_size = int(num_samples), int(seed), rank, world_size
         self.epoch = 0
+        self.skip = 0  # indices the next pass leaves out (consumed before a mid-epoch checkpoint)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -66,7 +68,8 @@ class EpochShuffleSampler(Sampler[int]):
         order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(
             _epoch_seed(self.seed, self.epoch))).tolist()
         padded = order + order[: len(self) * self.world_size - self.num_samples]
-        return iter(padded[self.rank :: self.world_size])
+        skip, self.skip = self.skip, 0
+        return iter(padded[self.rank :: self.world_size][skip:])
 
 
 class EpochPoissonSampler(Sampler[list[int]]):
@@ -81,6 +84,7 @@ class EpochPoissonSampler(Sampler[list[int]]):
         self.num_samples, self.sample_rate, self.steps = int(num_samples), float(sample_rate), int(steps)
         self.seed, self.rank, self.world_size = int(seed), rank, world_size
         self.epoch = 0
+        self.skip = 0  # batches the next pass draws but does not yield (consumed before a mid-epoch checkpoint)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -95,9 +99,11 @@ class EpochPoissonSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         generator = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
-        for _ in range(self.steps):
+        skip, self.skip = self.skip, 0
+        for step in range(self.steps):
             chosen = (torch.rand(self.num_samples, generator=generator) < self.sample_rate).nonzero().reshape(-1)
-            yield chosen[self.rank :: self.world_size].tolist()
+            if step >= skip:
+                yield chosen[self.rank :: self.world_size].tolist()
 
 
 def poisson_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0) -> DataLoader:

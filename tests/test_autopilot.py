@@ -1,15 +1,18 @@
 """Leakage autopilot (``noise_schedule=leakage_target``): the controller on explicit numbers, its closed form
 through the I²F engine, the schedule's purity and checkpoint, the ε cap, config checks, and short training
 runs (gaussian, anisotropic, DP-SGD: ε equals a fresh accountant's replay of the realised σ history; resume
-gives the same σ history and ε)."""
+gives the same σ history and ε, also after a preemption mid-epoch)."""
 
 from __future__ import annotations
 
 import math
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch import nn
 
@@ -26,10 +29,11 @@ from pl_i2f.autopilot import (
     required_sigma,
     target_pixel_rmse,
 )
-from pl_i2f.checkpoint import load_checkpoint
+from pl_i2f.checkpoint import batches_into_epoch, load_checkpoint
 from pl_i2f.defenses import GaussianDefense, NoiseSchedule, build
 from pl_i2f.errors import ConfigError
 from pl_i2f.leakage import measure_leakage
+from pl_i2f.preemption import EXIT_PREEMPTED
 from pl_i2f.validation import validate_config
 
 
@@ -312,3 +316,30 @@ def test_dpsgd_epsilon_cap_holds(tmp_path):
     assert metrics["privacy/epsilon"] > 0.9 * cap  # the cap is spent, not wasted on an over-large σ
     assert metrics["privacy/epsilon"] == pytest.approx(epsilon, abs=1e-6)
     assert any(d["limited_by"] == "epsilon_cap" for d in _decisions(tmp_path))
+
+
+class SignalAt(pl.Callback):
+    """Send this process ``signal_name`` at the start of training step ``step`` (a preemption inside the step)."""
+
+    def __init__(self, step: int, signal_name: str = "SIGUSR1"):
+        self.step, self.signal_name = step, signal_name
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.Signals[self.signal_name])
+
+
+def test_dpsgd_preempted_mid_epoch_resumes_with_the_same_sigma_history_and_weights(tmp_path, dpsgd_uninterrupted):
+    ref_out, ref_metrics = dpsgd_uninterrupted
+    preempt = ["+callbacks.signal._target_=test_autopilot.SignalAt", "+callbacks.signal.step=5"]
+    with pytest.raises(SystemExit) as stopped:
+        train.run(compose_config([*DPSGD, *preempt], tmp_path))
+    assert stopped.value.code == EXIT_PREEMPTED
+    last = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 6 and batches_into_epoch(last) == 2  # mid-epoch, after the signalled step
+    resumed = tmp_path / "resumed"
+    metrics = train.run(compose_config([*DPSGD, f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}"], resumed))
+    assert _decisions(resumed) == _decisions(ref_out)
+    final, ref_final = (load_checkpoint(o / "checkpoints" / "last.ckpt")["state_dict"] for o in (resumed, ref_out))
+    assert all(torch.equal(final[k], ref_final[k]) for k in ref_final)
+    assert metrics["privacy/epsilon"] == ref_metrics["privacy/epsilon"]
