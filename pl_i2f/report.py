@@ -215,6 +215,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--wandb", choices=("auto", "off", "offline", "online"), default="auto",
                         help="one combined W&B run of everything drawn (auto: when the jobs logged to W&B)")
     args = parser.parse_args(argv)
+    if not args.root.is_dir():
+        parser.exit(2, f"error: no such folder: {args.root}\n" if not args.root.exists()
+                    else f"error: {args.root} is a file; give a run or multirun folder\n")
     points = load_runs(args.root)
     from pl_i2f.studies.report import redraw_studies  # study runs (python study.py ...): their own figures
     from pl_i2f.studies.training import report_training_studies  # training studies (python train.py ...)

@@ -1,0 +1,65 @@
+"""What a new user trips over first: each mistake ends in one line that says what to do."""
+
+from __future__ import annotations
+
+import hydra
+import pytest
+from omegaconf import OmegaConf
+from test_bad_input import _assert_no_run_left, _cli_in_process
+
+from pl_i2f.errors import one_line, unexpected_argument
+from pl_i2f.report import main as report_main
+
+
+def test_unknown_trainer_argument_names_the_closest_valid_one(tmp_path, monkeypatch, capsys):
+    # `+trainer.max_epoch=1` is what Hydra's own "Could not override" message suggests for the typo
+    code, err = _cli_in_process(tmp_path, ["+trainer.max_epoch=1"], monkeypatch, capsys)
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert lines == ["error: unknown argument trainer.max_epoch: Trainer takes no argument 'max_epoch'; did you "
+                     "mean trainer.max_epochs?"], err
+    assert "TypeError" not in err and "Traceback" not in err
+    _assert_no_run_left(tmp_path)
+
+
+def test_unknown_argument_without_a_close_name_lists_the_valid_ones():
+    cfg = OmegaConf.create({"cb": {"_target_": "pl_i2f.rng.analysis_generator", "zzz": 1}})
+    with pytest.raises(Exception) as info:
+        hydra.utils.instantiate(cfg.cb)
+    message = one_line(info.value)
+    assert message.startswith("unknown argument cb.zzz: analysis_generator takes no argument 'zzz'; valid: ")
+    assert unexpected_argument("some other error") is None
+
+
+def test_a_text_file_as_ckpt_path_is_not_a_checkpoint(tmp_path, monkeypatch, capsys):
+    notes = tmp_path / "notes.ckpt"
+    notes.write_text("my notes about the run\n")
+    code, err = _cli_in_process(tmp_path, [f"ckpt_path={notes}"], monkeypatch, capsys)
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and f"ckpt_path {notes} is not a checkpoint (a text file starting 'my notes" in lines[0]
+    assert "KeyError" not in err
+    _assert_no_run_left(tmp_path)
+
+
+def test_binary_garbage_as_ckpt_path_is_not_a_checkpoint(tmp_path):
+    from pl_i2f.checkpoint import load_checkpoint
+    from pl_i2f.errors import CheckpointError
+
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(bytes(range(7, 40)))
+    with pytest.raises(CheckpointError, match=r"is not a checkpoint \(it starts with bytes 07 08 09"):
+        load_checkpoint(junk)
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda tmp: tmp / "no" / "such" / "run", "error: no such folder: "),
+    (lambda tmp: (tmp / "summary.txt").write_text("x") and tmp / "summary.txt", "is a file; give a run or"),
+])
+def test_report_on_a_missing_folder_says_so(tmp_path, capsys, make, message):
+    root = make(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        report_main([str(root)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and str(root) in err and "summary.json" not in err
