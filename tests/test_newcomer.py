@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hydra
 import pytest
+import pytorch_lightning as pl
+import torch
 from omegaconf import OmegaConf
 from test_bad_input import _assert_no_run_left, _cli_in_process
 
@@ -63,3 +65,52 @@ def test_report_on_a_missing_folder_says_so(tmp_path, capsys, make, message):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and str(root) in err and "summary.json" not in err
+
+
+# -- anisotropic: the checkpoint carries the weights of the last refresh, not the directions ----------------
+# 4 steps per epoch, a refresh every 3: the epoch-1 checkpoint (step 4) comes after the refresh of step 3, so a
+# resume from it must rebuild those directions to continue bit for bit
+ANISOTROPIC_RUN = [
+    "trainer.max_epochs=2", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+    "trainer.deterministic=true", "logger=none", "callbacks=default", "~callbacks.i2f_monitor",
+    "~callbacks.progress_bar", "data=fake", "data.input_shape=[1,6,6]", "data.num_samples=200",
+    "data.batch_size=30", "data.probe_size=4", "trainer.limit_train_batches=4", "model=mlp", "model.hidden=[8]",
+    "optim=sgd", "optim.lr=0.05", "defense=anisotropic", "defense.sigma=0.05", "defense.reference_size=2",
+    "defense.refresh_every=3", "seed=7",
+]
+
+
+class CrashAt(pl.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"simulated crash at step {self.step}")
+
+
+def test_anisotropic_checkpoint_has_no_directions_and_resumes_bitwise(tmp_path):
+    import train
+    from conftest import compose_config
+    from pl_i2f.checkpoint import load_checkpoint
+
+    whole = tmp_path / "whole"
+    train.run(compose_config(ANISOTROPIC_RUN, whole))
+    last = load_checkpoint(whole / "checkpoints" / "last.ckpt")
+    state = last["defense"]["anisotropic"]
+    assert "vectors" not in state and "eigenvalues" not in state
+    assert state["refreshed_at"] == 6 and set(state["refresh_weights"]) == {
+        k[len("model."):] for k in last["state_dict"] if k.startswith("model.")}
+
+    crashed = tmp_path / "crashed"
+    crash = ["+callbacks.crash._target_=test_newcomer.CrashAt", "+callbacks.crash.step=5"]
+    with pytest.raises(RuntimeError, match="simulated crash at step 5"):
+        train.run(compose_config([*ANISOTROPIC_RUN, *crash], crashed))
+    epoch_1 = load_checkpoint(crashed / "checkpoints" / "last.ckpt")
+    assert epoch_1["global_step"] == 4 and epoch_1["defense"]["anisotropic"]["refreshed_at"] == 3
+    resumed = tmp_path / "resumed"
+    train.run(compose_config([*ANISOTROPIC_RUN, f"ckpt_path={crashed / 'checkpoints' / 'last.ckpt'}"], resumed))
+    resumed = load_checkpoint(resumed / "checkpoints" / "last.ckpt")
+    assert resumed["global_step"] == last["global_step"] == 8
+    for key, value in last["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key
