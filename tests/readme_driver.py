@@ -6,8 +6,8 @@ another in this process, each exactly as the shell would run it (``runpy`` with 
     python tests/readme_driver.py plan.json results.json
 
 ``plan.json``: a list of ``{"id", "cwd", "program", "argv"}`` (``program``: a script of the repository root
-such as ``train.py``, or ``-m <module>``); ``results.json``: for each id ``{"returncode", "output"}`` (the
-command's stdout and stderr, last 6,000 characters).
+such as ``train.py``, or ``-m <module>``); ``results.json``: for each id ``{"returncode", "output", "seconds"}``
+(the command's stdout and stderr, last 6,000 characters; its wall time).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import os
 import re
 import runpy
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,9 +74,11 @@ def main(plan_path: str, results_path: str) -> None:
     for item in plan:
         cwd = Path(item["cwd"])
         cwd.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
         code, output = run_command(item["program"], [fill_placeholder(arg, cwd) for arg in item["argv"]], cwd)
-        results[item["id"]] = {"returncode": code, "output": output[-6000:]}
-        print(f"{item['id']}: exit {code}", flush=True)
+        seconds = time.perf_counter() - start
+        results[item["id"]] = {"returncode": code, "output": output[-6000:], "seconds": round(seconds, 1)}
+        print(f"{item['id']}: exit {code} in {seconds:.0f}s", flush=True)
         Path(results_path).write_text(json.dumps(results, indent=1))
 
 

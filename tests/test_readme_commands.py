@@ -109,10 +109,12 @@ def _config(group: str, name: str) -> dict:
 def _shortened(command: Command) -> list[str]:
     argv = command.argv
     if command.program == "study.py":
-        return [*argv, *SHORTEN_STUDY, *([SMOKE_SAMPLES] if any("study.params.samples=" in a for a in argv) else [])]
+        extra = [*SHORTEN_STUDY, *([SMOKE_SAMPLES] if any("study.params.samples=" in a for a in argv) else [])]
+        return [*argv, *(a for a in extra if a not in argv)]
     if command.program != "train.py":
         return argv
-    extra = [*SHORTEN, *(SHORTEN_AUDIT if "callbacks=audit" in argv else []),
+    audit = "callbacks=audit" in argv or "experiment=defense_comparison" in argv  # that grid audits every job
+    extra = [*SHORTEN, *(SHORTEN_AUDIT if audit else []),
              *(SHORTEN_ANISOTROPIC if "defense=anisotropic" in argv else []),
              *(SHORTEN_RESUME if any(a.startswith("ckpt_path=") for a in argv) else [])]
     shortened = []
@@ -127,7 +129,7 @@ def _shortened(command: Command) -> list[str]:
             elif "seed" in sweeper.get("params", {}) and len(str(sweeper["params"]["seed"]).split(",")) > 1:
                 extra += SHORTEN_SEEDS
         shortened.append(arg)
-    return [*shortened, *extra]
+    return [*shortened, *(a for a in extra if a not in shortened)]
 
 
 def _placeholder(argv: list[str]) -> bool:
@@ -223,6 +225,7 @@ def _job_dirs(cwd: Path) -> list[Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the first test runs every command (the module's fixture)
 @pytest.mark.parametrize("command", COMMANDS, ids=[c.line for c in COMMANDS])
 def test_readme_command_works(results, command: Command):
     if command.skip:
@@ -261,6 +264,6 @@ def test_readme_command_works(results, command: Command):
                    if "wandb" in (OmegaConf.load(j / ".hydra" / "resolved_config.yaml").get("logger") or {}))
     if "defense=dpsgd" in argv:
         assert "privacy/epsilon" in result["output"]
-    if "callbacks=audit" in argv:
+    if "callbacks=audit" in command.argv:
         # one epoch < every_n_epochs: the audit still runs, after the last epoch, and says what it does
         assert "AttackAudit: sample 1/1 done" in result["output"], result["output"]
