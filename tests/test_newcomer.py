@@ -155,3 +155,41 @@ def test_audit_rank_correlation_needs_enough_samples_under_noise(make_cfg):
     assert "audit/rank_correlation" not in few.callback_metrics and "audit/rmse_over_predicted" in few.callback_metrics
     _, enough = fit(make_cfg([*noisy, "callbacks.attack_audit.n_samples=5"]))
     assert -1 <= float(enough.callback_metrics["audit/rank_correlation"]) <= 1
+
+
+# -- the autopilot says whether the target was met and why σ is not the required one ------------------------
+def test_why_sigma_differs_names_each_reason():
+    from callbacks.autopilot import WHY_SIGMA_DIFFERS, why_sigma_differs
+    from pl_i2f.autopilot import Decision
+
+    def decision(**kw):
+        return Decision(**{"measured_step": 10, "effective_step": 11, "sigma_measured": 1.0, "sigma": 2.0,
+                           "sigma_required": 2.0, **kw})
+
+    assert why_sigma_differs(decision()) == ""
+    assert why_sigma_differs(decision(sigma=1.5, limited_by="rate")) == "rate"
+    assert why_sigma_differs(decision(sigma=1.0, applied=False)) == "recorded_only"  # the final evaluation
+    assert why_sigma_differs(decision(sigma=1.0, applied=False, limited_by="too_few_probes")) == "too_few_probes"
+    assert why_sigma_differs(decision(sigma=3.0)) == "planned"  # memory / extrapolation above the requirement
+    assert why_sigma_differs(decision(measured_step=-1, sigma=4.0, limited_by="epsilon_cap")) == "epsilon_cap"
+    assert {"rate", "sigma_min", "sigma_max", "epsilon_cap", "too_few_probes"} <= set(WHY_SIGMA_DIFFERS)
+
+
+def test_autopilot_logs_target_met_and_why_sigma_differs(tmp_path, caplog):
+    import logging
+
+    from test_autopilot import DIGITS
+
+    import train
+    from conftest import compose_config
+
+    with caplog.at_level(logging.INFO):
+        metrics = train.run(compose_config([*DIGITS, "defense=gaussian", "trainer.max_epochs=1",
+                                            "trainer.limit_train_batches=12"], tmp_path))
+    assert metrics["autopilot/target_met"] in (0.0, 1.0)
+    flags = {k: v for k, v in metrics.items() if k.startswith("autopilot/limited_by/")}
+    assert len(flags) == 7 and sum(flags.values()) <= 1
+    # the last decision is the final evaluation's, recorded only: σ is not set from it
+    assert flags["autopilot/limited_by/recorded_only"] == 1.0
+    line = next(r.getMessage() for r in caplog.records if "last measurement (step" in r.getMessage())
+    assert "target 20 dB" in line and ("met" in line) and "nothing left to apply it to" in line
