@@ -30,7 +30,7 @@ def run_command(program: str, argv: list[str], cwd: Path) -> tuple[int, str]:
 
     GlobalHydra.instance().clear()
     out = io.StringIO()
-    old_cwd, old_argv = os.getcwd(), sys.argv
+    old_cwd, old_argv, old_environ = os.getcwd(), sys.argv, dict(os.environ)
     code = 0
     module = program[3:] if program.startswith("-m ") else None
     try:
@@ -52,7 +52,19 @@ def run_command(program: str, argv: list[str], cwd: Path) -> tuple[int, str]:
     finally:
         os.chdir(old_cwd)
         sys.argv = old_argv
+        _forget_distributed(old_environ)
     return code, out.getvalue()
+
+
+def _forget_distributed(environ: dict[str, str]) -> None:
+    """After a multi-process command (``trainer=ddp``): leave its process group and the variables Lightning set
+    (``MASTER_PORT``, ``WORLD_SIZE`` …), as a fresh ``python`` process for the next command would."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environ)
 
 
 def fill_placeholder(arg: str, cwd: Path) -> str:
