@@ -40,11 +40,10 @@ def _describe_load_failure(path: Path, exc: BaseException) -> str:
     with open(path, "rb") as f:
         head = f.read(64)
     looks_like_torch = head[:4] in (b"PK\x03\x04", b"\x80\x02\x8a\x0a")  # zip archive / legacy format
-    if not looks_like_torch and not head.startswith(b"\x80"):  # neither torch.save's formats nor a pickle
-        first = head.decode(errors="replace").splitlines()[0][:40] if head.strip() else ""
-        what = (f"a text file starting {first!r}" if first.isprintable() and "\ufffd" not in first and first
-                else f"it starts with bytes {head[:8].hex(' ')}, not a PyTorch zip archive or pickle")
-        return f"ckpt_path {path} is not a checkpoint ({what}); give a .ckpt from a run's checkpoints/ directory"
+    first = head.decode(errors="replace").strip().splitlines()[0][:40] if head.strip() else ""
+    if not looks_like_torch and first and first.isprintable() and "\ufffd" not in first:  # notes, a config, a log …
+        return (f"ckpt_path {path} is not a checkpoint (a text file starting {first!r}); give a .ckpt from a "
+                "run's checkpoints/ directory")
     if looks_like_torch or isinstance(exc, (EOFError, zipfile.BadZipFile)) or any(
             s in text for s in ("central directory", "unexpected EOF", "Ran out of input")):
         return f"checkpoint {path} is truncated or corrupted ({type(exc).__name__}); use an earlier checkpoint"

@@ -49,9 +49,14 @@ def test_binary_garbage_as_ckpt_path_is_not_a_checkpoint(tmp_path):
     from pl_i2f.errors import CheckpointError
 
     junk = tmp_path / "junk.ckpt"
-    junk.write_bytes(bytes(range(7, 40)))
-    with pytest.raises(CheckpointError, match=r"is not a checkpoint \(it starts with bytes 07 08 09"):
+    junk.write_bytes(bytes(range(7, 40)))  # not text: the unpickler's own complaint, on one line
+    with pytest.raises(CheckpointError, match=r"cannot be read as a PyTorch checkpoint \(UnpicklingError"):
         load_checkpoint(junk)
+    blank = tmp_path / "blank.ckpt"
+    blank.write_text("\n\n  \n")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(blank)
+    assert "a text file" not in str(info.value) and "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize(("make", "message"), [
