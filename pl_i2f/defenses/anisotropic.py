@@ -197,12 +197,21 @@ class AnisotropicNoise:
         w = (lam / (lam + eps).pow(2)).pow(self.power)
         return (w / w.sum()).float()
 
+    def ensure_directions(self, model: nn.Module, step: int) -> None:
+        """Directions in force for an analysis at ``step``: those of the last refresh (rebuilt after a resume),
+        else a refresh now. Every "no directions yet" path goes through here, so a resumed run never refreshes
+        off its schedule (which would change the noise of the steps that follow)."""
+        if not self.rebuild(model):
+            self.refresh(model, step)
+
     def maybe_refresh(self, model: nn.Module, step: int) -> None:
         """Refresh when entering a new ``refresh_every`` window (a pure function of the step, so a resumed
         run refreshes at the same steps; the checkpoint carries the directions in between)."""
         window = step // self.refresh_every
-        if self.refreshed_at is None or self.refreshed_at // self.refresh_every != window or not self.rebuild(model):
+        if self.refreshed_at is None or self.refreshed_at // self.refresh_every != window:
             self.refresh(model, step)
+        else:
+            self.ensure_directions(model, step)
 
     # -- noise -------------------------------------------------------------------------------------
     def _span_part(self, generator: torch.Generator, like: Tensor) -> Tensor:
@@ -298,8 +307,7 @@ class AnisotropicDefense(NoisyDefense):
         if self.noise.vectors is None:
             if model is None:
                 raise ValueError("anisotropic noise has no directions yet: pass model= or call refresh(model)")
-            if not self.noise.rebuild(model):
-                self.noise.refresh(model, step)
+            self.noise.ensure_directions(model, step)
         like = self._like(model)
         noise = copy.copy(self.noise)  # a snapshot: a later refresh (new tensors) does not change this sampler
         return lambda generator: sigma * noise.shaped(generator, like)
