@@ -23,7 +23,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pl_i2f.errors import ConfigError
+from pl_i2f.resolvers import register_resolvers
 from pl_i2f.studies import StudyResult, run_study, study_module
+
+register_resolvers()  # ${cwd:} in conf/paths, as for train.py
 
 log = logging.getLogger("pl_i2f")
 

@@ -24,6 +24,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from pl_i2f.errors import ConfigError, is_config_exception, one_line, unknown_name
+from pl_i2f.resolvers import register_resolvers
 from pl_i2f.validation import check_against_data, discard_run_dir, validate_config
 
 if TYPE_CHECKING:  # torch, Lightning and W&B take seconds to import: only after the config is checked
@@ -34,9 +35,7 @@ if TYPE_CHECKING:  # torch, Lightning and W&B take seconds to import: only after
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 RESOLVED_CONFIG = "resolved_config.yaml"  # beside Hydra's .hydra/config.yaml, every ${...} filled in
 
-# The launch directory, for `paths.root_dir`. Hydra's ${hydra:runtime.cwd} is unset while a multirun
-# launcher resolves `hydra.sweep.dir`, so sweeps would crash on it; this resolver works in both places.
-OmegaConf.register_new_resolver("cwd", os.getcwd, replace=True)
+register_resolvers()  # ${cwd:} and the others the configs use (shared with study.py)
 
 log = logging.getLogger("pl_i2f")
 

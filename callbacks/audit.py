@@ -44,10 +44,17 @@ class AttackAudit(Callback):
     ``audit/predicted_pixel_rmse`` (I²F, damped as the monitor's), ``audit/rmse_over_predicted`` (attack RMSE /
     prediction, same samples), for inputs of ≤ 1,024 values under isotropic noise also
     ``audit/undamped_pixel_rmse`` and ``audit/rmse_over_undamped`` (the undamped I²F from exact float64
-    spectra: the attack-calibrated estimate, :func:`pl_i2f.leakage.undamped_leakage`), ``audit/failed``,
-    ``audit/out_of_time``, ``audit/seconds`` and, over
-    all audits so far, ``audit/rank_correlation`` of (predicted, actual) — the live calibration of the
-    estimator; with W&B an image grid (originals above reconstructions) and a predicted-vs-actual scatter plot.
+    spectra: the attack-calibrated estimate, :func:`pl_i2f.leakage.undamped_leakage`), ``audit/per_unit_noise``,
+    ``audit/failed``, ``audit/out_of_time``, ``audit/seconds`` and ``audit/rank_correlation``: Spearman ρ between
+    the predicted and the attack's RMSE over every audited sample so far — does the estimator rank the samples'
+    vulnerability as the real attack does (1: same order, 0: unrelated)? Logged from
+    :attr:`MIN_RANK_PAIRS` samples on. With W&B an image grid (originals above reconstructions) and a
+    predicted-vs-actual scatter plot.
+
+    A defense without noise (``none``, ``pruning``) has predictions per unit σ (σ = 1 stands in;
+    ``audit/per_unit_noise`` 1): the attack, which sees no noise, is not on that scale, so neither ratio is logged
+    and those samples do not enter the rank correlation (the attack's error is then its optimisation residue,
+    which I²F does not model).
 
     ``attack`` is a preset name or a mapping ``{preset: ..., <invert overrides>}`` (the ``conf/attack`` group);
     ``threat_model`` decides whether the attacker gets the labels and BatchNorm statistics.
@@ -57,6 +64,8 @@ class AttackAudit(Callback):
     :mod:`pl_i2f.sources`): the attacked samples are the first ``n_samples`` probes; without this package's
     defense the released gradient is the sample's own, clipped to C under Opacus, plus its noise.
     """
+
+    MIN_RANK_PAIRS = 5  #: fewer samples than this: a rank correlation says nothing (n=3 takes 4 values)
 
     def __init__(
         self,
@@ -181,15 +190,17 @@ class AttackAudit(Callback):
         recon = torch.cat(recons)
         # batch size 1 per attack: each reconstruction belongs to its own sample, no matching needed
         per = per_image_metrics(recon, x, denormalize=pixels.to_pixels, matched=False)
-        predicted = measure_leakage(
+        report = measure_leakage(
             model, x, y, noise, step, pixel_std=pixels.std, damping=self.damping,
             relative_damping=self.relative_damping, worst_k=0, exact_spectrum_probes=0, generator=generator,
-        ).pixel_rmse
+        )
+        predicted, per_unit = report.pixel_rmse, report.noise.per_unit
         undamped = undamped_leakage(model, x, y, noise, step, pixel_std=pixels.std)
         actual = per["rmse"]
         for i in range(len(y)):
             self.pairs.append({"epoch": epoch, "step": step, "sample": i, "label": int(y[i]),
                                "predicted_pixel_rmse": float(predicted[i]), "attack_rmse": float(actual[i]),
+                               "per_unit_noise": per_unit,
                                **({} if undamped is None else {"undamped_pixel_rmse": float(undamped[i])})})
         scalars = {
             "rmse": float(actual.mean()),
@@ -198,15 +209,18 @@ class AttackAudit(Callback):
             "predicted_pixel_rmse": float(predicted.mean()),
             "failed": float(failed),
             "out_of_time": float(out_of_time),
-            "rank_correlation": spearman([p["predicted_pixel_rmse"] for p in self.pairs],
-                                                 [p["attack_rmse"] for p in self.pairs]),
+            "per_unit_noise": float(per_unit),
             "seconds": time.perf_counter() - start,
         }
-        if float(predicted.mean()) > 0:  # how far to trust the estimate: 1 = the attack did what I²F predicted
+        ranked = [p for p in self.pairs if not p.get("per_unit_noise", False)]
+        if len(ranked) >= self.MIN_RANK_PAIRS:
+            scalars["rank_correlation"] = spearman([p["predicted_pixel_rmse"] for p in ranked],
+                                                   [p["attack_rmse"] for p in ranked])
+        if not per_unit and float(predicted.mean()) > 0:  # 1 = the attack did what I²F predicted
             scalars["rmse_over_predicted"] = float(actual.mean()) / float(predicted.mean())
         if undamped is not None:  # the attack-calibrated estimate beside the (damped) monitoring one
             scalars["undamped_pixel_rmse"] = float(undamped.mean())
-            if float(undamped.mean()) > 0:
+            if not per_unit and float(undamped.mean()) > 0:
                 scalars["rmse_over_undamped"] = float(actual.mean()) / float(undamped.mean())
         log_scalars(pl_module, scalars, "audit")
         self._log_media(trainer, pixels.to_pixels(x.cpu()), pixels.to_pixels(recon.cpu()))

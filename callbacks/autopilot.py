@@ -17,6 +17,31 @@ from pl_i2f.errors import ConfigError
 from ._logging import log_scalars_at_step
 from .leakage import I2FMonitor
 
+#: Why the σ in force differs from ``autopilot/sigma_required``: ``autopilot/limited_by/<key>``.
+WHY_SIGMA_DIFFERS = {
+    "rate": "the rate limit (noise_schedule.max_increase / max_decrease per evaluation)",
+    "sigma_min": "the lower bound noise_schedule.sigma_min",
+    "sigma_max": "the upper bound noise_schedule.sigma_max",
+    "epsilon_cap": "the ε cap (noise_schedule.target_epsilon) needs at least this σ",
+    "too_few_probes": "too few probes to act on (noise_schedule.min_probes): σ held",
+    "recorded_only": "the final evaluation: recorded, nothing left to apply it to",
+    "planned": "held above this requirement by recent ones (noise_schedule.memory) or the upward trend "
+               "(noise_schedule.extrapolate)",
+}
+TARGET_TOLERANCE_DB = 1.0  # as fraction_meeting_target: within 1 dB of the target counts as met
+
+
+def why_sigma_differs(decision: Decision) -> str:
+    """The :data:`WHY_SIGMA_DIFFERS` key for a decision whose σ is not its ``sigma_required`` ("" when equal)."""
+    if decision.limited_by:
+        return decision.limited_by
+    if not decision.applied and decision.measured_step >= 0:
+        return "recorded_only"
+    if math.isfinite(decision.sigma_required) and not math.isclose(decision.sigma, decision.sigma_required,
+                                                                     rel_tol=1e-9):
+        return "planned"
+    return ""
+
 
 class LeakageAutopilot(Callback):
     """Drive ``noise_schedule=leakage_target``: read the :class:`I2FMonitor`'s latest report, let the
@@ -31,9 +56,12 @@ class LeakageAutopilot(Callback):
     **Logs.** At the measured step: ``leakage/protected_attack_psnr`` (the protected probes' expected attack
     PSNR under the σ in force then). At the step σ changes: ``autopilot/sigma`` (the σ now in force),
     ``autopilot/sigma_required`` (before limits), ``autopilot/margin_db``, ``autopilot/predicted_protected_psnr``
-    (at the new σ), ``autopilot/limited`` (1 when a bound, the rate limit or the ε cap moved σ off the required
-    value), and under an ε cap ``autopilot/epsilon_floor``. ``defense/sigma`` (the module's, every step) shows σ
-    over training. At the end: ``autopilot/fraction_meeting_target`` (within 1 dB).
+    (at the new σ), ``autopilot/target_met`` (1 when the measured protected PSNR was within target + 1 dB),
+    ``autopilot/limited`` (1 when a bound, the rate limit or the ε cap moved σ off the required value) and
+    ``autopilot/limited_by/<why>`` (1 for the reason σ differs from ``sigma_required``, 0 for the others; the
+    reasons: :data:`WHY_SIGMA_DIFFERS`), and under an ε cap ``autopilot/epsilon_floor``. ``defense/sigma`` (the
+    module's, every step) shows σ over training. At the end: ``autopilot/fraction_meeting_target`` (within 1 dB)
+    and a console line saying whether the last measurement met the target and why σ differs from the required one.
 
     **Monitor.** The controller needs every probe: it sets the monitor's ``max_overhead`` to the schedule's
     ``monitor_max_overhead`` (default ``null``: no limit, so evaluations are never reduced to fewer probes) for
@@ -101,7 +129,7 @@ class LeakageAutopilot(Callback):
 
         decision = self._decided_on_rank_zero(trainer, schedule, decide)
         if decision is not None:
-            self._log_decision(trainer, decision)
+            self._log_decision(trainer, decision, schedule)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         schedule = self.schedule_of(pl_module)
@@ -121,7 +149,7 @@ class LeakageAutopilot(Callback):
         decision = self._decided_on_rank_zero(trainer, schedule, decide)
         if decision is None:
             return
-        self._log_decision(trainer, decision)
+        self._log_decision(trainer, decision, schedule)
         if decision.limited_by == "too_few_probes" and not self._warned_probes:
             self._warned_probes = True
             rank_zero_warn(f"LeakageAutopilot: the monitor evaluated {decision.probes} probes, fewer than "
@@ -143,13 +171,22 @@ class LeakageAutopilot(Callback):
 
         decision = self._decided_on_rank_zero(trainer, schedule, decide)
         if decision is not None:
-            self._log_decision(trainer, decision)
+            self._log_decision(trainer, decision, schedule)
         fraction = schedule.fraction_meeting(1.0)
         if math.isfinite(fraction):
             log_scalars_at_step(trainer, {"fraction_meeting_target": fraction}, "autopilot")
             rank_zero_info(f"LeakageAutopilot: {len(schedule.measured())} evaluations, {fraction:.0%} with the "
                            f"protected probes within target+1 dB ({schedule.target_psnr:g} dB); final σ "
                            f"{schedule.sigma_at(trainer.global_step):.4g}")
+        last = schedule.measured()[-1] if schedule.measured() else None
+        if last is not None:
+            met = last.meets(schedule.target_psnr, TARGET_TOLERANCE_DB)
+            why = why_sigma_differs(last)
+            rank_zero_info(
+                f"LeakageAutopilot: last measurement (step {last.measured_step}): protected PSNR "
+                f"{last.protected_psnr:.1f} dB, target {schedule.target_psnr:g} dB "
+                f"{'met' if met else 'NOT met'}; σ {last.sigma:.4g} vs required {last.sigma_required:.4g}"
+                + (f" ({WHY_SIGMA_DIFFERS[why]})" if why else ""))
 
     # -- helpers --------------------------------------------------------------------------------------
     @staticmethod
@@ -198,7 +235,7 @@ class LeakageAutopilot(Callback):
         return floor
 
     @staticmethod
-    def _log_decision(trainer: pl.Trainer, decision: Decision) -> None:
+    def _log_decision(trainer: pl.Trainer, decision: Decision, schedule: LeakageTargetSchedule) -> None:
         if decision.measured_step >= 0:
             log_scalars_at_step(trainer, {"protected_attack_psnr": decision.protected_psnr}, "leakage",
                                 step=decision.measured_step)
@@ -207,7 +244,10 @@ class LeakageAutopilot(Callback):
             scalars.update(sigma_required=decision.sigma_required, margin_db=decision.margin_db,
                            predicted_protected_psnr=decision.predicted_psnr,
                            limited=float(decision.limited_by != ""),
-                           too_few_probes=float(decision.limited_by == "too_few_probes"))
+                           too_few_probes=float(decision.limited_by == "too_few_probes"),
+                           target_met=float(decision.meets(schedule.target_psnr, TARGET_TOLERANCE_DB)))
+        why = why_sigma_differs(decision)
+        scalars.update({f"limited_by/{key}": float(key == why) for key in WHY_SIGMA_DIFFERS})
         if decision.floor is not None:
             scalars["epsilon_floor"] = decision.floor
         log_scalars_at_step(trainer, {k: v for k, v in scalars.items() if math.isfinite(v)}, "autopilot",

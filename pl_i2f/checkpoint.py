@@ -38,7 +38,12 @@ def _describe_load_failure(path: Path, exc: BaseException) -> str:
         return (f"refusing to load checkpoint {path}: it holds Python objects beyond tensors and plain data "
                 f"({culprit.group(1)}); only checkpoints written by pl_i2f/Lightning load safely (weights_only)")
     with open(path, "rb") as f:
-        looks_like_torch = f.read(4) in (b"PK\x03\x04", b"\x80\x02\x8a\x0a")  # zip archive / legacy format
+        head = f.read(64)
+    looks_like_torch = head[:4] in (b"PK\x03\x04", b"\x80\x02\x8a\x0a")  # zip archive / legacy format
+    first = head.decode(errors="replace").strip().splitlines()[0][:40] if head.strip() else ""
+    if not looks_like_torch and first and first.isprintable() and "\ufffd" not in first:  # notes, a config, a log …
+        return (f"ckpt_path {path} is not a checkpoint (a text file starting {first!r}); give a .ckpt from a "
+                "run's checkpoints/ directory")
     if looks_like_torch or isinstance(exc, (EOFError, zipfile.BadZipFile)) or any(
             s in text for s in ("central directory", "unexpected EOF", "Ran out of input")):
         return f"checkpoint {path} is truncated or corrupted ({type(exc).__name__}); use an earlier checkpoint"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import importlib
 import inspect
 import re
 from collections.abc import Callable, Mapping
@@ -60,10 +62,37 @@ def is_config_exception(exc: BaseException) -> bool:
     return any(type(e).__module__.startswith(_CONFIG_PACKAGES) for e in (exc, exc.__cause__) if e is not None)
 
 
+_UNEXPECTED_ARGUMENT = re.compile(r"Error in call to target '([\w.]+)'.*unexpected keyword argument '(\w+)'"
+                                  r"(?:.*\nfull_key: ([\w.]+))?", re.S)
+
+
+def unexpected_argument(text: str) -> str | None:
+    """Hydra's "Error in call to target …: TypeError(… unexpected keyword argument 'x')" (e.g. from
+    ``+trainer.max_epoch=1``) → one line naming the config key, the argument and the closest valid one."""
+    match = _UNEXPECTED_ARGUMENT.search(text)
+    if not match:
+        return None
+    target, name, key = match.groups()
+    module, _, attr = target.rpartition(".")
+    try:
+        valid = sorted(_named_parameters(getattr(importlib.import_module(module), attr)) - {"self"})
+    except (ImportError, AttributeError, TypeError, ValueError):  # not importable here: no suggestion
+        valid = []
+    where = f"{key}.{name}" if key else name
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = (f"; did you mean {key + '.' if key else ''}{close[0]}?" if close
+            else f"; valid: {', '.join(valid)}" if valid else "")
+    return f"unknown argument {where}: {attr} takes no argument {name!r}{hint}"
+
+
 def one_line(exc: BaseException) -> str:
     """A config exception's message on one line: Hydra's "Available options" lists joined with commas,
-    OmegaConf's ``full_key``/``object_type`` context and Hydra's stack-trace hint dropped."""
+    OmegaConf's ``full_key``/``object_type`` context and Hydra's stack-trace hint dropped; an unknown argument
+    of an instantiated object named with the closest valid one."""
     text = str(exc)
+    unexpected = unexpected_argument(text)
+    if unexpected:
+        return unexpected
     if exc.__cause__ is not None and type(exc.__cause__).__module__.startswith(_CONFIG_PACKAGES):
         text = f"{text}\n{exc.__cause__}"
     lines = [line.strip() for line in text.splitlines()]

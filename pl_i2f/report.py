@@ -64,6 +64,7 @@ class RunPoint:
     leakage: float | None
     epsilon: float | None
     audit_rmse: float | None
+    per_unit: bool = False  #: the run adds no noise: ``leakage`` is per unit σ (at σ = 1), not at its own noise
 
 
 def _label(defense: dict[str, Any]) -> str:
@@ -90,22 +91,26 @@ def load_runs(root: Path) -> list[RunPoint]:
             leakage=final.get("leakage/expected_i2f_pixel_rmse"),
             epsilon=final.get("privacy/epsilon"),
             audit_rmse=final.get("audit/rmse"),
+            per_unit=bool(final.get("leakage/per_unit_noise", 0)),
         ))
     return sorted(points, key=lambda p: (p.defense, str(p.path)))
 
 
 def markdown_table(points: list[RunPoint]) -> str:
-    lines = ["| run | defense | val acc | test acc | I²F pixel RMSE | ε | audit RMSE |",
+    lines = ["| run | defense | val acc | test acc | I²F pixel RMSE ([0,1] pixels) | ε | audit RMSE ([0,1] pixels) |",
              "|---|---|---|---|---|---|---|"]
     for p in points:
-        values = " | ".join(format_number(v) for v in (p.val_acc, p.test_acc, p.leakage, p.epsilon, p.audit_rmse))
-        lines.append(f"| {p.path.name} | {p.label} | {values} |")
+        values = [format_number(v) for v in (p.val_acc, p.test_acc, p.leakage, p.epsilon, p.audit_rmse)]
+        if p.per_unit and p.leakage is not None:
+            values[2] += " per unit σ (no noise)"
+        lines.append(f"| {p.path.name} | {p.label} | {' | '.join(values)} |")
     return "\n".join(lines)
 
 
 #: The x axes of the trade-off figure: (RunPoint attribute, axis label, what a run needs to have it).
 PANELS = (
-    ("leakage", "expected reconstruction RMSE (I²F, [0,1] pixels)",
+    ("leakage", "expected reconstruction RMSE (I²F, [0,1] pixels) at the run's noise\n"
+                "(hollow: a run without noise, per unit σ — at σ = 1)",
      "leakage/expected_i2f_pixel_rmse: the I2FMonitor evaluated no probe (callbacks=default; see its skip warning)"),
     ("epsilon", "ε", "privacy/epsilon: only DP-SGD runs (defense=dpsgd) have one"),
 )
@@ -136,7 +141,9 @@ def plot_tradeoff(points: list[RunPoint], path: Path) -> Path | None:
         for defense in sorted({p.defense for p in drawable}):
             series = sorted((getattr(p, attr), p.val_acc, p.label) for p in drawable if p.defense == defense)
             xs, ys, _ = zip(*series)
-            ax.plot(xs, ys, marker="o", label=defense)
+            line, = ax.plot(xs, ys, marker="o", label=defense)
+            if attr == "leakage" and any(p.per_unit for p in drawable if p.defense == defense):
+                line.set_markerfacecolor("none")  # per unit σ: not on the noisy runs' scale
             for x, y, label in series:
                 ax.annotate(label.split(" ", 1)[-1], (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
         ax.set_xlabel(xlabel)
@@ -215,6 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--wandb", choices=("auto", "off", "offline", "online"), default="auto",
                         help="one combined W&B run of everything drawn (auto: when the jobs logged to W&B)")
     args = parser.parse_args(argv)
+    if not args.root.is_dir():
+        parser.exit(2, f"error: no such folder: {args.root}\n" if not args.root.exists()
+                    else f"error: {args.root} is a file; give a run or multirun folder\n")
     points = load_runs(args.root)
     from pl_i2f.studies.report import redraw_studies  # study runs (python study.py ...): their own figures
     from pl_i2f.studies.training import report_training_studies  # training studies (python train.py ...)

@@ -71,9 +71,11 @@ def test_bad_audit_settings_fail_at_construction(kwargs, message):
 
 
 def test_the_audit_reports_how_far_the_attack_is_from_the_prediction(make_cfg):
-    """``audit/rmse_over_predicted``: the attack's RMSE over the I²F prediction for the same samples."""
-    _, trainer = fit(make_cfg([*SHORT, "attack.iterations=5"]))
+    """``audit/rmse_over_predicted``: the attack's RMSE over the I²F prediction for the same samples (under noise:
+    without it the prediction is per unit σ and no ratio is logged, see test_newcomer)."""
+    _, trainer = fit(make_cfg([*SHORT, "attack.iterations=5", "defense=gaussian", "defense.sigma=0.01"]))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("audit/")}
+    assert metrics["audit/per_unit_noise"] == 0
     assert metrics["audit/predicted_pixel_rmse"] > 0
     assert metrics["audit/rmse_over_predicted"] == pytest.approx(
         metrics["audit/rmse"] / metrics["audit/predicted_pixel_rmse"], rel=1e-5)

@@ -133,6 +133,9 @@ class AnisotropicNoise:
         self.vectors: Tensor | None = None  # (k, d_θ) orthonormal rows
         self.weights: Tensor | None = None  # wᵢ, sum 1
         self.refreshed_at: int | None = None
+        # the model's weights at the last refresh (on the CPU): the checkpoint carries these (d_θ values)
+        # instead of the k × d_θ directions, which a resume rebuilds from them bit for bit
+        self.refresh_weights: dict[str, Tensor] | None = None
 
     # -- reference batch and directions ----------------------------------------------------------
     def set_reference(self, x: Tensor, y: Tensor) -> None:
@@ -155,6 +158,12 @@ class AnisotropicNoise:
         """Recompute the directions and weights on the reference batch at the model's current weights."""
         if self.x_ref is None or self.y_ref is None:
             raise ValueError("anisotropic noise has no reference batch: call set_reference(x, y) first")
+        self._directions(model)
+        self.refresh_weights = {k: t.detach().to("cpu", copy=True) for k, t in model.state_dict().items()}
+        self.refreshed_at = int(step)
+
+    def _directions(self, model: nn.Module) -> None:
+        """λᵢ, vᵢ and wᵢ on the reference batch at ``model``'s weights (deterministic: same weights, same bits)."""
         device = next(model.parameters()).device
         lam, v = reference_row_space(model, self.x_ref.to(device), self.y_ref.to(device),
                                      dense_max_dim=self.dense_max_dim, k=self.directions, which=self.which,
@@ -162,7 +171,18 @@ class AnisotropicNoise:
         self.eigenvalues, self.vectors = lam, v
         eps = self.effective_damping(float(lam.max()), self.x_ref.numel(), v.dtype)
         self.weights = self._weights(lam, eps)
-        self.refreshed_at = int(step)
+
+    def rebuild(self, model: nn.Module) -> bool:
+        """After loading a checkpoint: recompute the directions of the last refresh on a copy of ``model`` holding
+        that refresh's weights. False when there is nothing to rebuild from (no refresh yet)."""
+        if self.vectors is not None:
+            return True
+        if self.refresh_weights is None or self.x_ref is None:
+            return False
+        at_refresh = copy.deepcopy(analysis_model(model))
+        at_refresh.load_state_dict(self.refresh_weights)
+        self._directions(at_refresh)
+        return True
 
     def effective_damping(self, lam_max: float, d_x: int, dtype: torch.dtype) -> float:
         """ε used in the weights: ``damping`` + ``relative_damping``·λ_max, where ``relative_damping=None`` means
@@ -180,12 +200,21 @@ class AnisotropicNoise:
         w = (lam / (lam + eps).pow(2)).pow(self.power)
         return (w / w.sum()).float()
 
+    def ensure_directions(self, model: nn.Module, step: int) -> None:
+        """Directions in force for an analysis at ``step``: those of the last refresh (rebuilt after a resume),
+        else a refresh now. Every "no directions yet" path goes through here, so a resumed run never refreshes
+        off its schedule (which would change the noise of the steps that follow)."""
+        if not self.rebuild(model):
+            self.refresh(model, step)
+
     def maybe_refresh(self, model: nn.Module, step: int) -> None:
         """Refresh when entering a new ``refresh_every`` window (a pure function of the step, so a resumed
         run refreshes at the same steps; the checkpoint carries the directions in between)."""
         window = step // self.refresh_every
-        if self.vectors is None or self.refreshed_at is None or self.refreshed_at // self.refresh_every != window:
+        if self.refreshed_at is None or self.refreshed_at // self.refresh_every != window:
             self.refresh(model, step)
+        else:
+            self.ensure_directions(model, step)
 
     # -- noise -------------------------------------------------------------------------------------
     def _span_part(self, generator: torch.Generator, like: Tensor) -> Tensor:
@@ -234,11 +263,15 @@ class AnisotropicNoise:
                 "kept_directions": None if self.vectors is None else int(self.vectors.shape[0])}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"x_ref": self.x_ref, "y_ref": self.y_ref, "eigenvalues": self.eigenvalues, "vectors": self.vectors,
-                "weights": self.weights, "refreshed_at": self.refreshed_at}
+        """The reference batch, the step of the last refresh and the model's weights then — not the directions
+        (k × d_θ: 64 MB for lenet_zhu on 8 digits), which :meth:`rebuild` recomputes from them."""
+        return {"x_ref": self.x_ref, "y_ref": self.y_ref, "refreshed_at": self.refreshed_at,
+                "refresh_weights": self.refresh_weights}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        for key in ("x_ref", "y_ref", "eigenvalues", "vectors", "weights", "refreshed_at"):
+        self.eigenvalues = self.vectors = self.weights = None  # rebuilt from refresh_weights on first use
+        # checkpoints written before the directions were rebuilt on resume still carry them: used as they are
+        for key in ("x_ref", "y_ref", "eigenvalues", "vectors", "weights", "refreshed_at", "refresh_weights"):
             if key in state:
                 setattr(self, key, state[key])
 
@@ -289,7 +322,7 @@ class AnisotropicDefense(NoisyDefense):
         if self.noise.vectors is None:
             if model is None:
                 raise ValueError("anisotropic noise has no directions yet: pass model= or call refresh(model)")
-            self.noise.refresh(model, step)
+            self.noise.ensure_directions(model, step)
         like = self._like(model)
         noise = copy.copy(self.noise)  # a snapshot: a later refresh (new tensors) does not change this sampler
         return lambda generator: sigma * noise.shaped(generator, like)
@@ -311,7 +344,7 @@ class AnisotropicDefense(NoisyDefense):
         if self.noise.vectors is None:
             if model is None:
                 raise ValueError("anisotropic noise has no directions yet: pass model= or call refresh(model)")
-            self.noise.refresh(model, step)
+            self.noise.ensure_directions(model, step)
         std, basis, extra = self.noise.covariance(sigma)
         return SampleNoise(std=std, basis=basis, extra_variance=extra, source=self.name, batch_of_one=batch_of_one)
 

@@ -386,7 +386,7 @@ class DPSGDDefense(Defense):
         if self.anisotropic.vectors is None:
             if model is None:
                 raise ValueError("anisotropic noise has no directions yet: pass model= or call refresh(model)")
-            self.anisotropic.refresh(analysis_model(model), step)
+            self.anisotropic.ensure_directions(analysis_model(model), step)
         _, basis, extra = self.anisotropic.covariance(std, self.anisotropic.dp_extra_energy)
         return SampleNoise(std=std, clip_norm=self.max_grad_norm, basis=basis, extra_variance=extra,
                            source=self.name, batch_of_one=batch_of_one)
