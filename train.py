@@ -24,7 +24,8 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from pl_i2f.errors import ConfigError, is_config_exception, one_line, unknown_name
-from pl_i2f.validation import check_against_data, discard_run_dir, validate_config
+from pl_i2f.runs import RESOLVED_CONFIG, discard_run_dir
+from pl_i2f.validation import check_against_data, validate_config
 
 if TYPE_CHECKING:  # torch, Lightning and W&B take seconds to import: only after the config is checked
     import pytorch_lightning as pl
@@ -32,7 +33,6 @@ if TYPE_CHECKING:  # torch, Lightning and W&B take seconds to import: only after
     from pl_i2f.module import ClassifierModule
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
-RESOLVED_CONFIG = "resolved_config.yaml"  # beside Hydra's .hydra/config.yaml, every ${...} filled in
 
 # The launch directory, for `paths.root_dir`. Hydra's ${hydra:runtime.cwd} is unset while a multirun
 # launcher resolves `hydra.sweep.dir`, so sweeps would crash on it; this resolver works in both places.

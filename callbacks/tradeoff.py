@@ -14,7 +14,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from callbacks._logging import log_media, wandb_run
 from pl_i2f.errors import ConfigError
-from pl_i2f.report import SUMMARY_FILE
+from pl_i2f.runs import SUMMARY_FILE
 
 
 def _metric(trainer: pl.Trainer, key: str) -> float | None:

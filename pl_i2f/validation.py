@@ -9,7 +9,7 @@ It imports nothing heavy (no torch), so ``train.py`` can call it before building
 configuration error then costs a second and leaves nothing behind.
 
 :func:`check_against_data` runs once the datamodule knows its split sizes (probe sizes vs. the validation
-split); :func:`discard_run_dir` removes the run directory a failed start created.
+split). Removing the run folder of a failed start is :func:`pl_i2f.runs.discard_run_dir`.
 
 The name tuples below mirror the registries (``pl_i2f.models.MODELS`` …) so this module stays torch-free;
 ``tests/test_bad_input.py`` asserts they agree.
@@ -18,7 +18,6 @@ The name tuples below mirror the registries (``pl_i2f.models.MODELS`` …) so th
 from __future__ import annotations
 
 import math
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -403,17 +402,3 @@ def check_against_data(cfg: Mapping[str, Any], val_size: int, train_size: int) -
         raise ConfigError(f"data.batch_size={data['batch_size']} is larger than the {data.get('name')} train split "
                           f"({train_size} samples)")
 
-
-def discard_run_dir(output_dir: str | Path | None, launch_dir: str | Path | None = None) -> bool:
-    """Remove a run directory a failed start created (Hydra makes it before the task runs), so no half-written
-    run is left behind to be read as a result. Refuses the launch directory itself and any directory holding a
-    checkpoint or a ``summary.json`` (those are results). Returns whether it removed something."""
-    if not output_dir:
-        return False
-    path = Path(output_dir).resolve()
-    if not path.is_dir() or (launch_dir is not None and path == Path(launch_dir).resolve()) or path == Path.cwd():
-        return False
-    if any(path.rglob("*.ckpt")) or any(path.rglob("summary.json")):
-        return False
-    shutil.rmtree(path, ignore_errors=True)
-    return True

@@ -18,7 +18,7 @@ import torch
 from hydra.core.global_hydra import GlobalHydra
 
 from conftest import ROOT
-from pl_i2f import validation
+from pl_i2f import runs, validation
 from pl_i2f.errors import ConfigError, one_line
 
 # Each row: extra overrides, a substring of the one error line. The base overrides keep a run that wrongly
@@ -231,10 +231,10 @@ def test_discard_run_dir_keeps_results(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     torch.save({}, run / "checkpoints" / "last.ckpt")
-    assert not validation.discard_run_dir(run) and run.exists()
+    assert not runs.discard_run_dir(run) and run.exists()
     empty = tmp_path / "empty_run"
     (empty / ".hydra").mkdir(parents=True)
-    assert validation.discard_run_dir(empty) and not empty.exists()
+    assert runs.discard_run_dir(empty) and not empty.exists()
 
 
 def test_leakage_scalars_are_never_nan_or_inf():
