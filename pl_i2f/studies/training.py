@@ -6,13 +6,13 @@ folder holds ``summary.json`` (TradeoffTracker: final metrics, one point per epo
 (LeakageRecord: every leakage evaluation, per class and per sample; absent in runs made before it existed)
 and Hydra's ``.hydra/`` (the job's config and overrides). :func:`report_training_studies` groups the jobs
 below a directory by their ``task_name`` and hands each group to the study module registered for it in
-:data:`TRAINING_STUDIES`. A study module provides::
+:data:`pl_i2f.registry.TRAINING_STUDIES`. A study module provides::
 
     NAME: str                                          # the files' prefix: <NAME>.csv, <NAME>.json, <NAME>_*.png
     analyse(runs: list[TrainingRun]) -> tuple[list[dict], dict]    # rows and summary
     plot(records: list[dict], summary: dict, out_dir: Path) -> list[Path]
 
-A new study registers its module here under the ``task_name`` its experiment config sets.
+A new study registers its module in :mod:`pl_i2f.registry` under the ``task_name`` its experiment config sets.
 No Hydra, no W&B here (``pl_i2f.report``'s command line adds W&B).
 """
 
@@ -27,28 +27,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from pl_i2f.registry import MULTIRUN_STUDIES, TRAINING_STUDIES
 from pl_i2f.runs import HEADLINE as HEADLINE  # re-exported: the study modules read runs through here
 from pl_i2f.runs import LEAKAGE_FILE as LEAKAGE_FILE
 from pl_i2f.runs import TrainingRun as TrainingRun
 from pl_i2f.runs import finite as finite
 from pl_i2f.runs import load_runs
 from pl_i2f.runs import task_name as folder_task_name
-
-#: task_name → module of the study that analyses those runs (``noise_grid``: the older name of the DP-SGD
-#: trade-off sweep, ``hparams_search=noise_grid``, read by the same analysis)
-TRAINING_STUDIES: dict[str, str] = {
-    "init_study": "pl_i2f.studies.init_study",
-    "defense_comparison": "pl_i2f.studies.defense_comparison",
-    "tradeoff_dpsgd": "pl_i2f.studies.tradeoff_dpsgd",
-    "noise_grid": "pl_i2f.studies.tradeoff_dpsgd",
-}
-
-
-#: Studies that read a whole multirun folder (failed jobs and the sweeper's own results too), by the prefix of its
-#: ``task_name`` → module with ``report(run_dir, out) -> list[Path]`` (prints its verdict, returns its figures).
-MULTIRUN_STUDIES: dict[str, str] = {
-    "schedule_search": "pl_i2f.studies.schedule_search",
-}
 
 
 def load_training_runs(root: str | Path) -> list[TrainingRun]:
