@@ -75,3 +75,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class TickingClock:
+    """A clock that advances ``tick`` seconds every time it is read (and counts the readings)."""
+
+    def __init__(self, tick: float = 1.0):
+        self.tick, self.now, self.reads = tick, 0.0, 0
+
+    def __call__(self) -> float:
+        self.reads += 1
+        self.now += self.tick
+        return self.now
+
+
+@pytest.fixture
+def attack_clock(monkeypatch) -> TickingClock:
+    """The attacks' clock (``pl_i2f.attacks.loop.clock``) replaced by a :class:`TickingClock` of 1 s per reading:
+    a time budget is then tested by how many evaluations fit into it, whatever the machine's speed or load."""
+    from pl_i2f.attacks import loop
+
+    clock = TickingClock()
+    monkeypatch.setattr(loop, "clock", clock)
+    return clock
