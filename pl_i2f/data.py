@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from pl_i2f.errors import ConfigError, DataUnavailableError, check_options, unknown_name
+from pl_i2f.sampling import EpochPoissonSampler as EpochPoissonSampler  # re-exported: pl_i2f.data's samplers
 from pl_i2f.sampling import EpochShuffleSampler, distributed_rank, poisson_loader
 
 
