@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_only
 
-from pl_i2f.studies.training import LEAKAGE_FILE
+from pl_i2f.runs import LEAKAGE_FILE
 
 from .leakage import I2FMonitor
 

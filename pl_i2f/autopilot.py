@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from pl_i2f.checks import require_bool, require_int, require_name, require_number
 from pl_i2f.errors import ConfigError, unknown_name
 from pl_i2f.privacy import epsilon_after as epsilon_after  # ε accounting lives in pl_i2f.privacy
 from pl_i2f.privacy import epsilon_floor as epsilon_floor
@@ -321,28 +322,18 @@ def check_leakage_target_options(options: Mapping[str, Any]) -> None:
     """One-line :class:`ConfigError` for an impossible ``leakage_target`` option (also used torch-free by
     :mod:`pl_i2f.validation`, which passes the plain config mapping)."""
 
-    def number(key: str, low: float, *, strict: bool = True, optional: bool = False) -> float | None:
-        value = options.get(key)
-        if key not in options or (value is None and optional):
+    def number(key: str, low: float, *, strict: bool = True, optional: bool = False, high: float | None = None
+               ) -> float | None:
+        if key not in options:
             return None
-        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        if not ok or (value <= low if strict else value < low):
-            bound = f"{'>' if strict else '>='} {low:g}"
-            raise ConfigError(f"noise_schedule.{key} must be a finite number {bound}"
-                              f"{' (or null)' if optional else ''}, got {value!r}")
-        return float(value)
+        require_number(f"noise_schedule.{key}", options[key], low=low, low_open=strict, high=high, optional=optional)
+        return None if options[key] is None else float(options[key])
 
     number("target_psnr", 0.0)
-    protect = options.get("protect", "quantile")
-    if protect not in PROTECT:
-        raise unknown_name("noise_schedule.protect", str(protect), PROTECT)
-    q = number("quantile", 0.0, strict=False)
-    if q is not None and q > 1:
-        raise ConfigError(f"noise_schedule.quantile must be in [0, 1], got {q}")
+    require_name("noise_schedule.protect", options.get("protect", "quantile"), PROTECT)
+    number("quantile", 0.0, strict=False, high=1.0)
     for key, low in (("worst_k", 1), ("min_probes", 2), ("memory", 1)):
-        value = options.get(key, low)
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ConfigError(f"noise_schedule.{key} must be an integer >= {low}, got {value!r}")
+        require_int(f"noise_schedule.{key}", options.get(key, low), low)
     lo = number("sigma_min", 0.0, optional=True)
     hi = number("sigma_max", 0.0, optional=True)
     if lo is not None and hi is not None and lo > hi:
@@ -353,15 +344,10 @@ def check_leakage_target_options(options: Mapping[str, Any]) -> None:
     number("max_extrapolation", 1.0, strict=False)
     number("z", 0.0, strict=False)
     number("extra_margin_db", 0.0, strict=False)
-    if "monitor_every_n_steps" in options and options["monitor_every_n_steps"] is not None:
-        value = options["monitor_every_n_steps"]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"noise_schedule.monitor_every_n_steps must be an integer >= 1 or null, got {value!r}")
-    if not isinstance(options.get("extrapolate", True), bool):
-        raise ConfigError(f"noise_schedule.extrapolate must be true or false, got {options['extrapolate']!r}")
+    require_int("noise_schedule.monitor_every_n_steps", options.get("monitor_every_n_steps"), 1, optional=True)
+    require_bool("noise_schedule.extrapolate", options.get("extrapolate", True))
     number("target_epsilon", 0.0, optional=True)
     number("monitor_max_overhead", 0.0, optional=True)
-
 
 __all__ = [
     "Decision",

@@ -19,9 +19,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from pl_i2f.defenses import Defense
 from pl_i2f.errors import ConfigError, unknown_name
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULERS = ("none", "cosine", "step", "multistep")
+from pl_i2f.registry import LR_SCHEDULERS as SCHEDULERS
+from pl_i2f.registry import OPTIMIZERS as OPTIMIZERS
 
 
 def log_at_step(trainer: pl.Trainer, metrics: dict[str, float], step: int | None = None) -> None:

@@ -24,7 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SUMMARY_FILE = "summary.json"
+from pl_i2f.runs import SUMMARY_FILE
+from pl_i2f.runs import load_runs as load_run_folders
+from pl_i2f.studies.report import redraw_studies
+from pl_i2f.studies.training import report_multirun_studies, report_training_studies
 
 
 def format_number(value: float | int | None, digits: int = 4) -> str:
@@ -79,11 +82,10 @@ def _label(defense: dict[str, Any]) -> str:
 def load_runs(root: Path) -> list[RunPoint]:
     """Every run below ``root`` that wrote a ``summary.json``, sorted by defense and path."""
     points = []
-    for path in sorted(Path(root).rglob(SUMMARY_FILE)):
-        summary = json.loads(path.read_text())
-        final, defense = summary.get("final", {}), summary.get("defense", {})
+    for run in load_run_folders(root):
+        final, defense = run.summary.get("final", {}), run.summary.get("defense", {})
         points.append(RunPoint(
-            path=path.parent,
+            path=run.path,
             defense=defense.get("name", "none"),
             label=_label(defense),
             val_acc=final.get("val/acc"),
@@ -176,9 +178,7 @@ def wandb_mode(root: Path, choice: str) -> str | None:
         return None
     if choice != "auto":
         return choice
-    from pl_i2f.studies.training import load_training_runs
-
-    settings = [r.config.get("logger", {}).get("wandb") for r in load_training_runs(root)
+    settings = [r.config.get("logger", {}).get("wandb") for r in load_run_folders(root)
                 if isinstance(r.config.get("logger"), dict)]
     settings = [s for s in settings if isinstance(s, dict) and "_target_" in s]  # a logger train.py built
     if not settings:
@@ -226,21 +226,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"error: no such folder: {args.root}\n" if not args.root.exists()
                     else f"error: {args.root} is a file; give a run or multirun folder\n")
     points = load_runs(args.root)
-    from pl_i2f.studies.report import redraw_studies  # study runs (python study.py ...): their own figures
-    from pl_i2f.studies.training import report_training_studies  # training studies (python train.py ...)
-
-    figures = list(redraw_studies(args.root, args.out))
-    studies = report_training_studies(args.root, args.out)
+    figures = list(redraw_studies(args.root, args.out))  # study runs (python study.py ...): their own figures
+    studies = report_training_studies(args.root, args.out)  # training studies (python train.py ...)
     for study in studies:
         for path in [*study.files, *study.figures]:
             print(f"wrote {path}")
         figures += study.figures
-    from pl_i2f.studies import schedule_search  # hparams_search=schedule_search: best schedule vs constant at one ε
-
-    if schedule_search.is_schedule_search(args.root):
-        schedule_search.main([str(args.root), *(["--out", str(args.out)] if args.out else [])])
-        figure = (args.out or args.root) / "schedule_search.png"
-        figures += [figure] if figure.exists() else []
+    figures += report_multirun_studies(args.root, args.out)  # e.g. hparams_search=schedule_search
     if not points and not figures:
         parser.exit(2, f"error: no {SUMMARY_FILE} below {args.root} (runs need the TradeoffTracker callback)\n")
     out = args.out or args.root

@@ -9,90 +9,44 @@ It imports nothing heavy (no torch), so ``train.py`` can call it before building
 configuration error then costs a second and leaves nothing behind.
 
 :func:`check_against_data` runs once the datamodule knows its split sizes (probe sizes vs. the validation
-split); :func:`discard_run_dir` removes the run directory a failed start created.
+split). Removing the run folder of a failed start is :func:`pl_i2f.runs.discard_run_dir`.
 
-The name tuples below mirror the registries (``pl_i2f.models.MODELS`` …) so this module stays torch-free;
-``tests/test_bad_input.py`` asserts they agree.
+Names, defaults and limits come from :mod:`pl_i2f.registry`, the checks from :mod:`pl_i2f.checks` (both
+torch-free, shared with the factories and the callbacks).
 """
 
 from __future__ import annotations
 
-import math
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pl_i2f.errors import ConfigError, unknown_name
+from pl_i2f.checks import is_int as _is_int
+from pl_i2f.checks import require_bool, require_int, require_name, require_number
+from pl_i2f.errors import ConfigError
+from pl_i2f.registry import (
+    ACCOUNTANTS,
+    ACTIVATIONS,
+    AUDIT_INT_OPTIONS,
+    BATCHNORM_MODELS,
+    DATASETS,
+    DEFENSE_OPTIONS,
+    INIT_SCHEMES,
+    LR_SCHEDULERS,
+    MODELS,
+    MONITOR_DEFAULTS,
+    MONITOR_INT_OPTIONS,
+    MONITOR_METHODS,
+    MONITOR_RENAMED,
+    NOISE_SCHEDULES,
+    NOISE_SHAPES,
+    NOISY_DEFENSES,
+    OPTIMIZERS,
+    PRUNING_SCOPES,
+    SCHEDULE_UNITS,
+)
 
-MODELS = ("convnet", "lenet5", "lenet_zhu", "mlp", "resnet152", "resnet18")
-BATCHNORM_MODELS = ("resnet18", "resnet152")  # convnet: when model.batchnorm is true
-INIT_SCHEMES = ("default", "kaiming_normal", "kaiming_uniform", "normal", "orthogonal", "uniform", "xavier_normal",
-                "xavier_uniform")
-ACTIVATIONS = ("elu", "gelu", "relu", "sigmoid", "tanh")
-DATASETS = ("cifar10", "cifar100", "digits", "fake", "fashion_mnist", "mnist")
-OPTIMIZERS = ("adam", "adamw", "sgd")
-LR_SCHEDULERS = ("cosine", "multistep", "none", "step")
-NOISE_SCHEDULES = ("constant", "cosine", "exponential", "leakage_target", "linear", "step")
-SCHEDULE_UNITS = ("epoch", "step")
-ACCOUNTANTS = ("prv", "rdp")
-MONITOR_METHODS = ("exact", "lanczos", "slq")
-# Options each defense accepts (its constructor's parameters, ``name`` included).
-_NOISY = ("name", "sigma", "clip", "schedule", "seed")
-DEFENSE_OPTIONS: dict[str, tuple[str, ...]] = {
-    "none": ("name", "seed"),
-    "gaussian": _NOISY,
-    "anisotropic": (*_NOISY, "directions", "which", "power", "damping", "relative_damping", "span_fraction",
-                    "refresh_every", "reference_size", "reference", "dense_max_dim", "rcond", "dp_extra_energy"),
-    "pruning": ("name", "ratio", "scope", "seed"),
-    "dpsgd": ("name", "noise_multiplier", "target_epsilon", "max_grad_norm", "delta", "accountant",
-              "poisson_sampling", "fix_model", "noise_shape", "anisotropic", "schedule", "expected_batch_size",
-              "reconstruction_baseline", "seed"),
-}
-
-
-# -- small checks, each raising one line that names the option ------------------------------------------------
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def require_int(key: str, value: Any, minimum: int) -> None:
-    if not _is_int(value) or value < minimum:
-        raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
-
-
-def require_number(key: str, value: Any, *, low: float | None = None, high: float | None = None,
-                   low_open: bool = False, high_open: bool = False, optional: bool = False) -> None:
-    """A finite number within the given bounds (``None`` allowed when ``optional``)."""
-    if value is None and optional:
-        return
-    bounds = []
-    if low is not None:
-        bounds.append(f"{'>' if low_open else '>='} {low:g}")
-    if high is not None:
-        bounds.append(f"{'<' if high_open else '<='} {high:g}")
-    bound_text = " and ".join(bounds)
-    if not _is_number(value) or not math.isfinite(value):
-        raise ConfigError(f"{key} must be a finite number {bound_text}{' (or null)' if optional else ''}, "
-                          f"got {value!r}".replace("  ", " "))
-    if (low is not None and (value < low or (low_open and value == low))) or (
-            high is not None and (value > high or (high_open and value == high))):
-        raise ConfigError(f"{key} must be {bound_text}, got {value!r}")
-
-
-def require_name(kind: str, value: Any, valid: tuple[str, ...], key: str | None = None) -> None:
-    """The library's "unknown <kind> '<value>'; valid: …" line, followed by the option's key."""
-    if value not in valid:
-        raise ConfigError(f"{unknown_name(kind, str(value), valid)}{f' ({key})' if key else ''}")
-
-
-def require_bool(key: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
+__all__ = ["check_against_data", "require_bool", "require_int", "require_name", "require_number", "validate_config"]
 
 
 def _section(cfg: Mapping[str, Any], key: str) -> Mapping[str, Any]:
@@ -248,7 +202,7 @@ def _check_defense(defense: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
     if name == "pruning":
         require_number("defense.ratio (fraction of gradient entries pruned)", defense.get("ratio", 0.9),
                        low=0.0, high=1.0, high_open=True)
-        require_name("pruning scope", defense.get("scope", "global"), ("global", "per_layer"), "defense.scope")
+        require_name("pruning scope", defense.get("scope", "global"), PRUNING_SCOPES, "defense.scope")
     if name == "dpsgd":
         _check_dpsgd(defense, cfg)
 
@@ -271,7 +225,7 @@ def _check_dpsgd(defense: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
                    low=0.0, low_open=True)
     require_number("defense.delta", defense.get("delta", 1e-5), low=0.0, high=1.0, low_open=True, high_open=True)
     require_name("privacy accountant", defense.get("accountant", "rdp"), ACCOUNTANTS, "defense.accountant")
-    require_name("DP-SGD noise shape", defense.get("noise_shape", "isotropic"), ("anisotropic", "isotropic"),
+    require_name("DP-SGD noise shape", defense.get("noise_shape", "isotropic"), NOISE_SHAPES,
                  "defense.noise_shape")
     for key in ("poisson_sampling", "fix_model"):
         if key in defense:
@@ -302,20 +256,21 @@ def _check_callbacks(callbacks: Mapping[str, Any], cfg: Mapping[str, Any]) -> No
     monitor = callbacks.get("i2f_monitor")
     if isinstance(monitor, Mapping):
         key = "callbacks.i2f_monitor"
-        require_int(f"{key}.every_n_steps", monitor.get("every_n_steps", 200), 1)
-        if monitor.get("probe_size") is not None:
-            require_int(f"{key}.probe_size", monitor["probe_size"], 1)
-        require_number(f"{key}.damping", monitor.get("damping", 0.0), low=0.0)
-        require_number(f"{key}.relative_damping", monitor.get("relative_damping", 0.0), low=0.0)
-        require_number(f"{key}.max_overhead", monitor.get("max_overhead"), low=0.0, low_open=True, optional=True)
-        require_name("leakage method", monitor.get("method", "lanczos"), MONITOR_METHODS, f"{key}.method")
-        for option in ("exact_spectrum_probes", "spectrum_samples", "worst_k", "warmup_steps", "noise_draws"):
-            if option in monitor:
-                require_int(f"{key}.{option}", monitor[option], 0)
+        for option, (default, minimum) in MONITOR_INT_OPTIONS.items():
+            require_int(f"{key}.{option}", monitor.get(option, default), minimum, optional=default is None)
+        for old, new in MONITOR_RENAMED.items():
+            if monitor.get(old) is not None:
+                require_int(f"{key}.{old}", monitor[old], MONITOR_INT_OPTIONS[new][1])
+        for option in ("damping", "relative_damping"):
+            require_number(f"{key}.{option}", monitor.get(option, MONITOR_DEFAULTS[option]), low=0.0)
+        require_number(f"{key}.max_overhead", monitor.get("max_overhead", MONITOR_DEFAULTS["max_overhead"]), low=0.0,
+                       low_open=True, optional=True)
+        require_name("leakage method", monitor.get("method", MONITOR_DEFAULTS["method"]), MONITOR_METHODS,
+                     f"{key}.method")
     audit = callbacks.get("attack_audit")
     if isinstance(audit, Mapping):
-        require_int("callbacks.attack_audit.every_n_epochs", audit.get("every_n_epochs", 5), 1)
-        require_int("callbacks.attack_audit.n_samples", audit.get("n_samples", 4), 1)
+        for option, (default, minimum) in AUDIT_INT_OPTIONS.items():
+            require_int(f"callbacks.attack_audit.{option}", audit.get(option, default), minimum)
         attack = audit.get("attack") if isinstance(audit.get("attack"), Mapping) else {}
         threat = audit.get("threat_model") or cfg.get("threat_model") or {}
         if attack.get("label_mode") == "known" and threat.get("labels_known") is False:
@@ -335,7 +290,7 @@ def _check_autopilot(cfg: Mapping[str, Any]) -> None:
     if not isinstance(schedule, Mapping) or schedule.get("name") != "leakage_target":
         return
     name = defense.get("name")
-    if name not in ("gaussian", "anisotropic", "dpsgd"):
+    if name not in NOISY_DEFENSES:
         raise ConfigError(f"noise_schedule=leakage_target sets the noise of defense=gaussian, anisotropic or dpsgd; "
                           f"defense={name} has no noise to set")
     callbacks = _section(cfg, "callbacks")
@@ -403,17 +358,3 @@ def check_against_data(cfg: Mapping[str, Any], val_size: int, train_size: int) -
         raise ConfigError(f"data.batch_size={data['batch_size']} is larger than the {data.get('name')} train split "
                           f"({train_size} samples)")
 
-
-def discard_run_dir(output_dir: str | Path | None, launch_dir: str | Path | None = None) -> bool:
-    """Remove a run directory a failed start created (Hydra makes it before the task runs), so no half-written
-    run is left behind to be read as a result. Refuses the launch directory itself and any directory holding a
-    checkpoint or a ``summary.json`` (those are results). Returns whether it removed something."""
-    if not output_dir:
-        return False
-    path = Path(output_dir).resolve()
-    if not path.is_dir() or (launch_dir is not None and path == Path(launch_dir).resolve()) or path == Path.cwd():
-        return False
-    if any(path.rglob("*.ckpt")) or any(path.rglob("summary.json")):
-        return False
-    shutil.rmtree(path, ignore_errors=True)
-    return True

@@ -7,6 +7,7 @@ subprocesses to pin the exit code and stderr of the command line.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import runpy
 import subprocess
@@ -16,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
 from conftest import ROOT
-from pl_i2f import validation
+from pl_i2f import registry, runs, validation
 from pl_i2f.errors import ConfigError, one_line
 
 # Each row: extra overrides, a substring of the one error line. The base overrides keep a run that wrongly
@@ -56,10 +58,10 @@ TABLE: list[tuple[list[str], str]] = [
     (["trainer.max_epochs=-1"], "trainer.max_epochs must be an integer >= 1 (-1, Lightning's 'train forever'"),
     (["trainer.max_epochs=0"], "trainer.max_epochs must be an integer >= 1, got 0"),
     (["trainer.limit_train_batches=0"], "trainer.limit_train_batches must be an integer >= 1, got 0"),
-    (["optim.lr=inf"], "optim.lr must be > 0, got inf"),
-    (["optim.lr=nan"], "optim.lr must be > 0, got nan"),
+    (["optim.lr=inf"], "optim.lr must be a finite number > 0, got inf"),
+    (["optim.lr=nan"], "optim.lr must be a finite number > 0, got nan"),
     (["optim.lr=-0.1"], "optim.lr must be > 0, got -0.1"),
-    (["optim.momentum=1.5"], "optim.momentum must be in [0, 1), got 1.5"),
+    (["optim.momentum=1.5"], "optim.momentum must be >= 0 and < 1, got 1.5"),
     (["data.batch_size=0"], "data.batch_size must be an integer >= 1, got 0"),
     (["data.batch_size=-4"], "data.batch_size must be an integer >= 1, got -4"),
     (["defense=gaussian", "defense.sigma=-1"], "defense.sigma must be >= 0, got -1"),
@@ -159,22 +161,70 @@ def test_validation_imports_no_torch():
     assert out.stdout.strip() == "False", out.stderr
 
 
-def test_validation_name_lists_match_the_registries():
+def test_the_registry_names_what_the_factories_build():
+    """Every name is defined once, in pl_i2f.registry: the factories implement exactly those names."""
     from callbacks import I2FMonitor
     from pl_i2f import defenses, models
+    from pl_i2f.attacks import PRESETS
     from pl_i2f.data import DATAMODULES
     from pl_i2f.defenses.dpsgd import ACCOUNTANTS
     from pl_i2f.module import OPTIMIZERS, SCHEDULERS
+    from pl_i2f.studies import STUDIES
+    from pl_i2f.studies.training import TRAINING_STUDIES
 
-    assert set(validation.MODELS) == set(models.MODELS)
-    assert set(validation.INIT_SCHEMES) == set(models.INIT_SCHEMES)
-    assert set(validation.ACTIVATIONS) == set(models._ACTIVATIONS)
-    assert set(validation.DATASETS) == set(DATAMODULES)
-    assert set(validation.DEFENSE_OPTIONS) == set(defenses.DEFENSES)
-    assert set(validation.NOISE_SCHEDULES) == set(defenses.SCHEDULES)
-    assert set(validation.ACCOUNTANTS) == set(ACCOUNTANTS)
-    assert set(validation.OPTIMIZERS) == set(OPTIMIZERS) and set(validation.LR_SCHEDULERS) == set(SCHEDULERS)
-    assert set(validation.MONITOR_METHODS) == set(I2FMonitor.METHODS)
+    assert set(registry.MODELS) == set(models.MODELS)
+    assert set(registry.INIT_SCHEMES) == set(models.INIT_SCHEMES)
+    assert set(registry.ACTIVATIONS) == set(models._ACTIVATIONS)
+    assert set(registry.DATASETS) == set(DATAMODULES)
+    assert set(registry.DEFENSES) == set(defenses.DEFENSES)
+    assert set(registry.NOISE_SCHEDULES) == set(defenses.SCHEDULES)
+    assert set(registry.ACCOUNTANTS) == set(ACCOUNTANTS)
+    assert set(registry.OPTIMIZERS) == set(OPTIMIZERS) and set(registry.LR_SCHEDULERS) == set(SCHEDULERS)
+    assert set(registry.MONITOR_METHODS) == set(I2FMonitor.METHODS)
+    assert set(registry.ATTACK_PRESETS) == set(PRESETS)
+    assert STUDIES is registry.STUDIES and TRAINING_STUDIES is registry.TRAINING_STUDIES
+    studies = (registry.STUDIES, registry.TRAINING_STUDIES, registry.MULTIRUN_STUDIES)
+    for module in {m for table in studies for m in table.values()}:
+        assert importlib.util.find_spec(module) is not None, module
+
+
+def test_validation_accepts_exactly_the_registered_names(make_cfg):
+    base = OmegaConf.to_container(make_cfg([], fast=False), resolve=True)
+    for group, names in (("model", registry.MODELS), ("data", registry.DATASETS)):
+        for name in names:
+            cfg = {**base, group: {**base[group], "name": name}, "defense": {"name": "none"}}
+            validation.validate_config(cfg)
+        with pytest.raises(ConfigError, match=f"unknown .* 'nope'.*{group}.name"):
+            validation.validate_config({**base, group: {**base[group], "name": "nope"}})
+    for name in registry.DEFENSES:
+        options = {"noise_multiplier": 1.0} if name == "dpsgd" else {}
+        validation.validate_config({**base, "defense": {"name": name, **options}})
+    with pytest.raises(ConfigError, match="unknown defense 'nope'"):
+        validation.validate_config({**base, "defense": {"name": "nope"}})
+
+
+def test_validation_defaults_and_limits_are_the_callbacks_own():
+    """The defaults validation assumes are the callbacks' signature defaults, and the least value validation
+    accepts is the least the callback accepts."""
+    import inspect
+
+    from callbacks import AttackAudit, I2FMonitor
+
+    for cls, table, key in ((I2FMonitor, registry.MONITOR_INT_OPTIONS, "i2f_monitor"),
+                            (AttackAudit, registry.AUDIT_INT_OPTIONS, "attack_audit")):
+        params = inspect.signature(cls.__init__).parameters
+        for option, (default, minimum) in table.items():
+            assert params[option].default == default, (cls.__name__, option)
+            cls(**{option: minimum})  # the least value validation accepts: the callback accepts it too
+            with pytest.raises(ConfigError, match=option):
+                cls(**{option: minimum - 1})
+            with pytest.raises(ConfigError, match=f"callbacks.{key}.{option}"):
+                validation.validate_config({"callbacks": {key: {option: minimum - 1}}, "trainer": {"max_epochs": 1},
+                                            "optim": {"lr": 0.1}, "data": {"name": "digits", "batch_size": 8},
+                                            "model": {"name": "mlp"}, "defense": {"name": "none"}})
+    params = inspect.signature(I2FMonitor.__init__).parameters
+    for option, default in registry.MONITOR_DEFAULTS.items():
+        assert params[option].default == default, option
 
 
 @pytest.mark.parametrize("name", ["gaussian", "anisotropic", "pruning", "dpsgd"])
@@ -192,14 +242,17 @@ def test_defense_option_lists_match_the_constructors(name):
 
 
 def test_every_shipped_config_validates(make_cfg):
-    """The defaults and every experiment config pass (validation rejects nothing a user is meant to run)."""
-    from omegaconf import OmegaConf
-
+    """The defaults and every experiment config pass (validation rejects nothing a user is meant to run), and
+    together they exercise every defense."""
+    defenses = set()
     for overrides in ([], ["defense=dpsgd"], ["defense=gaussian"], ["defense=anisotropic"], ["defense=pruning"],
                       ["experiment=digits_dpsgd"], ["experiment=digits_anisotropic"], ["callbacks=audit"],
                       ["experiment=cifar10_resnet18"], ["experiment=init_study"], ["trainer=ddp"],
                       ["data=fake", "model=mlp"], ["model=convnet", "defense=dpsgd", "defense.fix_model=true"]):
-        validation.validate_config(OmegaConf.to_container(make_cfg(overrides, fast=False), resolve=True))
+        plain = OmegaConf.to_container(make_cfg(overrides, fast=False), resolve=True)
+        assert validation.validate_config(plain) is None, overrides
+        defenses.add(plain["defense"]["name"])
+    assert defenses == set(registry.DEFENSES)
 
 
 def test_images_with_nan_are_rejected():
@@ -231,10 +284,10 @@ def test_discard_run_dir_keeps_results(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     torch.save({}, run / "checkpoints" / "last.ckpt")
-    assert not validation.discard_run_dir(run) and run.exists()
+    assert not runs.discard_run_dir(run) and run.exists()
     empty = tmp_path / "empty_run"
     (empty / ".hydra").mkdir(parents=True)
-    assert validation.discard_run_dir(empty) and not empty.exists()
+    assert runs.discard_run_dir(empty) and not empty.exists()
 
 
 def test_leakage_scalars_are_never_nan_or_inf():

@@ -32,7 +32,7 @@ def ddp_runs(tmp_path_factory) -> Path:
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          str(ROOT / "tests" / "ddp_worker.py"), str(out), ",".join(RUNS)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=540,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     (out / "torchrun.log").write_text(result.stdout + result.stderr)

@@ -190,7 +190,7 @@ def results(tmp_path_factory) -> dict[str, dict]:
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("readme_driver.py")), str(root / "plan.json"),
          str(root / "results.json")],
-        cwd=root, env=env, capture_output=True, text=True, timeout=1500,
+        cwd=root, env=env, capture_output=True, text=True, timeout=540,
     )
     assert (root / "results.json").exists(), proc.stderr[-3000:]
     found = json.loads((root / "results.json").read_text())

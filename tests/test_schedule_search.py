@@ -32,7 +32,7 @@ def smoke_run(tmp_path_factory) -> Path:
     logs = tmp_path_factory.mktemp("schedule_search")
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "hparams_search=schedule_search_smoke",
                            f"paths.log_dir={logs}"], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=1200)
+                          timeout=540)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = sorted((logs / "schedule_search_smoke" / "multiruns").iterdir())
     assert len(runs) == 1, runs

@@ -29,7 +29,7 @@ def test_submitit_local_runs_a_two_job_sweep(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20",
          "task_name=submitit_smoke", f"paths.log_dir={tmp_path}", *TINY, "defense.noise_multiplier=1.0,4.0"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (sweep,) = (tmp_path / "submitit_smoke" / "multiruns").iterdir()
     summaries = {}

@@ -21,7 +21,7 @@ def run_study(tmp_path: Path, experiment: str, *overrides: str) -> Path:
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1",
            "MKL_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "train.py", f"experiment={experiment}", f"paths.log_dir={tmp_path}",
-                           *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                           *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     sweeps = sorted(tmp_path.glob("*/multiruns/*"))
     assert len(sweeps) == 1, sweeps

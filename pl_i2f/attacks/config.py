@@ -4,13 +4,13 @@ presets (:data:`PRESETS`, resolved by :func:`attack_config`)."""
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
 
+from pl_i2f.checks import require_int, require_name, require_number
 from pl_i2f.errors import ConfigError, unknown_name
 from pl_i2f.gradients import LossFn
 
@@ -93,53 +93,32 @@ class AttackConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` with one line for the first invalid value."""
-        if self.objective not in OBJECTIVES:
-            raise unknown_name("attack objective", self.objective, OBJECTIVES)
-        if self.optimizer not in OPTIMIZERS:
-            raise unknown_name("attack optimizer", self.optimizer, OPTIMIZERS)
-        if self.init not in INITS:
-            raise unknown_name("attack init", self.init, INITS)
-        if self.label_mode not in LABEL_MODES:
-            raise unknown_name("attack label_mode", self.label_mode, LABEL_MODES)
+        require_name("attack objective", self.objective, OBJECTIVES)
+        require_name("attack optimizer", self.optimizer, OPTIMIZERS)
+        require_name("attack init", self.init, INITS)
+        require_name("attack label_mode", self.label_mode, LABEL_MODES)
         if self.lbfgs_line_search not in LINE_SEARCHES:
             raise ConfigError(
                 f"attack lbfgs_line_search must be null or 'strong_wolfe', got {self.lbfgs_line_search!r}"
             )
         for name in ("tv", "l2", "bn"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ConfigError(f"attack regulariser weight {name} must be a finite number >= 0, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ConfigError(f"attack lr must be > 0, got {self.lr!r}")
-        if not isinstance(self.iterations, int) or self.iterations < 0:
-            raise ConfigError(f"attack iterations must be an integer >= 0, got {self.iterations!r}")
-        if not isinstance(self.restarts, int) or self.restarts < 1:
-            raise ConfigError(f"attack restarts must be an integer >= 1, got {self.restarts!r}")
-        if self.max_seconds is not None and not self.max_seconds > 0:
-            raise ConfigError(f"attack max_seconds must be > 0 or null, got {self.max_seconds!r}")
-        if self.max_evaluations is not None and (not isinstance(self.max_evaluations, int)
-                                                 or self.max_evaluations < 1):
-            raise ConfigError(f"attack max_evaluations must be an integer >= 1 or null, got {self.max_evaluations!r}")
-        if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
-            raise ConfigError(f"attack patience must be an integer >= 1 or null, got {self.patience!r}")
-        if not (isinstance(self.plateau_rtol, (int, float)) and 0 <= self.plateau_rtol < 1):
-            raise ConfigError(f"attack plateau_rtol must be in [0, 1), got {self.plateau_rtol!r}")
-        if not isinstance(self.lbfgs_max_iter, int) or self.lbfgs_max_iter < 1:
-            raise ConfigError(f"attack lbfgs_max_iter must be an integer >= 1, got {self.lbfgs_max_iter!r}")
+            require_number(f"attack regulariser weight {name}", getattr(self, name), low=0.0)
+        require_number("attack lr", self.lr, low=0.0, low_open=True)
+        require_int("attack iterations", self.iterations, 0)
+        require_int("attack restarts", self.restarts, 1)
+        require_number("attack max_seconds", self.max_seconds, low=0.0, low_open=True, optional=True)
+        require_int("attack max_evaluations", self.max_evaluations, 1, optional=True)
+        require_int("attack patience", self.patience, 1, optional=True)
+        require_number("attack plateau_rtol", self.plateau_rtol, low=0.0, high=1.0, high_open=True)
+        require_int("attack lbfgs_max_iter", self.lbfgs_max_iter, 1)
         for name in ("lbfgs_tolerance_change", "lbfgs_tolerance_grad"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ConfigError(f"attack {name} must be a finite number >= 0, got {value!r}")
+            require_number(f"attack {name}", getattr(self, name), low=0.0)
         if self.progress_callback is not None and not callable(self.progress_callback):
             raise ConfigError(f"attack progress_callback must be callable or None, got {self.progress_callback!r}")
-        if not isinstance(self.progress_every, int) or self.progress_every < 1:
-            raise ConfigError(f"attack progress_every must be an integer >= 1, got {self.progress_every!r}")
-        if not isinstance(self.lbfgs_history, int) or self.lbfgs_history < 1:
-            raise ConfigError(f"attack lbfgs_history must be an integer >= 1, got {self.lbfgs_history!r}")
-        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
-            raise ConfigError(f"attack batch_size must be an integer >= 1, got {self.batch_size!r}")
-        if not isinstance(self.history_every, int) or self.history_every < 0:
-            raise ConfigError(f"attack history_every must be an integer >= 0, got {self.history_every!r}")
+        require_int("attack progress_every", self.progress_every, 1)
+        require_int("attack lbfgs_history", self.lbfgs_history, 1)
+        require_int("attack batch_size", self.batch_size, 1, optional=True)
+        require_int("attack history_every", self.history_every, 0)
         if self.box and self.bounds is None:
             raise ConfigError(
                 "the attack's box constraint needs bounds=(lo, hi), the valid normalised pixel range "
@@ -188,8 +167,7 @@ CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(AttackConfig))
 
 def attack_config(preset: str = "dlg", **overrides: Any) -> AttackConfig:
     """The resolved, validated configuration of ``preset`` with ``overrides`` applied."""
-    if preset not in PRESETS:
-        raise unknown_name("attack preset", preset, PRESETS)
+    require_name("attack preset", preset, PRESETS)
     for key in overrides:
         if key not in CONFIG_KEYS:
             raise unknown_name("attack option", key, CONFIG_KEYS)

@@ -60,12 +60,11 @@ from pl_i2f.privacy import (
     epsilon_of_history,
     reconstruction_bound_from_history,
 )
+from pl_i2f.registry import ACCOUNTANTS as ACCOUNTANTS
+from pl_i2f.registry import NOISE_SHAPES as NOISE_SHAPES
 
 if TYPE_CHECKING:
     from pl_i2f.threat import SampleNoise
-
-ACCOUNTANTS = ("rdp", "prv")
-NOISE_SHAPES = ("isotropic", "anisotropic")
 
 
 def opacus_noise(sizes: list[int], shapes: list[torch.Size] | None, std: float, generator: torch.Generator,

@@ -18,8 +18,7 @@ from torch import Tensor
 
 from pl_i2f.defenses.base import Defense
 from pl_i2f.errors import ConfigError, unknown_name
-
-SCOPES = ("global", "per_layer")
+from pl_i2f.registry import PRUNING_SCOPES as SCOPES
 
 
 def magnitude_mask(values: Tensor, ratio: float) -> Tensor:

@@ -32,10 +32,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from pl_i2f.errors import ConfigError, unknown_name
-
-FIXED_SCHEDULES = ("constant", "linear", "exponential", "step", "cosine")
-SCHEDULES = (*FIXED_SCHEDULES, "leakage_target")  # every name a config may give
-UNITS = ("step", "epoch")
+from pl_i2f.registry import FIXED_SCHEDULES as FIXED_SCHEDULES
+from pl_i2f.registry import NOISE_SCHEDULES as SCHEDULES  # noqa: F401  (every name a config may give)
+from pl_i2f.registry import SCHEDULE_UNITS as UNITS
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,8 @@ from types import ModuleType
 from typing import Any
 
 from pl_i2f.errors import unknown_name
+from pl_i2f.registry import STUDIES  # study name → module (imported on use: each pulls in the attacks and I²F)
 from pl_i2f.studies.common import StudyResult
-
-#: study name → module (imported on use: each pulls in the attacks and the I²F engine)
-STUDIES = {
-    "i2f_vs_attack": "pl_i2f.studies.i2f_vs_attack",
-    "eigen_directions": "pl_i2f.studies.eigen_directions",
-}
 
 __all__ = ["STUDIES", "StudyResult", "run_study", "study_module"]
 
