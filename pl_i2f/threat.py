@@ -15,12 +15,16 @@ DLG's federated "batch of one" (noise σ on a single sample's gradient, no 1/B) 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
-from pl_i2f.defenses.base import NoiseSampler
 from pl_i2f.errors import ConfigError
+
+#: draws one flat θ-vector of a defense's noise from the given generator
+NoiseSampler = Callable[[torch.Generator], Tensor]
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,11 +38,11 @@ from torch import Tensor, nn
 from pl_i2f.errors import ConfigError
 from pl_i2f.gradients import flat_gradient
 from pl_i2f.rng import analysis_generator
+from pl_i2f.threat import NoiseSampler as NoiseSampler  # re-exported: defenses name it
 
 if TYPE_CHECKING:
     from pl_i2f.threat import SampleNoise
 
-NoiseSampler = Callable[[torch.Generator], Tensor]
 
 # Attributes Opacus' GradSampleHooks leave on modules and parameters (see opacus/grad_sample).
 _OPACUS_MODULE_ATTRS = ("autograd_grad_sample_hooks", "activations", "ft_compute_sample_grad")
