@@ -142,7 +142,9 @@ def lenet_section(threads: list[int], repeats: int, train_steps: int, compile_to
     trained_model = trained(build_model("lenet_zhu", (1, 16, 16), 10, init="xavier_uniform"), train_steps)
     d_theta = sum(p.numel() for p in untrained.parameters())
     print(f"\n## lenet_zhu, digits 1x16x16 (d_θ = {d_theta}, d_x = 256)\n")
-    rows, acc_rows, notes = [], [], []
+    acc_rows, notes = [], []
+    print("| weights | probes | threads | candidate | median (ms) | ratio to the group's first row |")
+    print("|---|---|---|---|---|---|", flush=True)
     for weights, model in (("untrained", untrained), (f"trained {train_steps} steps", trained_model)):
         for n in (8, 32):
             x, y = x_all[:n], y_all[:n]
@@ -158,7 +160,7 @@ def lenet_section(threads: list[int], repeats: int, train_steps: int, compile_to
                 for group in (evals, spectra):
                     first = next(iter(group.values()))
                     for name, sec in group.items():
-                        rows.append((weights, n, th, name, sec, sec / first))
+                        print(f"| {weights} | {n} | {th} | {name} | {sec * 1e3:.1f} | {sec / first:.2f} |", flush=True)
             torch.set_num_threads(threads[0])
             ref = spectra_new(_double(model), x.double(), y, torch.float64)
             for name, lam in (("old exact_spectra (float32 Gram)", exact_spectra(model, x, y)),
@@ -169,10 +171,6 @@ def lenet_section(threads: list[int], repeats: int, train_steps: int, compile_to
         if compile_too:
             notes.append(f"{weights}, 8 probes: torch.compile of per_sample_jacobians "
                          f"{compile_attempt(model, x_all[:8], y_all[:8])}")
-    print("| weights | probes | threads | candidate | median (ms) | ratio to the group's first row |")
-    print("|---|---|---|---|---|---|")
-    for weights, n, th, name, sec, ratio in rows:
-        print(f"| {weights} | {n} | {th} | {name} | {sec * 1e3:.1f} | {ratio:.2f} |")
     print("\nAccuracy against the Grams of a float64 copy of the model (median over probes of |relative error|):\n")
     print("| weights | probes | route | λ_max | λ_min | median λ_max/λ_min |")
     print("|---|---|---|---|---|---|")
