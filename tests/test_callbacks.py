@@ -202,7 +202,7 @@ def test_unaffordable_evaluation_is_skipped_with_a_warning(make_cfg):
         monitor = monitor_run(make_cfg, "callbacks.i2f_monitor.max_overhead=1e-9", "data.probe_size=8")
     # step 0 skipped; the final weights are always evaluated, at the smallest size
     assert monitor.evaluations == 1 and monitor.skipped == 1 and monitor.steps_logged == [12]
-    assert 0 < monitor.seconds < 5  # only the product timing was paid
+    assert monitor.seconds > 0  # the product timing was paid and counted
 
 
 def test_engine_warnings_reach_the_log_once_per_kind():
