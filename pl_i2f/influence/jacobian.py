@@ -109,7 +109,7 @@ def per_sample_grams(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: LossFn 
     ``dtype``: the precision of the Gram's accumulation (``None``: the model's). Float64 by default: J_i
     itself is accurate to float32 rounding relative to its largest singular value, but squaring it in float32
     leaves every eigenvalue below ~1e-6·λ_max to rounding, and the monitor's Jacobians are conditioned past
-    that (see the README on the numerical rank).
+    that (see docs/benchmarks.md, "The headline leakage number", on the numerical rank).
 
     ``clipping_norm`` C: the Jacobian of the *clipped* gradient clip(g_i) = g_i·min(1, C/‖g_i‖), the one
     DP-SGD releases: where ‖g_i‖ > C it is (C/‖g_i‖)(I − ĝ_iĝ_iᵀ)J_i, whose Gram is
