@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from pl_i2f.errors import ConfigError
+from pl_i2f.errors import ConfigError, unexpected_argument
 from pl_i2f.validation import check_against_data, validate_config
 
 if TYPE_CHECKING:  # torch and Lightning take seconds to import: only after the config is checked
@@ -41,12 +41,25 @@ def warn_ineffective(config: Mapping[str, Any]) -> None:
                     "callbacks=audit); the leakage monitor's I²F estimate always assumes known labels")
 
 
-def instantiate_group(group: Mapping[str, Any] | None, instantiate: Instantiate) -> list[Any]:
-    """Instantiate every entry of a config group that names a ``_target_`` (callbacks, loggers)."""
+def instantiate_named(instantiate: Instantiate, key: str, node: Mapping[str, Any], **kwargs: Any) -> Any:
+    """``instantiate(node, **kwargs)``, with an unknown argument reported as one line naming ``key.argument``
+    and the closest valid one (plain mappings carry no config key of their own)."""
+    try:
+        return instantiate(node, **kwargs)
+    except Exception as exc:
+        message = unexpected_argument(f"{exc}\n{exc.__cause__ or ''}", key)
+        if message is None:
+            raise
+        raise ConfigError(message) from None  # the one line says it all
+
+
+def instantiate_group(name: str, group: Mapping[str, Any] | None, instantiate: Instantiate) -> list[Any]:
+    """Instantiate every entry of the config group ``name`` that names a ``_target_`` (callbacks, loggers)."""
     if not group:
         return []
     try:
-        return [instantiate(entry) for entry in group.values() if isinstance(entry, Mapping) and "_target_" in entry]
+        return [instantiate_named(instantiate, f"{name}.{key}", entry) for key, entry in group.items()
+                if isinstance(entry, Mapping) and "_target_" in entry]
     except Exception as exc:  # a callback's own argument check: one line, not a traceback
         if isinstance(exc.__cause__, ConfigError):
             raise exc.__cause__ from None
@@ -72,15 +85,15 @@ def build(config: Mapping[str, Any], instantiate: Instantiate) -> tuple[pl.Light
     model = build_model(**model_options, input_shape=datamodule.input_shape, num_classes=datamodule.num_classes)
     defense = defenses.build(**config["defense"])
     module = ClassifierModule(model, datamodule.num_classes, defense=defense, **config["optim"])
-    callbacks = instantiate_group(config.get("callbacks"), instantiate)
+    callbacks = instantiate_group("callbacks", config.get("callbacks"), instantiate)
     # `trainer.enable_progress_bar=false` / `enable_checkpointing=false` switch the configured ones off
     # instead of failing on the conflict with the callbacks group
     if not config["trainer"].get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     if not config["trainer"].get("enable_checkpointing", True):
         callbacks = [c for c in callbacks if not isinstance(c, Checkpoint)]  # ModelCheckpoint, preemption
-    loggers = instantiate_group(config.get("logger"), instantiate)
-    trainer = instantiate(config["trainer"], callbacks=callbacks, logger=loggers or False,
+    loggers = instantiate_group("logger", config.get("logger"), instantiate)
+    trainer = instantiate_named(instantiate, "trainer", config["trainer"], callbacks=callbacks, logger=loggers or False,
                           plugins=[SafeCheckpointIO()])  # weights_only loading, atomic saving
     return datamodule, module, trainer
 

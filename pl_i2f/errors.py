@@ -66,13 +66,15 @@ _UNEXPECTED_ARGUMENT = re.compile(r"Error in call to target '([\w.]+)'.*unexpect
                                   r"(?:.*\nfull_key: ([\w.]+))?", re.S)
 
 
-def unexpected_argument(text: str) -> str | None:
+def unexpected_argument(text: str, key: str | None = None) -> str | None:
     """Hydra's "Error in call to target …: TypeError(… unexpected keyword argument 'x')" (e.g. from
-    ``+trainer.max_epoch=1``) → one line naming the config key, the argument and the closest valid one."""
+    ``+trainer.max_epoch=1``) → one line naming the config key, the argument and the closest valid one
+    (``key``: the config node's key when the message does not carry Hydra's ``full_key``)."""
     match = _UNEXPECTED_ARGUMENT.search(text)
     if not match:
         return None
-    target, name, key = match.groups()
+    target, name, full_key = match.groups()
+    key = full_key or key
     module, _, attr = target.rpartition(".")
     try:
         valid = sorted(_named_parameters(getattr(importlib.import_module(module), attr)) - {"self"})

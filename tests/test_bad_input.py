@@ -206,15 +206,22 @@ def test_validation_accepts_exactly_the_registered_names(make_cfg):
 def test_validation_defaults_and_limits_are_the_callbacks_own():
     """The defaults validation assumes are the callbacks' signature defaults, and the least value validation
     accepts is the least the callback accepts."""
+    import dataclasses
     import inspect
 
     from callbacks import AttackAudit, I2FMonitor
+    from pl_i2f.monitoring import MonitorSettings
+
+    def defaults(cls: type) -> dict[str, object]:
+        if cls is I2FMonitor:  # its settings are MonitorSettings' fields, passed through **settings
+            return {f.name: f.default for f in dataclasses.fields(MonitorSettings)}
+        return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()}
 
     for cls, table, key in ((I2FMonitor, registry.MONITOR_INT_OPTIONS, "i2f_monitor"),
                             (AttackAudit, registry.AUDIT_INT_OPTIONS, "attack_audit")):
-        params = inspect.signature(cls.__init__).parameters
+        params = defaults(cls)
         for option, (default, minimum) in table.items():
-            assert params[option].default == default, (cls.__name__, option)
+            assert params[option] == default, (cls.__name__, option)
             cls(**{option: minimum})  # the least value validation accepts: the callback accepts it too
             with pytest.raises(ConfigError, match=option):
                 cls(**{option: minimum - 1})
@@ -222,9 +229,9 @@ def test_validation_defaults_and_limits_are_the_callbacks_own():
                 validation.validate_config({"callbacks": {key: {option: minimum - 1}}, "trainer": {"max_epochs": 1},
                                             "optim": {"lr": 0.1}, "data": {"name": "digits", "batch_size": 8},
                                             "model": {"name": "mlp"}, "defense": {"name": "none"}})
-    params = inspect.signature(I2FMonitor.__init__).parameters
+    params = defaults(I2FMonitor)
     for option, default in registry.MONITOR_DEFAULTS.items():
-        assert params[option].default == default, option
+        assert params[option] == default, option
 
 
 @pytest.mark.parametrize("name", ["gaussian", "anisotropic", "pruning", "dpsgd"])
