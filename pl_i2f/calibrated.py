@@ -541,13 +541,14 @@ class NystromSpectrum:
 
 def nystrom_spectrum(apply: Apply, dim: int, rank: int, prior: GaussianPrior | float, *, scale: float = 0.0,
                      probes: int = 8, value_scale: Tensor | None = None,
-                     generator: torch.Generator | None = None) -> NystromSpectrum:
+                     generator: torch.Generator | None = None, precision: torch.dtype = DTYPE) -> NystromSpectrum:
     """Sketch the whitened Gram of P probes from products only: ``apply(V)`` maps V (d, m), shared by every
     probe, to the products G V (P, d, m) (or (d, m) for one probe).
 
     ``rank`` + ``probes`` products per probe (one batched call each for the sketch and the residual); one sketch
     serves every noise level. Stable Nyström (shifted Cholesky, Tropp et al. 2017) for M = S G S, S = Σ_x^{1/2}
     applied with :meth:`GaussianPrior.sqrt_apply`; the residual trace by Hutchinson on M − M̂ (XNysTrace-style).
+    ``precision``: the dtype ``apply`` really computes in (its rounding sets the stabilising shift).
     """
     if isinstance(prior, (int, float)):
         prior = isotropic_prior(0.0, float(prior), dim=dim)
@@ -566,7 +567,7 @@ def nystrom_spectrum(apply: Apply, dim: int, rank: int, prior: GaussianPrior | f
 
     omega = torch.linalg.qr(torch.randn(dim, k, generator=gen, dtype=DTYPE))[0]
     y = whitened(omega)
-    nu = torch.finfo(DTYPE).eps * y.norm(dim=(-2, -1)).clamp_min(torch.finfo(DTYPE).tiny)
+    nu = math.sqrt(dim) * torch.finfo(precision).eps * y.norm(dim=(-2, -1)).clamp_min(torch.finfo(DTYPE).tiny)
     y_nu = y + nu[:, None, None] * omega
     core = omega.T @ y_nu
     chol = torch.linalg.cholesky(_sym(core))
