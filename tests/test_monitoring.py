@@ -314,7 +314,8 @@ def test_one_evaluation_builds_the_per_sample_operator_once(digits_run, monkeypa
     defense = build_defense(name=defense_name, **({"sigma": 0.01} if defense_name != "none" else {}))
     if defense_name == "anisotropic":
         defense.noise.set_reference_from(dm)
-    report = leakage.monitor_leakage(kept[100], x, y, defense, 100, exact_spectrum_probes=2, noise_draws=4, batch_size=1)
+    report = leakage.monitor_leakage(kept[100], x, y, defense, 100, exact_spectrum_probes=2, noise_draws=4,
+                                     batch_size=1)
     assert len(built) == 1 and "lambda_min" in report.scalars
     leakage.monitor_leakage(kept[100], x, y, defense, 100, basis=report.basis.basis, noise_draws=4, batch_size=1)
     assert len(built) == 2
@@ -345,7 +346,8 @@ def test_undamped_leakage_equals_dense_float64_algebra_on_trained_weights(digits
         assert float(undamped[i]) == pytest.approx(expected, rel=1e-6)
     damped = measure_leakage(model, x[:3], y[:3], defense, 400, pixel_std=pixel_std, method="exact", batch_size=1)
     assert bool((undamped >= damped.pixel_rmse).all())
-    assert undamped_leakage(model, x[:3], y[:3], defense, 400, exact_max_dim=100, batch_size=1) is None  # 256 values > 100
+    # 256 values > 100
+    assert undamped_leakage(model, x[:3], y[:3], defense, 400, exact_max_dim=100, batch_size=1) is None
     anisotropic = build_defense(name="anisotropic", sigma=sigma, reference_size=2)
     anisotropic.noise.set_reference(x[6:], y[6:])
     assert undamped_leakage(model, x[:3], y[:3], anisotropic, 400, batch_size=1) is None
@@ -432,7 +434,7 @@ def test_planner_spends_the_whole_budget_evenly_over_the_evaluations():
     gives all 32 everywhere, a dearer one fewer but the same number at every evaluation (not a thinner plan
     late), and the share spent approaches the limit instead of stopping at half."""
     spent, training, evaluated, counts = simulated_run(lambda step: 1.0, probe_seconds=0.001)
-    assert len(evaluated) == 17 and counts == [1] + [32] * 16 or counts[1:] == [32] * 16, counts
+    assert (len(evaluated) == 17 and counts == [1] + [32] * 16) or counts[1:] == [32] * 16, counts
     spent, training, evaluated, counts = simulated_run(lambda step: 1.0, probe_seconds=0.01)
     assert len(evaluated) == 17 and min(counts[1:]) >= 8 and spent >= 0.07 * training, (counts, spent, training)
     assert spent <= 0.1 * training
