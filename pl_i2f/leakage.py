@@ -165,6 +165,8 @@ def scale_for_target(posterior: Posterior, target_pixel_rmse: float) -> float:
     """The noise scale s on the sample's gradient (the posterior's own noise shape) at which the pooled pixel
     RMSE reaches ``target_pixel_rmse``: 0 when no noise is needed, ∞ when no noise reaches it (the prior's own
     error is below the target). Monotone in s: a bracketing root finder (:func:`pl_i2f.calibrated.scale_for_target`)."""
+    if isinstance(posterior, cal.PosteriorSpectrum):  # noiseless directions stay observed however large s
+        return posterior.scale_for_target(target_pixel_rmse)
     return cal.scale_for_target(lambda s: _pooled(posterior, s), target_pixel_rmse, _pooled(posterior, 0.0),
                                 _prior_rmse(posterior))
 

@@ -347,8 +347,8 @@ class EvaluationPlanner:
         share = f" ({seconds / training:.1%} of {training:.1f}s training)" if training > 0 else ""
         limit = f" to stay within {self.max_overhead:.0%} overhead" if self.max_overhead is not None else ""
         measured = f"; leakage last measured at step {last_step}" if last_step is not None else ""
-        return (f"{evaluations} evaluations at {steps} steps in {seconds:.1f}s{share}; {reduced} on a rotating "
-                f"subset of the probes, {skipped} skipped{limit}{measured}")
+        return (f"{evaluations} evaluations at {steps} steps in {seconds:.1f}s{share}; {reduced} reduced, {skipped} "
+                f"skipped{limit}{measured}")
 
     def state_dict(self) -> dict[str, Any]:
         return {"cost": self.cost.state_dict(), "training_seconds": self.training_seconds,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
 
 import pytest
@@ -232,3 +233,39 @@ def test_retired_monitor_options_warn_and_are_ignored():
     with pytest.warns(DeprecationWarning, match="lanczos_steps, method no longer used"):
         monitor = I2FMonitor(method="lanczos", lanczos_steps=8)
     assert not hasattr(monitor.settings, "lanczos_steps")
+
+
+def test_monitor_headline_equals_exact_posteriors_on_the_same_weights(make_cfg):
+    """The logged headline is :func:`pl_i2f.calibrated.exact_posteriors` on the final weights, the defense's
+    sample noise (gaussian: Bσ), the datamodule's prior and per-channel pixel scale — to 1e-6 — and its PSNR is
+    20·log10(1/RMSE) of the same pooled MSE."""
+    from pl_i2f.calibrated import exact_posteriors, value_scale
+
+    cfg = make_cfg([*SMALL, *CALLBACKS, "defense=gaussian", "trainer.max_epochs=1", "~callbacks.attack_audit"])
+    datamodule, module, trainer = train.build(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    monitor = next(cb for cb in trainer.callbacks if isinstance(cb, I2FMonitor))
+    report = monitor.last_report
+    x, y = monitor._probe
+    noise = module.defense.sample_noise(trainer.global_step, module.model)
+    assert noise.std == pytest.approx(datamodule.batch_size * module.defense.sigma_at(trainer.global_step))
+    spectrum = exact_posteriors(module.model, x, y, noise, datamodule.data_prior(),
+                                value_scale=value_scale(datamodule.std, x.shape[1:]))
+    rmse = float((spectrum.error() / spectrum.dim).mean().sqrt())
+    assert report.scalars["expected_pixel_rmse"] == pytest.approx(rmse, rel=1e-6)
+    assert report.scalars["expected_attack_psnr"] == pytest.approx(-20 * math.log10(rmse), rel=1e-6)
+    assert report.scalars["prior_psnr"] == pytest.approx(spectrum.prior_psnr(), rel=1e-6)
+    assert report.scalars["probes"] == len(x)
+
+
+def test_anisotropic_run_logs_leakage_at_every_scheduled_step_from_its_covariance(make_cfg):
+    """The anisotropic defense's noise reaches the estimator as its covariance (no Monte Carlo draws): leakage at
+    every scheduled step, the last included."""
+    cfg = make_cfg([*SMALL, *CALLBACKS, "defense=anisotropic", "defense.reference_size=2",
+                    "~callbacks.attack_audit"])
+    datamodule, module, trainer = train.build(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    monitor = next(cb for cb in trainer.callbacks if isinstance(cb, I2FMonitor))
+    assert len(monitor.steps_logged) >= 5 and monitor.steps_logged[-1] == trainer.global_step
+    assert monitor.last_report.noise.basis is not None and monitor.skipped == 0
+    assert all("expected_pixel_rmse" in h and "prior_psnr" in h for h in monitor.history)

@@ -481,3 +481,26 @@ def test_resumed_run_reports_its_share_over_the_whole_run():
     assert resumed.training_seconds == pytest.approx(19.98 + 3.98)
     line = resumed.summary(17, 17, 2.0, 0, 0, 1200)
     assert "(8.3% of 24.0s training)" in line and line.endswith("leakage last measured at step 1200")
+
+
+def test_summary_psnr_is_that_of_the_summary_rmse():
+    """The headline PSNR is 20·log10(1/RMSE) of the summary RMSE itself (both from the mean over probes of each
+    probe's per-pixel MSE), so the two can never disagree in direction."""
+    from pl_i2f.calibrated import isotropic_prior
+    from pl_i2f.leakage import Calibrated, LeakageOptions, leakage_report
+    from pl_i2f.models import build_model
+    from pl_i2f.threat import SampleNoise
+
+    torch.manual_seed(0)
+    model = build_model("mlp", input_shape=(1, 3, 3), num_classes=3, hidden=[16])
+    x, y = torch.randn(4, 1, 3, 3), torch.tensor([0, 1, 2, 0])
+    options = LeakageOptions(prior=isotropic_prior(0.0, 0.5, dim=9), pixel_std=0.3, batch_size=8)
+    for std in (1e-3, 0.1, 10.0):
+        scalars = leakage_report(model, x, y, SampleNoise(std=std), options, Calibrated()).scalars
+        assert scalars["expected_attack_psnr"] == pytest.approx(-20 * math.log10(scalars["expected_pixel_rmse"]))
+        assert scalars["prior_psnr"] == pytest.approx(-20 * math.log10(scalars["prior_pixel_rmse"]))
+        assert scalars["gain_over_prior_db"] >= -1e-9 and scalars["noise_std"] == std
+    none = leakage_report(model, x, y, SampleNoise(), options, Calibrated()).scalars
+    assert "noise_std" not in none and not any(k.startswith("paper/") for k in none)
+    assert none["determined_fraction"] == 1 and none["expected_pixel_rmse"] == 0  # exact recovery, no PSNR
+    assert "expected_attack_psnr" not in none and none["sigma_for_target"] > 0
