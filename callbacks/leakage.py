@@ -1,4 +1,4 @@
-"""I2FMonitor: the I²F leakage estimate of a fixed held-out probe batch, logged all through training."""
+"""I2FMonitor: the prior-aware leakage estimate of a fixed held-out probe batch, logged all through training."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class I2FMonitor(Callback):
     **What**: on the weights that produce step t's released gradient, for ``probe_size`` fixed held-out samples
     (``datamodule.probe_batch``), each its own private input under the one threat model (:mod:`pl_i2f.threat`:
     the defense's :meth:`~pl_i2f.defenses.Defense.sample_noise` — DP-SGD σC on the clipped gradient, Gaussian Bσ,
-    anisotropic its covariance; ``batch_of_one``: DLG's setting): the keys of :func:`pl_i2f.leakage.leakage_keys`
+    anisotropic its covariance; ``batch_of_one``: DLG's setting): the keys of :data:`pl_i2f.leakage.LEAKAGE_KEYS`
     under ``leakage/``, headline ``expected_attack_psnr`` (:class:`pl_i2f.leakage.Calibrated`: exact for inputs of
     up to 1,024 values, so λ_min and the condition number at every evaluation; a Nyström sketch beyond). With
     W&B and ``log_per_sample_media``: a per-sample histogram at every evaluation, per-class table, bar chart and
@@ -123,9 +123,7 @@ class I2FMonitor(Callback):
                       stacklevel=2)
         return self.log_per_sample_media
 
-    @property
-    def cost(self) -> mon.ProductCost:
-        return self.planner.cost
+    cost = property(lambda self: self.planner.cost)
 
     @functools.cached_property
     def state_key(self) -> str:

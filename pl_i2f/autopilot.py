@@ -299,10 +299,15 @@ class LeakageTargetSchedule:
                                        max_decrease=math.inf if first else self.max_decrease, floor=floor)
         else:
             sigma, reason = current, ("" if enough else "too_few_probes")
+        if psnr_at is not None and scale > 0:
+            predicted = protected_psnr(list(psnr_at(scale * sigma / sigma_measured)), self.protect, self.quantile,
+                                       self.worst_k)
+        else:
+            predicted = protected - 20.0 * math.log10(sigma / sigma_measured)
         decision = Decision(
             measured_step=int(measured_step), effective_step=int(effective_step), sigma_measured=sigma_measured,
             sigma=sigma, probes=len(values), protected_psnr=protected, margin_db=margin, sigma_required=required,
-            predicted_psnr=protected - 20.0 * math.log10(sigma / sigma_measured), floor=floor, limited_by=reason,
+            predicted_psnr=predicted, floor=floor, limited_by=reason,
             applied=bool(apply and enough),
         )
         self.decisions.append(decision)

@@ -54,6 +54,40 @@ NYSTROM_RANK = 64  # the sketch's rank beyond EXACT_MAX_DIM (its bounds say how 
 NYSTROM_PROBES = 8  # Hutchinson vectors per probe for the sketch's residual trace
 
 
+#: What each key of a calibrated report means (logged under ``leakage/``). Pixel values are on the [0, 1] scale.
+LEAKAGE_KEYS: dict[str, str] = {
+    "expected_attack_psnr": "headline: 20·log10(1/expected_pixel_rmse), the Gaussian-prior attacker's expected PSNR "
+                            "(absent when that RMSE is 0: no noise and every probe determined)",
+    "expected_pixel_rmse": "sqrt(mean over probes of each probe's expected per-pixel MSE), prior-aware",
+    "expected_pixel_rmse_stderr": "standard error over the probes of their expected pixel RMSEs",
+    "prior_pixel_rmse": "the same RMSE of guessing the data mean (nothing learned from the gradient)",
+    "prior_psnr": "20·log10(1/prior_pixel_rmse)",
+    "gain_over_prior_db": "expected_attack_psnr − prior_psnr: what the released gradient adds to the prior",
+    "determined_fraction": "share of probes whose input the noiseless gradient determines (rank JᵀJ = d_x)",
+    "sigma_for_target": "Gaussian σ on the mean gradient of a batch of B (σ on the sample with batch_of_one) that "
+                        "brings expected_pixel_rmse to target_pixel_rmse (isotropic unclipped noise only)",
+    "noise_multiplier_for_target": "DP-SGD noise multiplier for the target at the run's clipping norm (the monitor's "
+                                   "clipping_norm without DP-SGD), on the clipped Gram",
+    "noise_scale_for_target": "factor on the current noise (anisotropic: its whole covariance) for the target",
+    "target_pixel_rmse": "the target those σ are solved for",
+    "noise_std": "std of the noise on one sample's own gradient (σC under DP-SGD, Bσ for gaussian); absent "
+                 "without noise or with a non-isotropic covariance",
+    "clip_norm": "DP-SGD's clipping norm C (the Jacobian is the clipped gradient's)",
+    "error_half_width_db": "Nyström route only (inputs above 1,024 values): half-width of its bounds, in dB",
+    "probes": "probes this evaluation covered", "measured_at_step": "the step evaluated",
+    "oldest_probe_step": "monitor: the oldest last-measured step among the probes (rotating subsets)",
+    "lambda_max": "mean λ_max of the (noise-whitened) JᵀJ", "lambda_min": "mean λ_min (exact route)",
+    "condition_number": "median λ_max/λ_min (exact route)",
+    "worst_k_pixel_rmse": "pooled expected pixel RMSE of the worst_k most exposed probes",
+    "unfairness_p90_p10": "90th/10th percentile ratio of the probes' expected RMSEs",
+    "unfairness_cv": "their coefficient of variation",
+    "paper/expected_i2f_pixel_rmse": "the paper's undamped I²F σ·√(Σ1/λ)/√d_x·pixel std (the unbiased attacker); "
+                                     "with noise only",
+    "paper/lower_bound_pixel_rmse": "the paper's lower bound σ·√tr(JᵀJ)/λ_max, same scale; never above the I²F "
+                                    "it bounds (the prior-aware headline can be below both: it uses the prior)",
+}
+
+
 NoiseLike = Defense | SampleNoise | Any  # a defense, a pl_i2f.sources.NoiseSource, or the noise itself
 
 
@@ -173,7 +207,7 @@ def scale_for_target(posterior: Posterior, target_pixel_rmse: float) -> float:
 
 def _headline(posterior: Posterior, noise: SampleNoise, options: LeakageOptions,
               clipped: Posterior | None) -> dict[str, float]:
-    """The prior-aware keys of one report (see :func:`leakage_keys`)."""
+    """The prior-aware keys of one report (see :data:`LEAKAGE_KEYS`)."""
     rmse, prior_rmse = _pooled(posterior), _prior_rmse(posterior)
     out = {
         "expected_pixel_rmse": rmse,

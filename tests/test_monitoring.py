@@ -504,3 +504,16 @@ def test_summary_psnr_is_that_of_the_summary_rmse():
     assert "noise_std" not in none and not any(k.startswith("paper/") for k in none)
     assert none["determined_fraction"] == 1 and none["expected_pixel_rmse"] == 0  # exact recovery, no PSNR
     assert "expected_attack_psnr" not in none and none["sigma_for_target"] > 0
+
+
+def test_every_logged_key_is_documented(digits_run):
+    """Each key a calibrated report logs (DP-SGD-like clipped noise, a gaussian one, none) has its line in
+    LEAKAGE_KEYS, which the README's key table is written from."""
+    from pl_i2f.leakage import LEAKAGE_KEYS, calibrated_leakage, mean_pixel_std
+    from pl_i2f.threat import SampleNoise
+
+    dm, kept, x, y = digits_run
+    for noise in (SampleNoise(std=0.5, clip_norm=1.0), SampleNoise(std=0.05), SampleNoise()):
+        report = calibrated_leakage(kept[100], x[:3], y[:3], noise, 100, prior=dm.data_prior(),
+                                    pixel_std=mean_pixel_std(dm), batch_size=64, clipping_norm=1.0)
+        assert set(report.scalars) <= set(LEAKAGE_KEYS), set(report.scalars) - set(LEAKAGE_KEYS)
