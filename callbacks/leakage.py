@@ -194,17 +194,15 @@ class I2FMonitor(Callback):
         if step != self.last_step:  # the final weights, always evaluated
             self._evaluate_within_budget(pl_module, self._snapshot(pl_module, step), final=True)
         counts = [int(h.get("probes", 0)) for h in self.history] or [0]
-        rank_zero_info("I2FMonitor: " + self.planner.summary(self.evaluations, len(set(self.steps_logged)),
-                                                             self.seconds, self.reduced, self.skipped,
-                                                             self.last_step if self.evaluations else None)
-                       + f"; probes per evaluation: median {statistics.median(counts):g}, first {counts[0]}, "
-                         f"last {counts[-1]} of {len(self._probe[0])}")
+        rank_zero_info(f"I2FMonitor: {self.planner.summary(self.evaluations, len(set(self.steps_logged)), self.seconds, self.reduced, self.skipped, self.last_step if self.evaluations else None)}; probes per evaluation: median {statistics.median(counts):g}, first {counts[0]}, last {counts[-1]} of {len(self._probe[0])}")  # noqa: E501
 
     # -- evaluation -----------------------------------------------------------------------------------
     def _evaluate_within_budget(self, pl_module: pl.LightningModule, snapshot: lk.Snapshot,
                                 final: bool = False) -> None:
         planner, total = self.planner, len(self._probe[0])
         if planner.needs_pricing:  # the first evaluation prices itself on one probe, then covers what fits
+            start = planner.clock(), lk.warm_up_transforms()  # torch.func's one-off set-up: charged, not a price
+            self._spend(planner.clock() - start[0])
             report = self._run(pl_module, snapshot, mon.Coverage(self.cursor, 1, total))
             count = planner.probes_for(snapshot.step, total, final=final)
             if count <= 1:

@@ -23,6 +23,7 @@ to an estimator, which returns an :class:`Estimate`; the report and its summarie
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -658,6 +659,14 @@ def _add_spectra(report: LeakageReport, spectra: SpectrumEnds) -> None:
         "lambda_min": float(lam_min.mean()),
         "condition_number": float((spectra.lambda_max.double() / lam_min).median()),
     }))
+
+
+@functools.cache
+def warm_up_transforms() -> None:
+    """torch.func's one-off set-up (the explicit Jacobians' vmap over forward-mode products), paid once per process
+    on a tiny model, so that it does not count as the price of a probe."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(2, 2))
+    cal.exact_posteriors(net, torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), SampleNoise(std=1.0), 1.0)
 
 
 def measure_leakage(model: nn.Module, x: Tensor, y: Tensor, defense: Defense, step: int, *, method: str = "slq",

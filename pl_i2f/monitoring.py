@@ -256,8 +256,9 @@ class EvaluationPlanner:
     training step (the training seconds are the clock's minus the monitor's own, :meth:`charge`). Per
     evaluation: :meth:`probes_for` — while no evaluation is priced, one probe (the first evaluation prices
     itself); then the most probes p with price(p) × (evaluations still scheduled) within what is left, so the
-    whole budget is spent evenly; at the final step at least one probe (never skipped). Elsewhere 0 (skip)
-    only when even one probe, with the final evaluation's kept back, does not fit. ``training_seconds`` and
+    whole budget is spent evenly; at the final step at least one probe (never skipped). Where not even one
+    probe per evaluation fits, single-probe evaluations are spread evenly over those still scheduled and the
+    others skipped (0), the final one's kept back. ``training_seconds`` and
     ``spent_seconds`` sum over every fit of the run (a resumed run's share is over its whole training time)."""
 
     def __init__(self, max_overhead: float | None, schedule: DenseEarlySchedule, *,
@@ -272,6 +273,7 @@ class EvaluationPlanner:
         self._started = 0.0
         self._start_step = 0
         self._rate_origin: tuple[float, float] | None = None
+        self._credit = 0.0  # share of single-probe evaluations earned but not yet run (see probes_for)
 
     # -- the fit's training time --------------------------------------------------------------------------
     def start_fit(self, step: int, total_steps: int | None) -> None:
@@ -327,7 +329,14 @@ class EvaluationPlanner:
                 return count
         if final:
             return 1  # the final weights are always evaluated
-        return 1 if self.price(1) * 2 <= left else 0  # one probe now, one kept back for the final step
+        # not even one probe each: single-probe evaluations spread evenly over those still scheduled (a credit
+        # of the affordable share per evaluation), one kept back for the final step
+        affordable = left / self.price(1) - 1
+        self._credit += min(1.0, max(affordable, 0.0) / max(1, evaluations - 1))
+        if self._credit >= 1 - 1e-9 and affordable >= 1:
+            self._credit -= 1
+            return 1
+        return 0
 
     def observe(self, probes: int, seconds: float) -> None:
         """An evaluation of ``probes`` probes took ``seconds`` (its estimate, not its logging)."""
