@@ -439,15 +439,37 @@ def exact_posteriors(model: torch.nn.Module, x: Tensor, y: Tensor, noise: Sample
     the clipped gradient when ``noise.clip_norm`` is set, Woodbury-whitened when ``noise.basis`` is, then
     :func:`posterior_spectrum`. One batched :class:`PosteriorSpectrum` (row i: probe i); the model runs in eval
     mode and is never changed. For inputs of up to ~1024 values (:data:`pl_i2f.leakage.EXACT_MAX_DIM`)."""
+    return exact_posterior_pair(model, x, y, noise, prior, value_scale=value_scale, loss_fn=loss_fn,
+                                max_numbers=max_numbers)[0]
+
+
+def exact_posterior_pair(model: torch.nn.Module, x: Tensor, y: Tensor, noise: SampleNoise,
+                         prior: GaussianPrior | float, *, clip: float | None = None, value_scale: Tensor | None = None,
+                         loss_fn: Callable | None = None,
+                         max_numbers: int | None = None) -> tuple[PosteriorSpectrum, PosteriorSpectrum | None]:
+    """:func:`exact_posteriors`, and with ``clip`` C also the spectrum of the gradient clipped at C (noise shape
+    I, for DP-SGD's noise multiplier of a run that does not clip) from the same Jacobians: one x-side Gram per
+    probe, clipped by a rank-one update (:func:`clipped_gram`)."""
     from pl_i2f.influence.jacobian import iter_per_sample_jacobians
     from pl_i2f.influence.settings import EXACT_BLOCK_NUMBERS
 
-    parts = []
+    main, clipped = [], []
     for chunk in iter_per_sample_jacobians(model, x, y, loss_fn=loss_fn,
                                            max_numbers=max_numbers or EXACT_BLOCK_NUMBERS):
-        gram = noise_gram(chunk.jacobians, noise, chunk.gradients)
-        parts.append(posterior_spectrum(gram, prior, value_scale=value_scale))
-    return concat_spectra(parts)
+        if noise.basis is not None or noise.sampler is not None:
+            main.append(posterior_spectrum(noise_gram(chunk.jacobians, noise, chunk.gradients), prior,
+                                           value_scale=value_scale))
+            if clip is None:
+                continue
+        j, g = chunk.jacobians.to(DTYPE), chunk.gradients.to(DTYPE)
+        gram = _sym(j.transpose(-1, -2) @ j)
+        jtg, norm = (j.transpose(-1, -2) @ g[..., None])[..., 0], g.norm(dim=-1)
+        if noise.basis is None and noise.sampler is None:
+            own = gram if noise.clip_norm is None else clipped_gram(gram, jtg, norm, noise.clip_norm)
+            main.append(posterior_spectrum(own, prior, scale=noise.std, value_scale=value_scale))
+        if clip is not None:
+            clipped.append(posterior_spectrum(clipped_gram(gram, jtg, norm, clip), prior, value_scale=value_scale))
+    return concat_spectra(main), concat_spectra(clipped) if clipped else None
 
 
 def _sym(a: Tensor) -> Tensor:

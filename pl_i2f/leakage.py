@@ -461,19 +461,10 @@ class Calibrated:
 
 def _exact(operator: PerSampleOperator, noise: SampleNoise, prior: cal.GaussianPrior, scale: Tensor,
            extra_clip: float | None) -> tuple[cal.PosteriorSpectrum, cal.PosteriorSpectrum | None]:
-    """:func:`pl_i2f.calibrated.exact_posteriors` on the operator's probes, and with ``extra_clip`` the clipped
-    Gram's spectrum from the same Jacobians (noise shape I: only its scale-free σ-for-target is read)."""
-    from pl_i2f.influence.jacobian import iter_per_sample_jacobians
-
-    main, clipped = [], []
-    for chunk in iter_per_sample_jacobians(operator.model, operator.x, operator.y, loss_fn=operator.loss_fn):
-        main.append(cal.posterior_spectrum(cal.noise_gram(chunk.jacobians, noise, chunk.gradients), prior,
-                                           value_scale=scale))
-        if extra_clip is not None:
-            clip_noise = SampleNoise(std=0.0, clip_norm=extra_clip, source="target")
-            clipped.append(cal.posterior_spectrum(cal.noise_gram(chunk.jacobians, clip_noise, chunk.gradients),
-                                                  prior, value_scale=scale))
-    return cal.concat_spectra(main), cal.concat_spectra(clipped) if clipped else None
+    """:func:`pl_i2f.calibrated.exact_posterior_pair` on the operator's probes (with ``extra_clip``: the clipped
+    Gram's spectrum too, noise shape I: only its scale-free σ-for-target is read)."""
+    return cal.exact_posterior_pair(operator.model, operator.x, operator.y, noise, prior, clip=extra_clip,
+                                    value_scale=scale, loss_fn=operator.loss_fn)
 
 
 def _paper_per_sample(operator: PerSampleOperator, eigenvalues: Tensor, noise: SampleNoise) -> PerSampleLeakage:
