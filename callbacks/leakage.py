@@ -211,7 +211,8 @@ class I2FMonitor(Callback):
             count = planner.probes_for(snapshot.step, total, final=final)
         if count == 0:
             self.skipped += 1
-            rank_zero_warn(f"I2FMonitor: {planner.skip_message(snapshot.step)}")
+            if self.skipped == 1:
+                rank_zero_warn(f"I2FMonitor: {planner.skip_message(snapshot.step)}")
             return None
         coverage = mon.Coverage(0 if count >= total else self.cursor, count, total)
         return self._finish(pl_module.trainer, self._run(pl_module, snapshot, coverage), final)

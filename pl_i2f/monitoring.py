@@ -343,10 +343,13 @@ class EvaluationPlanner:
         self.cost.observe(1, probes, seconds)
 
     def skip_message(self, step: int) -> str:
-        return (f"skipped the evaluation of step {step}: even one probe is predicted at {self.price(1):.2f}s, which "
-                f"with the final evaluation's kept back does not fit the {max(self.budget.left(), 0):.2f}s left of "
-                f"max_overhead={self.max_overhead:g} × {self.budget.training_estimate() or 0:.1f}s of training. "
-                "Raise max_overhead (null: no limit), train longer, or use a GPU.")
+        one, left = self.price(1), max(self.budget.left(), 0.0)
+        return (f"skipped the evaluation of step {step}: one probe is predicted at {one:.2f}s, and the {left:.2f}s "
+                f"left of max_overhead={self.max_overhead:g} × {self.budget.training_estimate() or 0:.1f}s of training "
+                f"cover about {max(int(left / one) - 1, 0) if one > 0 else 0} of the "
+                f"{max(self.budget.remaining(step) - 1, 0)} evaluations still scheduled before the final one, spread "
+                "evenly (later skips are counted, not repeated). Raise max_overhead (null: no limit), train longer, "
+                "or use a GPU.")
 
     def summary(self, evaluations: int, steps: int, seconds: float, reduced: int, skipped: int,
                 last_step: int | None) -> str:

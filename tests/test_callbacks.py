@@ -197,7 +197,7 @@ def test_budgeted_step0_evaluation_uses_the_initial_weights(make_cfg):
 def test_unaffordable_evaluations_shrink_to_one_probe_and_the_final_one_runs(make_cfg):
     """A budget nothing fits: the first evaluation prices itself on one probe (small by construction), later
     ones are skipped with a warning, and the final weights are always evaluated, on one probe."""
-    with pytest.warns(UserWarning, match=r"skipped the evaluation of step 3: even one probe"):
+    with pytest.warns(UserWarning, match=r"skipped the evaluation of step 3: one probe is predicted"):
         monitor = monitor_run(make_cfg, "callbacks.i2f_monitor.max_overhead=1e-9", "data.probe_size=8",
                               "callbacks.i2f_monitor.every_n_steps=3")
     assert monitor.steps_logged == [0, 12] and monitor.skipped == 3  # steps 3, 6 and 9
