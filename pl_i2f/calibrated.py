@@ -306,13 +306,16 @@ def woodbury_gram(gram: Tensor, basis_jacobian: Tensor, noise: SampleNoise) -> N
 @dataclass(frozen=True)
 class PosteriorSpectrum:
     """error(s) = Σₖ wₖ s²/(s² + μₖ) per probe: ``mu`` and ``weights`` (P, d), ``scale`` the current noise s,
-    ``dim`` d_x (for per-value means), ``determined`` whether G had full rank d_x (to RANK_RTOL)."""
+    ``dim`` d_x (for per-value means), ``determined`` whether G had full rank d_x (to RANK_RTOL),
+    ``eigenvalues`` (P, d) those of the noise-whitened Gram F itself (no prior: the paper's undamped I²F)."""
 
     mu: Tensor
     weights: Tensor
     scale: float
     dim: int
     determined: Tensor
+    eigenvalues: Tensor | None = None
+    prior_total: Tensor | None = None  # (P,) tr D²Σ_x of the prior before any noiseless direction conditioned it
 
     def error(self, scale: float | Tensor | None = None) -> Tensor:
         """Expected squared error per probe (P,) at noise scale s (default: the current one); a (S,) tensor of
@@ -332,8 +335,9 @@ class PosteriorSpectrum:
         return self.error(scale) / self.dim
 
     def prior_error(self) -> Tensor:
-        """s → ∞: tr of the prior covariance (scaled), per probe — guessing the mean."""
-        return self.weights.sum(-1)
+        """Guessing the mean: tr of the data prior's covariance (scaled), per probe. (Where part of the gradient
+        carries no noise, s → ∞ still leaves those directions observed: :meth:`error` then tends to less.)"""
+        return self.weights.sum(-1) if self.prior_total is None else self.prior_total
 
     def rmse(self, scale: float | Tensor | None = None) -> Tensor:
         """sqrt(mean over probes of the per-probe MSE) — the pooled RMSE whose PSNR :func:`psnr` reports."""
@@ -394,7 +398,10 @@ def posterior_spectrum(gram: Tensor | NoiseGram, prior: GaussianPrior | Tensor |
         raise ConfigError(f"prior has {prior.dim} values, the Gram {d}")
     s, m = _whitened(g, prior)
     s = s.expand(p, d, d) if s.dim() == 2 else s
+    prior_total = None
     if exact is not None:
+        scaled = s if value_scale is None else value_scale.to(DTYPE)[:, None] * s
+        prior_total = scaled.pow(2).sum((-2, -1))
         # condition the prior on the noiseless directions: drop the whitened directions they observe
         eta, u = torch.linalg.eigh(_sym(s @ exact @ s))
         seen = eta > rtol * eta[..., -1:].clamp_min(torch.finfo(DTYPE).tiny)
@@ -408,7 +415,61 @@ def posterior_spectrum(gram: Tensor | NoiseGram, prior: GaussianPrior | Tensor |
     weights = su.pow(2).sum(-2)
     lam = torch.linalg.eigvalsh(_sym(g if exact is None else g + exact))
     determined = lam[..., 0] > rtol * lam[..., -1].clamp_min(torch.finfo(DTYPE).tiny)
-    return PosteriorSpectrum(mu=mu, weights=weights, scale=float(scale or 0.0), dim=d, determined=determined)
+    return PosteriorSpectrum(mu=mu, weights=weights, scale=float(scale or 0.0), dim=d, determined=determined,
+                             eigenvalues=lam, prior_total=prior_total)
+
+
+def concat_spectra(parts: Sequence[PosteriorSpectrum]) -> PosteriorSpectrum:
+    """One batched spectrum from spectra of consecutive probe chunks (same scale and d_x)."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    eig = None if first.eigenvalues is None else torch.cat([p.eigenvalues for p in parts])
+    total = None if first.prior_total is None else torch.cat([p.prior_total for p in parts])
+    return PosteriorSpectrum(mu=torch.cat([p.mu for p in parts]), weights=torch.cat([p.weights for p in parts]),
+                             scale=first.scale, dim=first.dim, determined=torch.cat([p.determined for p in parts]),
+                             eigenvalues=eig, prior_total=total)
+
+
+def exact_posteriors(model: torch.nn.Module, x: Tensor, y: Tensor, noise: SampleNoise,
+                     prior: GaussianPrior | float, *, value_scale: Tensor | None = None,
+                     loss_fn: Callable | None = None, max_numbers: int | None = None) -> PosteriorSpectrum:
+    """The prior-aware posterior spectrum of every probe ``(x[i], y[i])`` (each its own private input) from its
+    explicit Jacobian (:mod:`pl_i2f.influence.jacobian`), one chunk of Jacobians alive at a time: the Gram of
+    the clipped gradient when ``noise.clip_norm`` is set, Woodbury-whitened when ``noise.basis`` is, then
+    :func:`posterior_spectrum`. One batched :class:`PosteriorSpectrum` (row i: probe i); the model runs in eval
+    mode and is never changed. For inputs of up to ~1024 values (:data:`pl_i2f.leakage.EXACT_MAX_DIM`)."""
+    return exact_posterior_pair(model, x, y, noise, prior, value_scale=value_scale, loss_fn=loss_fn,
+                                max_numbers=max_numbers)[0]
+
+
+def exact_posterior_pair(model: torch.nn.Module, x: Tensor, y: Tensor, noise: SampleNoise,
+                         prior: GaussianPrior | float, *, clip: float | None = None, value_scale: Tensor | None = None,
+                         loss_fn: Callable | None = None,
+                         max_numbers: int | None = None) -> tuple[PosteriorSpectrum, PosteriorSpectrum | None]:
+    """:func:`exact_posteriors`, and with ``clip`` C also the spectrum of the gradient clipped at C (noise shape
+    I, for DP-SGD's noise multiplier of a run that does not clip) from the same Jacobians: one x-side Gram per
+    probe, clipped by a rank-one update (:func:`clipped_gram`)."""
+    from pl_i2f.influence.jacobian import iter_per_sample_jacobians
+    from pl_i2f.influence.settings import EXACT_BLOCK_NUMBERS
+
+    main, clipped = [], []
+    for chunk in iter_per_sample_jacobians(model, x, y, loss_fn=loss_fn,
+                                           max_numbers=max_numbers or EXACT_BLOCK_NUMBERS):
+        if noise.basis is not None or noise.sampler is not None:
+            main.append(posterior_spectrum(noise_gram(chunk.jacobians, noise, chunk.gradients), prior,
+                                           value_scale=value_scale))
+            if clip is None:
+                continue
+        j, g = chunk.jacobians.to(DTYPE), chunk.gradients.to(DTYPE)
+        gram = _sym(j.transpose(-1, -2) @ j)
+        jtg, norm = (j.transpose(-1, -2) @ g[..., None])[..., 0], g.norm(dim=-1)
+        if noise.basis is None and noise.sampler is None:
+            own = gram if noise.clip_norm is None else clipped_gram(gram, jtg, norm, noise.clip_norm)
+            main.append(posterior_spectrum(own, prior, scale=noise.std, value_scale=value_scale))
+        if clip is not None:
+            clipped.append(posterior_spectrum(clipped_gram(gram, jtg, norm, clip), prior, value_scale=value_scale))
+    return concat_spectra(main), concat_spectra(clipped) if clipped else None
 
 
 def _sym(a: Tensor) -> Tensor:
@@ -508,13 +569,14 @@ class NystromSpectrum:
 
 def nystrom_spectrum(apply: Apply, dim: int, rank: int, prior: GaussianPrior | float, *, scale: float = 0.0,
                      probes: int = 8, value_scale: Tensor | None = None,
-                     generator: torch.Generator | None = None) -> NystromSpectrum:
+                     generator: torch.Generator | None = None, precision: torch.dtype = DTYPE) -> NystromSpectrum:
     """Sketch the whitened Gram of P probes from products only: ``apply(V)`` maps V (d, m), shared by every
     probe, to the products G V (P, d, m) (or (d, m) for one probe).
 
     ``rank`` + ``probes`` products per probe (one batched call each for the sketch and the residual); one sketch
     serves every noise level. Stable Nyström (shifted Cholesky, Tropp et al. 2017) for M = S G S, S = Σ_x^{1/2}
     applied with :meth:`GaussianPrior.sqrt_apply`; the residual trace by Hutchinson on M − M̂ (XNysTrace-style).
+    ``precision``: the dtype ``apply`` really computes in (its rounding sets the stabilising shift).
     """
     if isinstance(prior, (int, float)):
         prior = isotropic_prior(0.0, float(prior), dim=dim)
@@ -533,7 +595,7 @@ def nystrom_spectrum(apply: Apply, dim: int, rank: int, prior: GaussianPrior | f
 
     omega = torch.linalg.qr(torch.randn(dim, k, generator=gen, dtype=DTYPE))[0]
     y = whitened(omega)
-    nu = torch.finfo(DTYPE).eps * y.norm(dim=(-2, -1)).clamp_min(torch.finfo(DTYPE).tiny)
+    nu = math.sqrt(dim) * torch.finfo(precision).eps * y.norm(dim=(-2, -1)).clamp_min(torch.finfo(DTYPE).tiny)
     y_nu = y + nu[:, None, None] * omega
     core = omega.T @ y_nu
     chol = torch.linalg.cholesky(_sym(core))

@@ -33,7 +33,7 @@ RESOLVED_CONFIG = "resolved_config.yaml"  #: beside Hydra's config.yaml, every $
 OVERRIDES_FILE = "overrides.yaml"
 MULTIRUN_FILE = "multirun.yaml"  #: Hydra's, in a multirun folder
 #: The headline leakage number of an evaluation: the I²F expected reconstruction RMSE on [0, 1] pixels.
-HEADLINE = "expected_i2f_pixel_rmse"
+HEADLINE = "expected_pixel_rmse"
 
 
 def finite(value: Any) -> bool:

@@ -22,11 +22,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from pl_i2f.calibrated import GaussianPrior, isotropic_prior, value_scale
 from pl_i2f.defenses.base import NoiseSampler, analysis_model, has_opacus_hooks
 from pl_i2f.errors import ConfigError
 from pl_i2f.gradients import LossFn, default_loss, flat_gradient
-from pl_i2f.leakage import NoiseModel, mean_pixel_std
-from pl_i2f.rng import analysis_generator, randn
+from pl_i2f.leakage import mean_pixel_std
+from pl_i2f.rng import analysis_generator
 from pl_i2f.threat import NO_NOISE, SampleNoise
 
 Probe = tuple[Tensor, Tensor]
@@ -172,36 +173,6 @@ def is_cross_entropy(loss: LossFn, logits: Tensor, y: Tensor) -> bool:
 
 
 # -- noise ---------------------------------------------------------------------------------------------
-def as_noise_model(noise: SampleNoise) -> NoiseModel:
-    """The adapter to the estimator's current :class:`pl_i2f.leakage.NoiseModel`: isotropic → its std; a
-    sampler or a directional part → Monte Carlo draws; nothing → per unit σ. (The clipping is not
-    represented there: the estimator then uses the unclipped per-sample Jacobian.)"""
-    if noise.is_zero:
-        return NoiseModel(std=1.0, sampler=None, per_unit=True)
-    if noise.isotropic:
-        return NoiseModel(std=float(noise.std), sampler=None, per_unit=False)
-    return NoiseModel(std=None, sampler=_sampler(noise), per_unit=False)  # a sampler or a basis sets the size
-
-
-def _sampler(noise: SampleNoise, like: Tensor | None = None) -> NoiseSampler:
-    """Draws of ``noise`` as flat θ-vectors: its own ``sampler`` when it has one (which draws all of it), else
-    std·N(0, I) plus the directional part; ``like`` (any θ-vector) gives the size when only ``std`` is set."""
-    if noise.sampler is not None:
-        return noise.sampler
-    if noise.basis is None and like is None:
-        raise ValueError("isotropic noise needs the model (its number of parameters) to draw from")
-
-    def draw(generator: torch.Generator) -> Tensor:
-        ref = noise.basis if noise.basis is not None else like
-        delta = noise.std * randn(ref.shape[0] if noise.basis is not None else ref.numel(), generator, ref)
-        if noise.basis is not None:
-            scale = noise.extra_variance.clamp_min(0).sqrt()
-            delta = delta + noise.basis @ (scale * randn(len(scale), generator, noise.basis))
-        return delta
-
-    return draw
-
-
 def _theta_like(model: nn.Module | None) -> Tensor | None:
     if model is None:
         return None
@@ -235,7 +206,7 @@ class NoiseSource:
 
     def noise_sampler(self, step: int, model: nn.Module | None = None) -> NoiseSampler | None:
         noise = self.sample_noise(step, model)
-        return None if noise.is_zero else _sampler(noise, _theta_like(model))
+        return None if noise.is_zero else noise.draws(_theta_like(model))
 
     def release(self, model: nn.Module, x: Tensor, y: Tensor, step: int = 0,
                 generator: torch.Generator | None = None) -> Tensor:
@@ -247,7 +218,7 @@ class NoiseSource:
             g = g * (noise.clip_norm / (g.norm() + 1e-6)).clamp(max=1.0)  # Opacus' clipping factor
         if noise.is_zero:
             return g
-        return g + _sampler(noise, g)(analysis_generator(generator, g.device)).to(g)
+        return g + noise.draws(g)(analysis_generator(generator, g.device)).to(g)
 
     def describe(self) -> dict[str, Any]:
         noise = self.sample_noise(0)
@@ -257,10 +228,11 @@ class NoiseSource:
 class DefenseNoise(NoiseSource):
     """This package's defense, read as its own description (the app's numbers, unchanged)."""
 
-    def __init__(self, defense: Any):
+    def __init__(self, defense: Any, batch_of_one: bool = False):
         super().__init__()
         self.defense = defense
         self.name = defense.name
+        self.batch_of_one = batch_of_one
 
     @property
     def max_grad_norm(self) -> float | None:
@@ -271,9 +243,9 @@ class DefenseNoise(NoiseSource):
         return getattr(self.defense, "expected_batch_size", None)
 
     def sample_noise(self, step: int, model: nn.Module | None = None) -> SampleNoise:
-        std = self.defense.noise_std(step)
-        sampler = None if std else self.defense.noise_sampler(step, model)
-        return SampleNoise(std=float(std or 0.0), clip_norm=self.max_grad_norm, sampler=sampler, source=self.name)
+        """The defense's own :meth:`pl_i2f.defenses.Defense.sample_noise` (DP-SGD: σC on the clipped gradient;
+        Gaussian on the mean of B: Bσ; anisotropic: its covariance), ``batch_of_one`` as the source was built."""
+        return self.defense.sample_noise(step, model, batch_of_one=self.batch_of_one)
 
     def noise_std(self, step: int) -> float | None:
         return self.defense.noise_std(step)
@@ -345,7 +317,8 @@ def check_noise(noise_std: float | None, noise_multiplier: float | None, max_gra
 
 
 def resolve_noise(pl_module: Any, trainer: Any, noise_std: float | None = None,
-                  noise_multiplier: float | None = None, max_grad_norm: float | None = None) -> NoiseSource:
+                  noise_multiplier: float | None = None, max_grad_norm: float | None = None, *,
+                  batch_of_one: bool = False) -> NoiseSource:
     """In order: this package's defense on the module; an Opacus ``DPOptimizer`` on the trainer; explicit
     ``noise_std`` (on one sample's own gradient) or ``noise_multiplier`` × ``max_grad_norm``; else no noise
     (the estimates are per unit σ and the σ-for-target keys say what would be needed)."""
@@ -353,7 +326,7 @@ def resolve_noise(pl_module: Any, trainer: Any, noise_std: float | None = None,
 
     defense = getattr(pl_module, "defense", None)
     if isinstance(defense, Defense):
-        return DefenseNoise(defense)
+        return DefenseNoise(defense, batch_of_one=batch_of_one)
     optimizer = find_dp_optimizer(trainer)
     if optimizer is not None:
         return OpacusNoise(optimizer)
@@ -383,6 +356,14 @@ class PixelScale:
         if self.datamodule is not None and hasattr(self.datamodule, "pixel_bounds"):
             return self.datamodule.pixel_bounds()
         return self.lo, self.hi
+
+    def value_scale(self, shape: tuple[int, ...] | torch.Size) -> Tensor:
+        """The per-value std (d,) that turns an input-space error into pixels: exact per channel for this
+        package's datamodules, ``std`` everywhere otherwise."""
+        std = getattr(self.datamodule, "std", None)
+        if isinstance(std, (tuple, list)) and std and len(shape) == 3:
+            return value_scale(std, shape)
+        return torch.full((math.prod(shape),), float(self.std), dtype=torch.float64)
 
     def to_pixels(self, x: Tensor) -> Tensor:
         if self.datamodule is not None and hasattr(self.datamodule, "denormalize"):
@@ -432,13 +413,27 @@ PriorEstimate = Callable[[Tensor], Any]
 
 def resolve_prior(prior: Any, datamodule: Any, x: Tensor, estimate: PriorEstimate = data_prior) -> Any:
     """``prior`` when given (an object, or a callable of the probe inputs); else the datamodule's (its
-    ``prior()``); else ``estimate(x)`` from the probe data."""
+    ``data_prior()``: this package's, the training inputs' mean and covariance; or ``prior()``); else
+    ``estimate(x)`` from the probe data."""
     if prior is not None:
         return prior(x) if callable(prior) and not isinstance(prior, nn.Module) else prior
-    own = getattr(datamodule, "prior", None)
-    if callable(own):
-        return own()
+    for name in ("data_prior", "prior"):
+        own = getattr(datamodule, name, None)
+        if callable(own):
+            return own()
     return estimate(x)
+
+
+def gaussian_prior(prior: Any, dim: int) -> GaussianPrior:
+    """A resolved prior as the :class:`~pl_i2f.calibrated.GaussianPrior` the calibrated estimate takes: itself, a
+    :class:`DataPrior` (mean, τ²I), or a number τ² (zero mean)."""
+    if isinstance(prior, GaussianPrior):
+        return prior
+    if isinstance(prior, DataPrior):
+        return isotropic_prior(prior.mean.reshape(-1), prior.variance)
+    if isinstance(prior, (int, float)):
+        return isotropic_prior(0.0, float(prior), dim=dim)
+    raise ConfigError(f"prior must be a GaussianPrior, a DataPrior or a variance τ², got {type(prior).__name__}")
 
 
 # -- privacy accounting ----------------------------------------------------------------------------------
@@ -518,5 +513,6 @@ class SourceOptions:
         return resolve_sources(trainer, pl_module, self.what, probe=self.probe, size=size, seed=seed,
                                loss_fn=self.loss_fn, pixel_std=self.pixel_std, prior=self.prior)
 
-    def noise(self, trainer: Any, pl_module: Any) -> NoiseSource:
-        return resolve_noise(pl_module, trainer, self.noise_std, self.noise_multiplier, self.max_grad_norm)
+    def noise(self, trainer: Any, pl_module: Any, *, batch_of_one: bool = False) -> NoiseSource:
+        return resolve_noise(pl_module, trainer, self.noise_std, self.noise_multiplier, self.max_grad_norm,
+                             batch_of_one=batch_of_one)
