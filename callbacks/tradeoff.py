@@ -14,8 +14,9 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from pl_i2f.errors import ConfigError
 from pl_i2f.module import log_at_step
+from pl_i2f.privacy import DEFAULT_DELTA, find_privacy_engine, opacus_epsilon
 from pl_i2f.runs import SUMMARY_FILE
-from pl_i2f.sources import DEFAULT_DELTA, find_dp_optimizer, find_privacy_engine, opacus_epsilon, resolve_noise
+from pl_i2f.sources import find_dp_optimizer, resolve_noise
 
 from ._logging import log_media, wandb_run
 from .preemption import PreemptionCheckpoint

@@ -28,7 +28,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from scipy.stats import norm
 
@@ -202,3 +202,27 @@ __all__ = [
     "schedule_history",
     "smallest_sigma",
 ]
+
+
+DEFAULT_DELTA = 1e-5  # Opacus' examples' δ for ε when neither the callback nor the module names one
+
+
+def find_privacy_engine(pl_module: Any, explicit: Any = None) -> Any | None:
+    """``explicit`` when given, else the module's ``privacy_engine`` attribute (Opacus' Lightning example keeps
+    it there); ``None`` when there is none."""
+    if explicit is not None:
+        return explicit
+    try:
+        from opacus import PrivacyEngine
+    except ImportError:
+        return None
+    engine = getattr(pl_module, "privacy_engine", None)
+    return engine if isinstance(engine, PrivacyEngine) else None
+
+
+def opacus_epsilon(engine: Any, delta: float) -> float | None:
+    """ε spent so far by ``engine``'s accountant at ``delta`` (``None`` before the first step)."""
+    if engine is None or len(getattr(engine.accountant, "history", [None])) == 0:
+        return None
+    value = float(engine.get_epsilon(delta))
+    return value if math.isfinite(value) else None
