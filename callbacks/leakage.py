@@ -146,7 +146,7 @@ class I2FMonitor(Callback):
         if copy_weights and model is network:
             model = copy_network(model)
         return lk.Snapshot(step=step, model=model,
-                           noise=lk.NoiseModel.of(self.noise_source(pl_module.trainer, pl_module), step, model))
+                           noise=lk.noise_of(self.noise_source(pl_module.trainer, pl_module), step, model))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the budget counts this fit call (a resumed run starts a new one); the share logged is the whole run's
@@ -274,7 +274,7 @@ class I2FMonitor(Callback):
         self.last_report = report
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
-                model: nn.Module | None = None, noise: lk.NoiseModel | None = None,
+                model: nn.Module | None = None, noise: Any = None,
                 plan: mon.EvaluationPlan | None = None, stop: Any = None) -> lk.LeakageReport:
         """The leakage report of the probes at ``step`` (library call; no logging): on ``model`` (default: the
         module's current one) under ``noise`` (default: the defense's at ``step``), as ``plan`` says (default:
@@ -299,7 +299,7 @@ class I2FMonitor(Callback):
             basis = stored[: len(index), : plan.steps] if warm else None  # leading rows: the smaller Krylov basis
             estimator = lk.WarmBasis(steps=self.lanczos_steps if warm else plan.steps, basis=basis, stop=stop,
                                   min_steps=mon.MIN_LANCZOS_STEPS, clock=self.planner.clock)
-        noise = lk.NoiseModel.of(defense, step, model) if noise is None else noise
+        noise = lk.noise_of(defense, step, model) if noise is None else noise
         report = lk.leakage_report(model, xs, ys, noise, options, estimator, step=step, clock=self.planner.clock,
                                 generator=torch.Generator(device=device).manual_seed(self.seed + step))
         if report.basis is not None:

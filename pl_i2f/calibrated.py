@@ -306,13 +306,15 @@ def woodbury_gram(gram: Tensor, basis_jacobian: Tensor, noise: SampleNoise) -> N
 @dataclass(frozen=True)
 class PosteriorSpectrum:
     """error(s) = Σₖ wₖ s²/(s² + μₖ) per probe: ``mu`` and ``weights`` (P, d), ``scale`` the current noise s,
-    ``dim`` d_x (for per-value means), ``determined`` whether G had full rank d_x (to RANK_RTOL)."""
+    ``dim`` d_x (for per-value means), ``determined`` whether G had full rank d_x (to RANK_RTOL),
+    ``eigenvalues`` (P, d) those of the noise-whitened Gram F itself (no prior: the paper's undamped I²F)."""
 
     mu: Tensor
     weights: Tensor
     scale: float
     dim: int
     determined: Tensor
+    eigenvalues: Tensor | None = None
 
     def error(self, scale: float | Tensor | None = None) -> Tensor:
         """Expected squared error per probe (P,) at noise scale s (default: the current one); a (S,) tensor of
@@ -408,7 +410,38 @@ def posterior_spectrum(gram: Tensor | NoiseGram, prior: GaussianPrior | Tensor |
     weights = su.pow(2).sum(-2)
     lam = torch.linalg.eigvalsh(_sym(g if exact is None else g + exact))
     determined = lam[..., 0] > rtol * lam[..., -1].clamp_min(torch.finfo(DTYPE).tiny)
-    return PosteriorSpectrum(mu=mu, weights=weights, scale=float(scale or 0.0), dim=d, determined=determined)
+    return PosteriorSpectrum(mu=mu, weights=weights, scale=float(scale or 0.0), dim=d, determined=determined,
+                             eigenvalues=lam)
+
+
+def concat_spectra(parts: Sequence[PosteriorSpectrum]) -> PosteriorSpectrum:
+    """One batched spectrum from spectra of consecutive probe chunks (same scale and d_x)."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    eig = None if first.eigenvalues is None else torch.cat([p.eigenvalues for p in parts])
+    return PosteriorSpectrum(mu=torch.cat([p.mu for p in parts]), weights=torch.cat([p.weights for p in parts]),
+                             scale=first.scale, dim=first.dim, determined=torch.cat([p.determined for p in parts]),
+                             eigenvalues=eig)
+
+
+def exact_posteriors(model: torch.nn.Module, x: Tensor, y: Tensor, noise: SampleNoise,
+                     prior: GaussianPrior | float, *, value_scale: Tensor | None = None,
+                     loss_fn: Callable | None = None, max_numbers: int | None = None) -> PosteriorSpectrum:
+    """The prior-aware posterior spectrum of every probe ``(x[i], y[i])`` (each its own private input) from its
+    explicit Jacobian (:mod:`pl_i2f.influence.jacobian`), one chunk of Jacobians alive at a time: the Gram of
+    the clipped gradient when ``noise.clip_norm`` is set, Woodbury-whitened when ``noise.basis`` is, then
+    :func:`posterior_spectrum`. One batched :class:`PosteriorSpectrum` (row i: probe i); the model runs in eval
+    mode and is never changed. For inputs of up to ~1024 values (:data:`pl_i2f.leakage.EXACT_MAX_DIM`)."""
+    from pl_i2f.influence.jacobian import iter_per_sample_jacobians
+    from pl_i2f.influence.settings import EXACT_BLOCK_NUMBERS
+
+    parts = []
+    for chunk in iter_per_sample_jacobians(model, x, y, loss_fn=loss_fn,
+                                           max_numbers=max_numbers or EXACT_BLOCK_NUMBERS):
+        gram = noise_gram(chunk.jacobians, noise, chunk.gradients)
+        parts.append(posterior_spectrum(gram, prior, value_scale=value_scale))
+    return concat_spectra(parts)
 
 
 def _sym(a: Tensor) -> Tensor:

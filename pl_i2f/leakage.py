@@ -1,23 +1,23 @@
-"""What the leakage monitor and the attack audit measure: I²F under a defense's own noise, per sample.
+"""What the leakage monitor and the attack audit measure, per probe sample, under the one threat model.
 
-Each probe sample is its own private input x₀ (batch size 1, the attacker's best case and the paper's
-per-sample analysis), so the numbers compare directly with an attack on one sample's released gradient.
-The noise is the defense's at the given step:
+Each probe sample is its own private input x₀ (batch size 1: an attacker who sees one sample's contribution
+to the release, everything else known — :mod:`pl_i2f.threat`), and the noise is the defense's own
+:class:`~pl_i2f.threat.SampleNoise` at the step: DP-SGD σC on the *clipped* gradient, Gaussian σ on the mean
+of B as Bσ on the sample's gradient, anisotropic its covariance, none nothing.
 
-* isotropic Gaussian (``defense.noise_std(step)``: Gaussian, DP-SGD's σC/B after clipping) → the exact
-  isotropic formula E‖I²F‖² = σ² Σ λᵢ/(λᵢ+ε)²;
-* any other noise (``defense.noise_sampler(step)``: anisotropic …) → Monte Carlo over its draws;
-* no noise (``none``, ``pruning``) → σ = 1: leakage **per unit of noise**, so runs stay comparable.
+**The headline** (:class:`Calibrated`): the prior-aware expected error of a Gaussian-prior attacker
+(:mod:`pl_i2f.calibrated`), exact from explicit Jacobians for inputs of at most :data:`EXACT_MAX_DIM` values
+(:func:`~pl_i2f.calibrated.exact_posteriors`), a Nyström sketch with a stated error beyond. Summaries: the
+pooled pixel RMSE sqrt(mean over probes of each probe's per-pixel MSE) and the PSNR 20·log10(1/RMSE) of that
+same mean; the prior's PSNR (guessing the mean) and the gain over it; σ / noise multiplier for a target RMSE.
 
-One road: :func:`leakage_report` builds the per-sample operator (:class:`PerSampleOperator`) once and hands it to
-an estimator — :class:`WarmBasis` (the monitor's), :class:`FullPrecision` (the audit's and the studies'),
-:class:`ExactSpectra` (the undamped figure) — which returns an :class:`Estimate`; the report, its summaries
-and the optional exact λ_min are then the same whatever estimator ran. :func:`measure_leakage`,
-:func:`monitor_leakage` and :func:`undamped_leakage` are named settings of it.
+**The paper's quantities** (secondary, keys under ``paper/``): the undamped I²F σ·√(Σ1/λᵢ) (the unbiased
+attacker's error) and its lower bound σ·√(tr JᵀJ)/λ_max (never above it: Σ1/λ ≥ tr/λ_max²), from the same
+spectra; :class:`WarmBasis`, :class:`FullPrecision` and :class:`ExactSpectra` keep the damped and undamped
+engine figures for reproducing the paper (with no noise they are per unit σ).
 
-Scales: ``expected_i2f`` is ‖I²F‖ in the model's (normalised) input space; ``…_rmse`` divides by √d_x;
-``…_pixel_rmse`` multiplies that by the datamodule's std, the [0, 1]-pixel RMSE an attack's metrics report
-(exact for one channel or equal channel stds; the mean std otherwise).
+One road: :func:`leakage_report` builds the per-sample operator (:class:`PerSampleOperator`) once and hands it
+to an estimator, which returns an :class:`Estimate`; the report and its summaries follow.
 """
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from pl_i2f import calibrated as cal
 from pl_i2f.defenses import Defense, NoiseSampler
 from pl_i2f.defenses.base import analysis_model
+from pl_i2f.errors import ConfigError
 from pl_i2f.gradients import eval_mode
 from pl_i2f.influence import PerSampleLeakage
 from pl_i2f.influence.damping import Damping
@@ -43,6 +45,7 @@ from pl_i2f.influence.settings import EXACT_BLOCK_NUMBERS, default_rcond
 from pl_i2f.influence.warm import BASIS_RCOND, BasisLeakage, basis_leakage, exact_spectra
 from pl_i2f.monitoring import CALIBRATION_CHAINS, CALIBRATION_PROBES, EvaluationPlanner
 from pl_i2f.rng import analysis_generator, rademacher
+from pl_i2f.threat import SampleNoise
 
 LANCZOS_CHAINS = 4  # Lanczos chains per probe sample at full precision (FullPrecision)
 EXACT_MAX_DIM = 1024  # inputs of at most this many values get exact spectra (d_x products per sample)
@@ -50,64 +53,79 @@ DEFAULT_TARGET_PIXEL_RMSE = 0.1  # ≈ 20 dB PSNR: an attacker's reconstruction 
 MONITOR_CHAINS = 1  # one Lanczos chain per probe for the monitor's Monte Carlo over a sampler's draws
 MONITOR_LAMBDA_TOL = 1e-2  # its λ_max tolerance: a monitoring figure, whose spread over probes is logged
 CONVERGED_RESIDUAL = 1e-2  # a Ritz λ_max counts as converged when its residual is below this share of it
+NYSTROM_RANK = 64  # the sketch's rank beyond EXACT_MAX_DIM (its bounds say how much that leaves out)
+NYSTROM_PROBES = 8  # Hutchinson vectors per probe for the sketch's residual trace
 
 
-@dataclass
-class NoiseModel:
-    """The perturbation the estimator assumes: isotropic ``std`` or a ``sampler``; ``per_unit`` when the
-    defense adds no noise and σ = 1 stands in."""
+NoiseLike = Defense | SampleNoise | Any  # a defense, a pl_i2f.sources.NoiseSource, or the noise itself
 
-    std: float | None
-    sampler: NoiseSampler | None
-    per_unit: bool
 
-    @classmethod
-    def of(cls, defense: Defense, step: int, model: nn.Module) -> NoiseModel:
-        std = defense.noise_std(step)
-        if std is not None and std > 0:
-            return cls(std=float(std), sampler=None, per_unit=False)
-        sampler = defense.noise_sampler(step, model)
-        if sampler is not None and (std is None or std > 0):
-            return cls(std=None, sampler=sampler, per_unit=False)
-        return cls(std=1.0, sampler=None, per_unit=True)
+def noise_of(source: NoiseLike, step: int, model: nn.Module | None = None, *,
+             batch_size: int | None = None, batch_of_one: bool = False) -> SampleNoise:
+    """The noise on one sample's own gradient at ``step`` (:mod:`pl_i2f.threat`): ``source`` itself when it is a
+    :class:`SampleNoise`, else its ``sample_noise`` (a :class:`Defense` relative to ``batch_size`` — its own
+    training batch by default — or a single sample's gradient with ``batch_of_one``)."""
+    if isinstance(source, SampleNoise):
+        return source
+    if isinstance(source, Defense):
+        return source.sample_noise(step, model, batch_size=batch_size, batch_of_one=batch_of_one)
+    return source.sample_noise(step, model)
+
+
+def _paper_noise(noise: SampleNoise, operator: PerSampleOperator) -> tuple[float | None, NoiseSampler | None]:
+    """(σ, sampler) for the paper's engine estimators: σ = 1 with no noise (per unit σ), σ for isotropic
+    noise, else Monte Carlo draws (the clipping is not represented there: the unclipped Jacobian)."""
+    if noise.is_zero:
+        return 1.0, None
+    if noise.isotropic:
+        return float(noise.std), None
+    return None, noise.draws(torch.empty(operator.d_theta, dtype=operator.like.dtype, device=operator.like.device))
 
 
 @dataclass
 class Snapshot:
-    """What an evaluation needs, frozen at its step: the weights (hook-free) and the defense's noise."""
+    """What an evaluation needs, frozen at its step: the weights (hook-free) and the noise on a sample there."""
 
     step: int
     model: nn.Module
-    noise: NoiseModel
+    noise: SampleNoise
 
     @classmethod
-    def of(cls, model: nn.Module, defense: Defense, step: int, copy_weights: bool = False) -> Snapshot:
+    def of(cls, model: nn.Module, defense: NoiseLike, step: int, copy_weights: bool = False) -> Snapshot:
         """``model``'s weights at ``step`` (a copy with ``copy_weights``: training will change them before the
         evaluation runs) and ``defense``'s noise there."""
         analysed = analysis_model(model)  # hook-free (a copy already) under DP-SGD
         if copy_weights and analysed is model:
             analysed = copy.deepcopy(model)
-        return cls(step=step, model=analysed, noise=NoiseModel.of(defense, step, analysed))
+        return cls(step=step, model=analysed, noise=noise_of(defense, step, analysed))
+
+
+Posterior = cal.PosteriorSpectrum | cal.NystromSpectrum
 
 
 @dataclass
 class LeakageReport:
-    """Per-sample leakage of a probe batch and its summaries (see the module docstring for scales)."""
+    """Per-sample leakage of a probe batch and its summaries (see the module docstring for scales).
+    ``posterior``: the prior-aware spectrum (:class:`Calibrated`; ``None`` for the paper's engine estimators)."""
 
     per_sample: PerSampleLeakage
     labels: Tensor
     pixel_std: float
-    noise: NoiseModel
+    noise: SampleNoise
     step: int
     scalars: dict[str, float] = field(default_factory=dict)
     per_class: dict[int, float] = field(default_factory=dict)
     worst: list[tuple[int, float]] = field(default_factory=list)
     basis: BasisLeakage | None = None  # a WarmBasis estimate's basis and products, for the next evaluation
     seconds: dict[str, float] = field(default_factory=dict)  # {"estimate": …, "spectra": …} by the report's clock
+    posterior: Posterior | None = None
 
     @property
     def pixel_rmse(self) -> Tensor:
-        """Per-sample expected reconstruction RMSE on the [0, 1] pixel scale."""
+        """Per-sample expected reconstruction RMSE on the [0, 1] pixel scale: the prior-aware one when the report
+        has it, else the paper's I²F (per unit σ without noise)."""
+        if self.posterior is not None:
+            return (self.posterior.error() / self.posterior.dim).clamp_min(0).sqrt()
         return self.per_sample.expected_i2f_rmse * self.pixel_std
 
 
@@ -124,69 +142,129 @@ def unfairness(values: Tensor) -> dict[str, float]:
 
 
 def attack_psnr(pixel_rmse: Tensor) -> Tensor:
-    """PSNR (dB) of reconstructions with these [0, 1]-pixel RMSEs: 10·log10(1/MSE) (data range 1). A
-    reconstruction in [0, 1] is never further than RMSE 1 from the image, so a larger predicted error (the
-    linear estimate of an attack that fails outright) scores 0 dB, not a negative PSNR."""
-    return -20 * torch.log10(pixel_rmse.double().clamp(1e-30, 1.0))
+    """PSNR (dB) of reconstructions with these [0, 1]-pixel RMSEs: 20·log10(1/RMSE) (data range 1). A
+    reconstruction in [0, 1] is never further than RMSE 1 from the image, so a larger predicted error scores
+    0 dB, not a negative PSNR."""
+    return -20 * torch.log10(torch.as_tensor(pixel_rmse).double().clamp(1e-30, 1.0))
 
 
-def sigma_for_target(unit_pixel_rmse: Tensor, target_pixel_rmse: float) -> float:
-    """The isotropic Gaussian σ (per gradient coordinate) at which the probes' mean expected pixel RMSE
-    reaches ``target_pixel_rmse``. E‖I²F‖ is linear in σ for isotropic noise (the damping does not depend on
-    σ), so σ* = target / (mean expected pixel RMSE at σ = 1)."""
-    unit = float(unit_pixel_rmse.double().mean())
-    return target_pixel_rmse / unit if unit > 0 else math.inf
+def pooled_pixel_rmse(per_probe_mse: Tensor) -> float:
+    """sqrt(mean over probes of each probe's per-pixel MSE): the RMSE whose PSNR the summary reports."""
+    return float(per_probe_mse.double().mean().clamp_min(0).sqrt())
 
 
-def _summarise(
-    report: LeakageReport,
-    unit_pixel: Tensor | None,
-    worst_k: int,
-    target_pixel_rmse: float,
-    clipping_norm: float | None,
-    batch_size: int | None,
-) -> None:
-    """Fill ``report.scalars``, ``per_class`` and ``worst`` from its per-sample values."""
+def _pooled(posterior: Posterior, scale: float | None = None) -> float:
+    return pooled_pixel_rmse(posterior.error(scale) / posterior.dim)
+
+
+def _prior_rmse(posterior: Posterior) -> float:
+    if isinstance(posterior, cal.PosteriorSpectrum):
+        return pooled_pixel_rmse(posterior.prior_error() / posterior.dim)
+    return math.sqrt(max(posterior.prior_total, 0.0) / posterior.dim)
+
+
+def scale_for_target(posterior: Posterior, target_pixel_rmse: float) -> float:
+    """The noise scale s on the sample's gradient (the posterior's own noise shape) at which the pooled pixel
+    RMSE reaches ``target_pixel_rmse``: 0 when no noise is needed, ∞ when no noise reaches it (the prior's own
+    error is below the target). Monotone in s: a bracketing root finder (:func:`pl_i2f.calibrated.scale_for_target`)."""
+    return cal.scale_for_target(lambda s: _pooled(posterior, s), target_pixel_rmse, _pooled(posterior, 0.0),
+                                _prior_rmse(posterior))
+
+
+def _headline(posterior: Posterior, noise: SampleNoise, options: LeakageOptions,
+              clipped: Posterior | None) -> dict[str, float]:
+    """The prior-aware keys of one report (see :func:`leakage_keys`)."""
+    rmse, prior_rmse = _pooled(posterior), _prior_rmse(posterior)
+    out = {
+        "expected_pixel_rmse": rmse,
+        "prior_pixel_rmse": prior_rmse,
+        "prior_psnr": float(attack_psnr(prior_rmse)),
+        "target_pixel_rmse": float(options.target_pixel_rmse),
+    }
+    if rmse > 0:  # RMSE 0 (no noise, every probe determined): exact recovery to first order, no finite PSNR
+        out["expected_attack_psnr"] = float(attack_psnr(rmse))
+        out["gain_over_prior_db"] = out["expected_attack_psnr"] - out["prior_psnr"]
+    if isinstance(posterior, cal.PosteriorSpectrum):
+        out["determined_fraction"] = posterior.determined_fraction()
+    else:
+        out["error_half_width_db"] = _half_width_db(posterior)
+    target = scale_for_target(posterior, options.target_pixel_rmse)
+    if noise.clip_norm is None and noise.basis is None:
+        # Gaussian σ on the mean gradient of B: noise Bσ on the sample (1 with batch_of_one)
+        per_unit = 1 if noise.batch_of_one or not options.batch_size else options.batch_size
+        out["sigma_for_target"] = target / per_unit
+    if not noise.is_zero and noise.basis is not None:
+        out["noise_scale_for_target"] = target / noise.std if noise.std > 0 else target
+    if clipped is not None:
+        clip = noise.clip_norm or options.clipping_norm
+        out["noise_multiplier_for_target"] = scale_for_target(clipped, options.target_pixel_rmse) / clip
+    return out
+
+
+def _half_width_db(posterior: cal.NystromSpectrum) -> float:
+    """The Nyström bounds' half-width on the pooled RMSE, in dB of PSNR."""
+    lo, hi = posterior.bounds()
+    lo_rmse, hi_rmse = pooled_pixel_rmse(lo / posterior.dim), pooled_pixel_rmse(hi / posterior.dim)
+    return float(attack_psnr(lo_rmse) - attack_psnr(hi_rmse)) / 2 if hi_rmse > 0 else 0.0
+
+
+def _paper(report: LeakageReport) -> dict[str, float]:
+    """The paper's quantities, with a noise only (with none they are per unit σ, which no attack scores)."""
     result = report.per_sample
+    if report.noise.is_zero or result.expected_i2f_rmse is None:
+        return {}
+    out = {"paper/expected_i2f_pixel_rmse": float(result.expected_i2f_rmse.mean()) * report.pixel_std}
+    if result.lower_bound is not None:
+        out["paper/lower_bound_pixel_rmse"] = float(result.lower_bound.mean()) / math.sqrt(
+            report.posterior.dim if report.posterior is not None else _dim(result)) * report.pixel_std
+    if result.damping:
+        out["paper/damping"] = float(result.damping)
+    return out
+
+
+def _dim(result: PerSampleLeakage) -> int:
+    ratio = result.expected_i2f / result.expected_i2f_rmse
+    return round(float(ratio[0]) ** 2) if len(ratio) and float(result.expected_i2f_rmse[0]) > 0 else 1
+
+
+def _summarise(report: LeakageReport, options: LeakageOptions, unit_pixel: Tensor | None,
+               clipped: Posterior | None) -> None:
+    """Fill ``report.scalars``, ``per_class`` and ``worst`` from its per-sample values."""
+    result, noise = report.per_sample, report.noise
     pixel = report.pixel_rmse.detach().double().cpu()
     k = len(pixel)
-    mean = float(pixel.mean())
-    stderr = float(pixel.std() / math.sqrt(k)) if k > 1 else math.nan
-    psnr = attack_psnr(pixel)
     scalars = {
-        "expected_i2f": float(result.expected_i2f.mean()),
-        "expected_i2f_rmse": float(result.expected_i2f_rmse.mean()),
-        "expected_i2f_pixel_rmse": mean,
-        # the standard error of that mean over the probes evaluated (their spread, which includes the
-        # trace estimator's own noise) and its relative size: how far to trust the logged number
-        "expected_i2f_pixel_rmse_stderr": stderr,
-        "relative_stderr": stderr / mean if mean > 0 else math.nan,
         "probes": float(k),
         "measured_at_step": float(report.step),
-        "lower_bound": float(result.lower_bound.mean()),
         "lambda_max": float(result.lambda_max.mean()),
-        "noise_std": report.noise.std if report.noise.std is not None else float("nan"),
-        "per_unit_noise": float(report.noise.per_unit),
-        "converged_fraction": float(result.converged.double().mean()),
-        "damping": float(result.damping),
     }
-    if not report.noise.per_unit:
-        # with no noise (defense=none) the values are per unit σ: no attack scores that, so no PSNR is
-        # shown; sigma_for_target is then the headline
-        scalars["expected_attack_psnr"] = float(psnr.mean())
-    if unit_pixel is not None:
-        sigma = sigma_for_target(unit_pixel, target_pixel_rmse)
-        scalars["sigma_for_target"] = sigma
-        scalars["target_pixel_rmse"] = float(target_pixel_rmse)
-        if clipping_norm and batch_size:
-            # DP-SGD adds N(0, z²C²) to the sum of B clipped gradients: σ per coordinate of the mean is zC/B
-            scalars["noise_multiplier_for_target"] = sigma * batch_size / clipping_norm
+    if k > 1:
+        scalars["expected_pixel_rmse_stderr"] = float(pixel.std() / math.sqrt(k))
+    if noise.isotropic and not noise.is_zero:
+        scalars["noise_std"] = float(noise.std)  # on the sample's own gradient (the threat model's scale)
+    if noise.clip_norm is not None:
+        scalars["clip_norm"] = float(noise.clip_norm)
+    if report.posterior is not None:
+        scalars.update(_headline(report.posterior, noise, options, clipped))
+        scalars.update(_paper(report))
+    else:  # the paper's engine estimators: their own figure, per unit σ without noise
+        scalars.update({
+            "expected_i2f_pixel_rmse": float(pixel.mean()),
+            "per_unit_noise": float(noise.per_unit),
+            "converged_fraction": float(result.converged.double().mean()),
+            "damping": float(result.damping),
+            "lower_bound": float(result.lower_bound.mean()),
+        })
+        if not noise.per_unit:
+            scalars["expected_attack_psnr"] = float(attack_psnr(pixel.pow(2).mean().sqrt()))
+        if unit_pixel is not None:
+            scalars["sigma_for_target"] = options.target_pixel_rmse / float(unit_pixel.double().mean())
     if k > 1:  # a spread needs two probes: one probe has no unfairness to report (not 0, not 1)
         scalars.update(unfairness(pixel))
-    order = torch.argsort(pixel, descending=True)[: max(0, worst_k)]
+    order = torch.argsort(pixel, descending=True)[: max(0, options.worst_k)]
     report.worst = [(int(i), float(pixel[i])) for i in order]
     if report.worst:
-        scalars["worst_k_pixel_rmse"] = float(pixel[order].mean())
+        scalars["worst_k_pixel_rmse"] = float(pixel[order].pow(2).mean().sqrt())
     report.per_class = {
         int(c): float(pixel[report.labels == c].mean()) for c in torch.unique(report.labels).tolist()
     }
@@ -202,12 +280,16 @@ def _finite(scalars: dict[str, float]) -> dict[str, float]:
 @dataclass(frozen=True)
 class LeakageOptions:
     """How a leakage report is summarised, shared by every estimator: ``pixel_std`` (normalised → [0, 1]
-    pixels), the damping ε = ``damping`` + ``relative_damping``·median λ_max, the exact λ_min of the first
-    ``exact_spectrum_probes`` probes (inputs of at most ``exact_max_dim`` values), ``worst_k`` samples listed,
-    ``noise_draws`` for a sampler's Monte Carlo, and the σ-for-target settings (``target_pixel_rmse``; with
-    ``clipping_norm`` and ``batch_size`` also as a DP-SGD noise multiplier)."""
+    pixels; ``value_scale`` the exact per-value one, when known), the data ``prior`` (the calibrated
+    estimator's attacker; a :class:`~pl_i2f.calibrated.GaussianPrior` or τ²), the exact λ_min of the first
+    ``exact_spectrum_probes`` probes for the engine estimators (inputs of at most ``exact_max_dim`` values),
+    ``worst_k`` samples listed, the σ-for-target settings (``target_pixel_rmse``; ``batch_size`` B turns the
+    sample's noise into σ on the mean; ``clipping_norm`` prices DP-SGD's noise multiplier for a run that does
+    not clip), and, for the paper's engine estimators, their damping and ``noise_draws``."""
 
     pixel_std: float = 1.0
+    prior: cal.GaussianPrior | float | None = None
+    value_scale: Tensor | None = None
     damping: float = 0.0
     relative_damping: float = 0.01
     exact_spectrum_probes: int = 0
@@ -229,14 +311,17 @@ class SpectrumEnds:
 
 @dataclass
 class Estimate:
-    """What an estimator returns: the per-sample values; ``unit_pixel`` the pixel RMSE at σ = 1 (for
-    σ-for-target; ``None`` when the noise has no single σ); ``spectra`` its own exact λ_min/λ_max when it has
-    them; ``basis`` the warm-start state for the next evaluation; ``scalars`` extra logged values."""
+    """What an estimator returns: the per-sample values; ``unit_pixel`` the pixel RMSE at σ = 1 (the engine
+    estimators' σ-for-target; ``None`` when the noise has no single σ); ``spectra`` its own exact λ_min/λ_max
+    when it has them; ``basis`` the warm-start state for the next evaluation; ``posterior`` (and ``clipped``, the
+    clipped Gram's, for a noise multiplier) the prior-aware spectra; ``scalars`` extra logged values."""
 
     per_sample: PerSampleLeakage
     unit_pixel: Tensor | None = None
     spectra: SpectrumEnds | None = None
     basis: BasisLeakage | None = None
+    posterior: Posterior | None = None
+    clipped: Posterior | None = None
     scalars: dict[str, float] = field(default_factory=dict)
 
 
@@ -246,15 +331,138 @@ class Estimator(Protocol):
 
     dtype: torch.dtype | None
 
-    def estimate(self, operator: PerSampleOperator, noise: NoiseModel, options: LeakageOptions,
+    def estimate(self, operator: PerSampleOperator, noise: SampleNoise, options: LeakageOptions,
                  generator: torch.Generator | None) -> Estimate: ...
+
+
+def _prior_of(options: LeakageOptions, d_x: int) -> cal.GaussianPrior:
+    prior = options.prior
+    if prior is None:
+        raise ConfigError("the calibrated leakage estimate needs the data prior (LeakageOptions.prior: a "
+                          "GaussianPrior, e.g. datamodule.data_prior(), or a per-value variance τ²)")
+    if isinstance(prior, (int, float)):
+        return cal.isotropic_prior(0.0, float(prior), dim=d_x)
+    if prior.dim != d_x:
+        raise ConfigError(f"the prior has {prior.dim} values, the probes {d_x}")
+    return prior
+
+
+def _value_scale(options: LeakageOptions, d_x: int, like: Tensor) -> Tensor:
+    if options.value_scale is not None:
+        return options.value_scale.to(torch.float64)
+    return torch.full((d_x,), float(options.pixel_std), dtype=torch.float64)
+
+
+@dataclass
+class Calibrated:
+    """The headline: the prior-aware expected error (:mod:`pl_i2f.calibrated`) under the sample's own noise.
+
+    Inputs of at most ``exact_max_dim`` values: exact, from every probe's explicit Jacobian
+    (:func:`pl_i2f.calibrated.exact_posteriors`; DP-SGD's clipped Gram, an anisotropic defense's covariance by
+    Woodbury). Beyond: a rank-``rank`` Nyström sketch of each probe's whitened x-side Gram from products only
+    (:func:`pl_i2f.calibrated.nystrom_spectrum`, its bounds logged as ``error_half_width_db``); isotropic noise,
+    clipped or not, there. ``clip_for_target``: also the clipped spectrum at ``options.clipping_norm`` when the
+    noise itself is not clipped, so a run without DP-SGD gets a noise multiplier for its target too."""
+
+    exact_max_dim: int = EXACT_MAX_DIM
+    rank: int = NYSTROM_RANK
+    probes: int = NYSTROM_PROBES
+    clip_for_target: bool = True
+    dtype: torch.dtype | None = None
+
+    def estimate(self, operator: PerSampleOperator, noise: SampleNoise, options: LeakageOptions,
+                 generator: torch.Generator | None) -> Estimate:
+        d_x = operator.n
+        prior = _prior_of(options, d_x)
+        scale = _value_scale(options, d_x, operator.like)
+        extra_clip = options.clipping_norm if self.clip_for_target and noise.clip_norm is None else None
+        if d_x <= self.exact_max_dim:
+            posterior, clipped = _exact(operator, noise, prior, scale, extra_clip)
+            eigenvalues = posterior.eigenvalues
+            per_sample = _paper_per_sample(operator, eigenvalues, noise)
+            spectra = SpectrumEnds(eigenvalues[:, 0], eigenvalues[:, -1])
+            return Estimate(per_sample=per_sample, spectra=spectra, posterior=posterior,
+                            clipped=clipped if clipped is not None else (posterior if noise.clip_norm else None))
+        if noise.basis is not None or noise.sampler is not None:
+            raise ConfigError(f"the calibrated estimate of inputs above {self.exact_max_dim} values needs isotropic "
+                              f"noise (this noise is {noise.source!r}); its covariance needs the exact route")
+        gen = generator if generator is not None else torch.Generator(device=operator.like.device).manual_seed(0)
+        posterior = self._sketch(operator, noise.clip_norm, noise.std, prior, scale, gen)
+        clipped = None
+        if noise.clip_norm is not None:
+            clipped = posterior
+        elif extra_clip is not None:
+            clipped = self._sketch(operator, extra_clip, 0.0, prior, scale, gen)
+        lam = posterior.mu.amax(-1)  # whitened λ_max (of S G S): the sketch's own spectrum
+        per_sample = PerSampleLeakage(
+            lambda_max=lam, lambda_min=None, trace=None, expected_jdelta=None, lower_bound=None, expected_i2f=None,
+            expected_i2f_rmse=None, converged=torch.ones_like(lam, dtype=torch.bool), iterations=self.rank,
+            method="nystrom", damping=0.0, labels=operator.y)
+        return Estimate(per_sample=per_sample, posterior=posterior, clipped=clipped)
+
+    def _sketch(self, operator: PerSampleOperator, clip: float | None, std: float, prior: cal.GaussianPrior,
+                scale: Tensor, generator: torch.Generator) -> cal.NystromSpectrum:
+        like = operator.like
+        factor, unit_jtg = None, None
+        if clip is not None:  # G_c v = (C/‖g‖)²(Gv − u uᵀv), u = Jᵀĝ, where ‖g‖ > C (clipped_gram, by products)
+            g = operator.gradients()
+            norm = g.norm(dim=1)
+            unit_jtg = operator.transpose_apply(g / norm[:, None].clamp_min(torch.finfo(g.dtype).tiny)).double()
+            factor = torch.where(norm > clip, clip / norm, torch.ones_like(norm)).double()
+
+        def apply(v: Tensor) -> Tensor:  # (d, m) → (P, d, m)
+            shared = v.T.to(like).unsqueeze(0).expand(operator.N, -1, -1).contiguous()
+            out = operator.gram(shared).transpose(-1, -2).double()
+            if factor is not None:
+                clipped = factor < 1
+                proj = unit_jtg[:, :, None] * (unit_jtg @ v.to(out))[:, None, :]
+                out = torch.where(clipped[:, None, None], factor[:, None, None] ** 2 * (out - proj), out)
+            return out
+
+        return cal.nystrom_spectrum(apply, operator.n, self.rank, prior, scale=std, probes=self.probes,
+                                    value_scale=scale, generator=generator.manual_seed(generator.initial_seed()))
+
+
+def _exact(operator: PerSampleOperator, noise: SampleNoise, prior: cal.GaussianPrior, scale: Tensor,
+           extra_clip: float | None) -> tuple[cal.PosteriorSpectrum, cal.PosteriorSpectrum | None]:
+    """:func:`pl_i2f.calibrated.exact_posteriors` on the operator's probes, and with ``extra_clip`` the clipped
+    Gram's spectrum from the same Jacobians (noise shape I: only its scale-free σ-for-target is read)."""
+    from pl_i2f.influence.jacobian import iter_per_sample_jacobians
+
+    main, clipped = [], []
+    for chunk in iter_per_sample_jacobians(operator.model, operator.x, operator.y, loss_fn=operator.loss_fn):
+        main.append(cal.posterior_spectrum(cal.noise_gram(chunk.jacobians, noise, chunk.gradients), prior,
+                                           value_scale=scale))
+        if extra_clip is not None:
+            clip_noise = SampleNoise(std=0.0, clip_norm=extra_clip, source="target")
+            clipped.append(cal.posterior_spectrum(cal.noise_gram(chunk.jacobians, clip_noise, chunk.gradients),
+                                                  prior, value_scale=scale))
+    return cal.concat_spectra(main), cal.concat_spectra(clipped) if clipped else None
+
+
+def _paper_per_sample(operator: PerSampleOperator, eigenvalues: Tensor, noise: SampleNoise) -> PerSampleLeakage:
+    """The paper's per-sample figures from the noise-whitened Gram's exact spectrum (per unit noise scale):
+    undamped I²F s·√(Σ1/λ) over the eigenvalues above the rank threshold, ‖Jδ‖ = s·√tr, lower bound ‖Jδ‖/λ_max."""
+    n = operator.n
+    s = float(noise.std) if noise.std > 0 else 1.0
+    lam = eigenvalues.double()
+    kept = lam > default_rcond(n, torch.float64) * lam[:, -1:]
+    inverse_sum = torch.where(kept, 1.0 / lam.where(kept, torch.ones_like(lam)), 0.0).sum(-1)
+    lam_max, trace = lam[:, -1], lam.clamp_min(0).sum(-1)
+    expected_i2f = s * inverse_sum.sqrt()
+    expected_jdelta = s * trace.sqrt()
+    return PerSampleLeakage(
+        lambda_max=lam_max, lambda_min=lam[:, 0], trace=trace, expected_jdelta=expected_jdelta,
+        lower_bound=expected_jdelta / lam_max, expected_i2f=expected_i2f, expected_i2f_rmse=expected_i2f / math.sqrt(n),
+        converged=torch.ones_like(kept[:, 0]), iterations=n, method="exact_posterior", damping=0.0,
+        labels=operator.y)
 
 
 @dataclass
 class FullPrecision:
-    """Stochastic Lanczos quadrature (``method="slq"``: ``chains`` Lanczos chains per probe, λ_max to 1e-4) or
-    every sample's dense JJᵀ (``"exact"``, d_x products each; gives λ_min):
-    :func:`pl_i2f.influence.per_sample.operator_leakage`. A sampler's noise: Monte Carlo over its draws."""
+    """The paper's damped I²F: stochastic Lanczos quadrature (``method="slq"``: ``chains`` Lanczos chains per
+    probe, λ_max to 1e-4) or every sample's dense JJᵀ (``"exact"``, d_x products each; gives λ_min):
+    :func:`pl_i2f.influence.per_sample.operator_leakage`. Non-isotropic noise: Monte Carlo over its draws."""
 
     method: str = "slq"
     chains: int = LANCZOS_CHAINS
@@ -264,26 +472,26 @@ class FullPrecision:
         if self.method not in METHODS:
             raise ValueError(f"method must be 'slq' or 'exact', got {self.method!r}")
 
-    def estimate(self, operator: PerSampleOperator, noise: NoiseModel, options: LeakageOptions,
+    def estimate(self, operator: PerSampleOperator, noise: SampleNoise, options: LeakageOptions,
                  generator: torch.Generator | None) -> Estimate:
+        std, sampler = _paper_noise(noise, operator)
         result = operator_leakage(
-            operator, noise_std=noise.std, noise_sampler=noise.sampler, damping=options.damping,
+            operator, noise_std=std, noise_sampler=sampler, damping=options.damping,
             relative_damping=options.relative_damping, method=self.method, noise_draws=options.noise_draws,
             chains=self.chains, generator=generator,
         )
-        unit = None if noise.std is None else (result.expected_i2f_rmse * options.pixel_std).detach() / noise.std
+        unit = None if std is None else (result.expected_i2f_rmse * options.pixel_std).detach() / std
         spectra = None if result.lambda_min is None else SpectrumEnds(result.lambda_min, result.lambda_max)
         return Estimate(per_sample=result, unit_pixel=unit, spectra=spectra)
 
 
 @dataclass
 class WarmBasis:
-    """The monitor's evaluation: one Lanczos basis of ``steps`` vectors per probe
+    """The paper's damped I²F at monitoring precision: one Lanczos basis of ``steps`` vectors per probe
     (:func:`pl_i2f.influence.warm.basis_leakage`), warm-started from ``basis`` (the previous evaluation's,
     returned in the report for the next call) — two block products instead of a fresh Lanczos run; one
-    Rademacher vector per probe (the mean's standard error over the probes is logged). Isotropic noise uses
-    E‖I²F‖ = σ·(its value at σ = 1); other noise (anisotropic) adds Monte Carlo over the defense's draws on the
-    same operator. Within 5% of the full-precision computation along a digits run (tested).
+    Rademacher vector per probe. Isotropic noise uses E‖I²F‖ = σ·(its value at σ = 1); other noise adds Monte
+    Carlo over its draws on the same operator. Within 5% of :class:`FullPrecision` along a digits run (tested).
 
     ``stop(steps done, seconds so far, seconds of the last step)`` (fresh bases): ``True`` ends the basis there,
     after at least ``min_steps`` steps — the caller's budget, timed with ``clock``; the solver never reads a
@@ -308,7 +516,7 @@ class WarmBasis:
 
         return keep_going
 
-    def estimate(self, operator: PerSampleOperator, noise: NoiseModel, options: LeakageOptions,
+    def estimate(self, operator: PerSampleOperator, noise: SampleNoise, options: LeakageOptions,
                  generator: torch.Generator | None) -> Estimate:
         damping = Damping.request(options.damping, relative=options.relative_damping, d_x=operator.n,
                                   dtype=operator.like.dtype, caller="the leakage monitor", rcond=BASIS_RCOND)
@@ -316,13 +524,14 @@ class WarmBasis:
                             keep_going=self._keep_going())
         n = operator.n
         unit = fit.unit_i2f_sq.clamp_min(0).sqrt()
-        if noise.std is not None:
-            expected_i2f = noise.std * unit
-            expected_jdelta = noise.std * fit.trace.clamp_min(0).sqrt()
+        std, sampler = _paper_noise(noise, operator)
+        if std is not None:
+            expected_i2f = std * unit
+            expected_jdelta = std * fit.trace.clamp_min(0).sqrt()
             converged = fit.lambda_max_residual <= CONVERGED_RESIDUAL * fit.lambda_max.abs()
             damping_used = fit.damping
         else:  # a sampler: Monte Carlo over its draws, at the damping the basis chose
-            mc = operator_leakage(operator, noise_sampler=noise.sampler, damping=fit.damping, chains=MONITOR_CHAINS,
+            mc = operator_leakage(operator, noise_sampler=sampler, damping=fit.damping, chains=MONITOR_CHAINS,
                                   noise_draws=options.noise_draws, tol=MONITOR_LAMBDA_TOL, generator=generator)
             expected_i2f, expected_jdelta, converged, damping_used = (mc.expected_i2f, mc.expected_jdelta,
                                                                        mc.converged, mc.damping)
@@ -338,51 +547,47 @@ class WarmBasis:
 
 @dataclass
 class ExactSpectra:
-    """The **undamped** expected I²F from every eigenvalue of each probe's JᵢJᵢᵀ, in ``dtype`` (float64 by
+    """The paper's **undamped** expected I²F from every eigenvalue of each probe's JᵢJᵢᵀ, in ``dtype`` (float64 by
     default): σ·√(Σᵢ 1/λᵢ), eigenvalues at or below the rank threshold d_x·u·λ_max counting as null directions
-    (as in the pseudo-inverse). Isotropic noise only (a defense without noise: per unit σ); see
-    :func:`undamped_leakage`."""
+    (as in the pseudo-inverse). Isotropic noise only (no noise: per unit σ); see :func:`undamped_leakage`."""
 
     dtype: torch.dtype | None = torch.float64
 
-    def estimate(self, operator: PerSampleOperator, noise: NoiseModel, options: LeakageOptions,
+    def estimate(self, operator: PerSampleOperator, noise: SampleNoise, options: LeakageOptions,
                  generator: torch.Generator | None) -> Estimate:
-        if noise.std is None:
+        std, _ = _paper_noise(noise, operator)
+        if std is None:
             raise ValueError("ExactSpectra needs isotropic noise (a single σ to scale the spectrum by)")
-        n = operator.n
         eigenvalues = exact_spectra(operator)
-        kept = eigenvalues > default_rcond(n, eigenvalues.dtype) * eigenvalues[:, -1:]
-        inverse_sum = torch.where(kept, 1.0 / eigenvalues.where(kept, torch.ones_like(eigenvalues)), 0.0).sum(-1)
-        lam_max, trace = eigenvalues[:, -1], eigenvalues.clamp_min(0).sum(-1)
-        expected_i2f = noise.std * inverse_sum.sqrt()
-        expected_jdelta = noise.std * trace.sqrt()
-        result = PerSampleLeakage(
-            lambda_max=lam_max, lambda_min=eigenvalues[:, 0], trace=trace, expected_jdelta=expected_jdelta,
-            lower_bound=expected_jdelta / lam_max, expected_i2f=expected_i2f,
-            expected_i2f_rmse=expected_i2f / math.sqrt(n), converged=torch.ones_like(kept[:, 0]), iterations=n,
-            method="exact_spectra", damping=0.0, labels=operator.y,
-        )
-        unit = (result.expected_i2f_rmse * options.pixel_std).detach() / noise.std
-        return Estimate(per_sample=result, unit_pixel=unit, spectra=SpectrumEnds(eigenvalues[:, 0], lam_max))
+        result = _paper_per_sample(operator, eigenvalues, SampleNoise(std=std))
+        result.method = "exact_spectra"
+        unit = (result.expected_i2f_rmse * options.pixel_std).detach() / std
+        return Estimate(per_sample=result, unit_pixel=unit, spectra=SpectrumEnds(eigenvalues[:, 0],
+                                                                                 eigenvalues[:, -1]))
 
 
 def leakage_report(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
-    noise: NoiseModel,
+    noise: SampleNoise,
     options: LeakageOptions,
     estimator: Estimator,
     *,
     step: int = 0,
     generator: torch.Generator | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    loss_fn: Callable | None = None,
 ) -> LeakageReport:
-    """Per-sample leakage of ``(x, y)`` (each sample its own private input) under ``noise``, by ``estimator``,
-    summarised as ``options`` say. Never changes ``model``. The per-sample operator is built here, once, on a
-    hook-free model in eval mode (a copy in ``estimator.dtype`` when that differs), and handed to the estimator;
-    the exact λ_min of ``options.exact_spectrum_probes`` probes then come from the same operator unless the
-    estimator had them. ``report.seconds`` holds the time of the estimate and of those spectra (``clock``)."""
+    """Per-sample leakage of ``(x, y)`` (each sample its own private input) under ``noise`` (the noise on one
+    sample's own gradient, :mod:`pl_i2f.threat`), by ``estimator``, summarised as ``options`` say. Never changes
+    ``model``. The per-sample operator is built here, once, on a hook-free model in eval mode (a copy in
+    ``estimator.dtype`` when that differs), and handed to the estimator; the exact λ_min of
+    ``options.exact_spectrum_probes`` probes then come from the same operator unless the estimator had them.
+    ``report.seconds`` holds the time of the estimate and of those spectra (``clock``)."""
+    if not isinstance(noise, SampleNoise):
+        raise ConfigError(f"leakage_report needs the noise on a sample's gradient (a SampleNoise: "
+                          f"Defense.sample_noise / pl_i2f.leakage.noise_of), got {type(noise).__name__}")
     model = analysis_model(model)
     dtype = estimator.dtype
     if dtype is not None and any(p.dtype != dtype for p in model.parameters()):
@@ -390,7 +595,7 @@ def leakage_report(
     started = clock()
     spectra_seconds = 0.0
     with eval_mode(model):
-        operator = PerSampleOperator(model, x, y)
+        operator = PerSampleOperator(model, x, y, loss_fn=loss_fn)
         estimate = estimator.estimate(operator, noise, options, generator)
         estimate_seconds = clock() - started
         spectra = estimate.spectra
@@ -402,10 +607,9 @@ def leakage_report(
             spectra = SpectrumEnds(lambda_min=eigenvalues[:, 0], lambda_max=eigenvalues[:, -1])
             spectra_seconds = clock() - began
     report = LeakageReport(per_sample=estimate.per_sample, labels=y.detach().cpu(), pixel_std=options.pixel_std,
-                           noise=noise, step=step, basis=estimate.basis,
+                           noise=noise, step=step, basis=estimate.basis, posterior=estimate.posterior,
                            seconds={"estimate": estimate_seconds, "spectra": spectra_seconds})
-    _summarise(report, estimate.unit_pixel, options.worst_k, options.target_pixel_rmse, options.clipping_norm,
-               options.batch_size)
+    _summarise(report, options, estimate.unit_pixel, estimate.clipped)
     if spectra is not None:
         _add_spectra(report, spectra)
     report.scalars.update(estimate.scalars)
@@ -486,8 +690,8 @@ def merge_basis(stored: Tensor | None, new: Tensor) -> Tensor:
 
 def measure_leakage(model: nn.Module, x: Tensor, y: Tensor, defense: Defense, step: int, *, method: str = "slq",
                     exact_spectrum_probes: int = 4, generator: torch.Generator | None = None,
-                    noise: NoiseModel | None = None, **options: Any) -> LeakageReport:
-    """Per-sample I²F leakage of ``(x, y)`` under ``defense``'s noise at ``step``, at full precision
+                    noise: SampleNoise | None = None, **options: Any) -> LeakageReport:
+    """The paper's per-sample I²F leakage of ``(x, y)`` under ``defense``'s noise at ``step``, at full precision
     (:class:`FullPrecision`; ``options``: the fields of :class:`LeakageOptions`). Never changes ``model``.
 
     ``method="slq"`` (default): λ_max by Lanczos and the traces by stochastic Lanczos quadrature (4 chains,
@@ -496,17 +700,18 @@ def measure_leakage(model: nn.Module, x: Tensor, y: Tensor, defense: Defense, st
     ``exact_spectrum_probes`` samples only (0: skip them), for inputs of at most ``exact_max_dim`` values. The
     damping is ε = ``damping`` + ``relative_damping``·median λ_max (scale-free; see
     :func:`pl_i2f.influence.per_sample_leakage`); the ε used is logged as ``damping``. ``noise`` overrides the
-    defense's noise at ``step`` (a :class:`NoiseModel` captured earlier, with a snapshot of the weights).
+    defense's noise at ``step`` (a :class:`SampleNoise` captured earlier, with a snapshot of the weights).
     ``sigma_for_target`` (isotropic noise only) and ``noise_multiplier_for_target`` (with ``clipping_norm`` and
     ``batch_size``): see :func:`sigma_for_target`. The monitor's cheaper evaluation is :func:`monitor_leakage`."""
     estimator = FullPrecision(method=method)
-    noise = NoiseModel.of(defense, step, analysis_model(model)) if noise is None else noise
+    noise = _noise(defense, step, model, noise, options)
     return leakage_report(model, x, y, noise, LeakageOptions(exact_spectrum_probes=exact_spectrum_probes, **options),
                           estimator, step=step, generator=generator)
 
 
-def undamped_leakage(model: nn.Module, x: Tensor, y: Tensor, defense: Defense, step: int, *, pixel_std: float = 1.0,
-                     exact_max_dim: int = EXACT_MAX_DIM) -> Tensor | None:
+def undamped_leakage(model: nn.Module, x: Tensor, y: Tensor, defense: NoiseLike, step: int, *,
+                     pixel_std: float = 1.0, exact_max_dim: int = EXACT_MAX_DIM,
+                     batch_size: int | None = None) -> Tensor | None:
     """Each sample's **undamped** expected I²F on the [0, 1] pixel scale, σ·√(Σᵢ 1/λᵢ)/√d_x·pixel_std, from its
     exact spectrum in float64 (:class:`ExactSpectra`): the attack-calibrated figure (DLG's error when the attack
     converges: within ~1% on the untrained LeNet, ``docs/results.md``), where the damped headline is a
@@ -519,8 +724,8 @@ def undamped_leakage(model: nn.Module, x: Tensor, y: Tensor, defense: Defense, s
     values and for isotropic noise (a defense without noise: per unit σ); ``None`` otherwise."""
     if x[0].numel() > exact_max_dim:
         return None
-    noise = NoiseModel.of(defense, step, analysis_model(model))
-    if noise.std is None:  # anisotropic draws: no single σ to scale the spectrum by
+    noise = noise_of(defense, step, analysis_model(model), batch_size=batch_size)
+    if not noise.isotropic:  # no single σ to scale the spectrum by
         return None
     report = leakage_report(model, x, y, noise, LeakageOptions(pixel_std=pixel_std, worst_k=0), ExactSpectra(),
                             step=step)
@@ -529,13 +734,31 @@ def undamped_leakage(model: nn.Module, x: Tensor, y: Tensor, defense: Defense, s
 
 def monitor_leakage(model: nn.Module, x: Tensor, y: Tensor, defense: Defense, step: int, *,
                     basis: Tensor | None = None, steps: int = 16, generator: torch.Generator | None = None,
-                    noise: NoiseModel | None = None, **options: Any) -> LeakageReport:
-    """The leakage monitor's evaluation (:class:`WarmBasis`, warm-started from ``basis``; ``options``: the
-    fields of :class:`LeakageOptions`): :func:`measure_leakage`'s report at monitoring precision. The next
+                    noise: SampleNoise | None = None, **options: Any) -> LeakageReport:
+    """The paper's damped figure at monitoring precision (:class:`WarmBasis`, warm-started from ``basis``;
+    ``options``: the fields of :class:`LeakageOptions`): :func:`measure_leakage`'s report, cheaper. The next
     evaluation's basis is ``report.basis.basis``."""
-    noise = NoiseModel.of(defense, step, analysis_model(model)) if noise is None else noise
+    noise = _noise(defense, step, model, noise, options)
     return leakage_report(model, x, y, noise, LeakageOptions(**options), WarmBasis(steps=steps, basis=basis),
                           step=step, generator=generator)
+
+
+def _noise(defense: NoiseLike, step: int, model: nn.Module, noise: SampleNoise | None,
+           options: dict[str, Any]) -> SampleNoise:
+    if noise is not None:
+        return noise
+    return noise_of(defense, step, analysis_model(model), batch_size=options.get("batch_size"))
+
+
+def calibrated_leakage(model: nn.Module, x: Tensor, y: Tensor, defense: NoiseLike, step: int, *,
+                       prior: cal.GaussianPrior | float, noise: SampleNoise | None = None,
+                       generator: torch.Generator | None = None, **options: Any) -> LeakageReport:
+    """The headline report (:class:`Calibrated`) of ``(x, y)`` under ``defense``'s noise at ``step`` (or
+    ``noise``), for an attacker with the Gaussian ``prior`` (``options``: the fields of :class:`LeakageOptions`;
+    ``batch_size`` is B for noise on the mean gradient). Never changes ``model``."""
+    noise = _noise(defense, step, model, noise, options)
+    return leakage_report(model, x, y, noise, LeakageOptions(prior=prior, **options), Calibrated(), step=step,
+                          generator=generator)
 
 
 def mean_pixel_std(datamodule: object) -> float:

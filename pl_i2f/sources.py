@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, Dataset
 from pl_i2f.defenses.base import NoiseSampler, analysis_model, has_opacus_hooks
 from pl_i2f.errors import ConfigError
 from pl_i2f.gradients import LossFn, default_loss, flat_gradient
-from pl_i2f.leakage import NoiseModel, mean_pixel_std
-from pl_i2f.rng import analysis_generator, randn
+from pl_i2f.leakage import mean_pixel_std
+from pl_i2f.rng import analysis_generator
 from pl_i2f.threat import NO_NOISE, SampleNoise
 
 Probe = tuple[Tensor, Tensor]
@@ -172,36 +172,6 @@ def is_cross_entropy(loss: LossFn, logits: Tensor, y: Tensor) -> bool:
 
 
 # -- noise ---------------------------------------------------------------------------------------------
-def as_noise_model(noise: SampleNoise) -> NoiseModel:
-    """The adapter to the estimator's current :class:`pl_i2f.leakage.NoiseModel`: isotropic → its std; a
-    sampler or a directional part → Monte Carlo draws; nothing → per unit σ. (The clipping is not
-    represented there: the estimator then uses the unclipped per-sample Jacobian.)"""
-    if noise.is_zero:
-        return NoiseModel(std=1.0, sampler=None, per_unit=True)
-    if noise.isotropic:
-        return NoiseModel(std=float(noise.std), sampler=None, per_unit=False)
-    return NoiseModel(std=None, sampler=_sampler(noise), per_unit=False)  # a sampler or a basis sets the size
-
-
-def _sampler(noise: SampleNoise, like: Tensor | None = None) -> NoiseSampler:
-    """Draws of ``noise`` as flat θ-vectors: its own ``sampler`` when it has one (which draws all of it), else
-    std·N(0, I) plus the directional part; ``like`` (any θ-vector) gives the size when only ``std`` is set."""
-    if noise.sampler is not None:
-        return noise.sampler
-    if noise.basis is None and like is None:
-        raise ValueError("isotropic noise needs the model (its number of parameters) to draw from")
-
-    def draw(generator: torch.Generator) -> Tensor:
-        ref = noise.basis if noise.basis is not None else like
-        delta = noise.std * randn(ref.shape[0] if noise.basis is not None else ref.numel(), generator, ref)
-        if noise.basis is not None:
-            scale = noise.extra_variance.clamp_min(0).sqrt()
-            delta = delta + noise.basis @ (scale * randn(len(scale), generator, noise.basis))
-        return delta
-
-    return draw
-
-
 def _theta_like(model: nn.Module | None) -> Tensor | None:
     if model is None:
         return None
@@ -235,7 +205,7 @@ class NoiseSource:
 
     def noise_sampler(self, step: int, model: nn.Module | None = None) -> NoiseSampler | None:
         noise = self.sample_noise(step, model)
-        return None if noise.is_zero else _sampler(noise, _theta_like(model))
+        return None if noise.is_zero else noise.draws(_theta_like(model))
 
     def release(self, model: nn.Module, x: Tensor, y: Tensor, step: int = 0,
                 generator: torch.Generator | None = None) -> Tensor:
@@ -247,7 +217,7 @@ class NoiseSource:
             g = g * (noise.clip_norm / (g.norm() + 1e-6)).clamp(max=1.0)  # Opacus' clipping factor
         if noise.is_zero:
             return g
-        return g + _sampler(noise, g)(analysis_generator(generator, g.device)).to(g)
+        return g + noise.draws(g)(analysis_generator(generator, g.device)).to(g)
 
     def describe(self) -> dict[str, Any]:
         noise = self.sample_noise(0)
@@ -257,10 +227,11 @@ class NoiseSource:
 class DefenseNoise(NoiseSource):
     """This package's defense, read as its own description (the app's numbers, unchanged)."""
 
-    def __init__(self, defense: Any):
+    def __init__(self, defense: Any, batch_of_one: bool = False):
         super().__init__()
         self.defense = defense
         self.name = defense.name
+        self.batch_of_one = batch_of_one
 
     @property
     def max_grad_norm(self) -> float | None:
@@ -271,9 +242,9 @@ class DefenseNoise(NoiseSource):
         return getattr(self.defense, "expected_batch_size", None)
 
     def sample_noise(self, step: int, model: nn.Module | None = None) -> SampleNoise:
-        std = self.defense.noise_std(step)
-        sampler = None if std else self.defense.noise_sampler(step, model)
-        return SampleNoise(std=float(std or 0.0), clip_norm=self.max_grad_norm, sampler=sampler, source=self.name)
+        """The defense's own :meth:`pl_i2f.defenses.Defense.sample_noise` (DP-SGD: σC on the clipped gradient;
+        Gaussian on the mean of B: Bσ; anisotropic: its covariance), ``batch_of_one`` as the source was built."""
+        return self.defense.sample_noise(step, model, batch_of_one=self.batch_of_one)
 
     def noise_std(self, step: int) -> float | None:
         return self.defense.noise_std(step)

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from pl_i2f.defenses.base import NoiseSampler
 from pl_i2f.errors import ConfigError
+from pl_i2f.rng import randn
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,30 @@ class SampleNoise:
     def is_zero(self) -> bool:
         """True when nothing is added: the gradient pins the input down to first order."""
         return self.std == 0 and self.basis is None and self.sampler is None
+
+    @property
+    def per_unit(self) -> bool:
+        """The paper's estimators need a σ: with no noise they report per unit σ (σ = 1 stands in)."""
+        return self.is_zero
+
+    def draws(self, like: Tensor | None = None) -> NoiseSampler:
+        """Draws of this noise as flat θ-vectors: its own ``sampler`` when it has one, else std·N(0, I) plus the
+        directional part; ``like`` (any θ-vector) gives the size when only ``std`` is set."""
+        if self.sampler is not None:
+            return self.sampler
+        if self.basis is None and like is None:
+            raise ValueError("isotropic noise needs the model (its number of parameters) to draw from")
+        std, basis, extra = self.std, self.basis, self.extra_variance
+
+        def draw(generator: torch.Generator) -> Tensor:
+            ref = basis if basis is not None else like
+            delta = std * randn(ref.shape[0] if basis is not None else ref.numel(), generator, ref)
+            if basis is not None:
+                scale = extra.clamp_min(0).sqrt()
+                delta = delta + basis @ (scale * randn(len(scale), generator, basis))
+            return delta
+
+        return draw
 
 
 NO_NOISE = SampleNoise()

@@ -309,3 +309,59 @@ def test_prior_from_dataset_streams_the_same_covariance():
     torch.testing.assert_close(streamed.mean, direct.mean, rtol=1e-12, atol=0)
     ppca = cal.prior_from_dataset(ds, full=False, rank=2)
     assert ppca.basis.shape == (9, 2) and ppca.trace == pytest.approx(direct.trace, rel=1e-9)
+
+
+# -- exact_posteriors: explicit Jacobians of a real network -------------------------------------------
+def _net_and_probes(n: int = 3):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.Tanh(), nn.Linear(6, 4)).double()
+    x = torch.randn(n, 1, 3, 4, dtype=D)
+    y = torch.arange(n) % 4
+    return net, x, y
+
+
+def _jacobians(net, x, y):
+    from pl_i2f.influence.jacobian import per_sample_jacobians
+
+    j, g = per_sample_jacobians(net, x, y)
+    return j.double(), g.double()
+
+
+def test_exact_posteriors_equals_dense_algebra_and_batches_probes():
+    net, x, y = _net_and_probes(5)
+    cov = _spd(12, seed=3)
+    prior = cal.covariance_prior(torch.zeros(12, dtype=D), cov)
+    sigma = 0.05
+    spec = cal.exact_posteriors(net, x, y, SampleNoise(std=sigma), prior, max_numbers=2 * 12 * 100)  # 2 chunks+
+    j, _ = _jacobians(net, x, y)
+    dense = _kalman(j, cov, sigma**2 * torch.eye(j.shape[1], dtype=D))
+    torch.testing.assert_close(spec.error(), dense, rtol=1e-6, atol=0)
+    assert spec.mu.shape == (5, 12)
+
+
+def test_exact_posteriors_dpsgd_clipped_gram_and_noise_sigma_c_by_hand():
+    net, x, y = _net_and_probes(3)
+    j, g = _jacobians(net, x, y)
+    clip = 0.5 * float(g.norm(dim=1).min())  # every probe clipped
+    sigma, tau2 = 1.3, 0.7
+    spec = cal.exact_posteriors(net, x, y, SampleNoise(std=sigma * clip, clip_norm=clip), tau2)
+    hand = []
+    for jj, gg in zip(j, g):
+        norm = gg.norm()
+        unit = gg / norm
+        jc = clip / norm * (jj - torch.outer(unit, unit @ jj))  # d clip_C(g)/dx = (C/‖g‖)(I − ĝĝᵀ)J
+        hand.append(torch.trace(torch.linalg.inv(jc.T @ jc / (sigma * clip) ** 2 + torch.eye(12, dtype=D) / tau2)))
+    torch.testing.assert_close(spec.error(), torch.stack(hand), rtol=1e-6, atol=0)
+
+
+def test_exact_posteriors_anisotropic_covariance_by_woodbury():
+    net, x, y = _net_and_probes(2)
+    j, _ = _jacobians(net, x, y)
+    d_theta = j.shape[1]
+    basis = torch.linalg.qr(torch.randn(d_theta, 3, dtype=D))[0]
+    extra = torch.tensor([0.5, 2.0, 0.0], dtype=D)
+    noise = SampleNoise(std=0.1, basis=basis, extra_variance=extra, source="anisotropic")
+    spec = cal.exact_posteriors(net, x, y, noise, 0.3)
+    cov_n = 0.01 * torch.eye(d_theta, dtype=D) + basis @ torch.diag(extra) @ basis.T
+    dense = _kalman(j, 0.3 * torch.eye(12, dtype=D), cov_n)
+    torch.testing.assert_close(spec.error(), dense, rtol=1e-6, atol=0)

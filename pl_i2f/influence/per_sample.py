@@ -63,6 +63,7 @@ class PerSampleOperator:
         self.params = params
         self.like = torch.empty(0, dtype=self.x.dtype, device=self.x.device)  # dtype and device of every vector
         self.loss = batch_loss_fn(model, loss_fn)
+        self.loss_fn = loss_fn
         self.sample_shape = tuple(x.shape[1:])
         self.N, self.n = self.x.shape[0], self.x[0].numel()
         self.d_theta = sum(p.numel() for p in params.values())
@@ -85,6 +86,8 @@ class PerSampleOperator:
             return vmap(lambda t: jvp(lambda z: g1(z, yi), (xi,), (t,))[1])(tangents)
 
         inner = (None, None, 0)
+        self._grads = vmap(g1)
+        self._mat = vmap(mat1)  # a different δ per sample
         self._gram = vmap(vmap(gram1, in_dims=inner))
         self._mat_shared = vmap(vmap(mat1, in_dims=inner), in_dims=(0, 0, None))  # same δ's for every sample
         self._columns = vmap(columns, in_dims=(0, 0, None))  # Jacobian columns Jᵢeⱼ, the same eⱼ for every sample
@@ -118,6 +121,14 @@ class PerSampleOperator:
         cols = [self.gram(eye[s : s + step].unsqueeze(0).expand(N, -1, -1).contiguous()) for s in range(0, n, step)]
         A = torch.cat(cols, dim=1)
         return (A + A.transpose(-1, -2)) / 2
+
+    def gradients(self) -> Tensor:  # (N, d_θ): every sample's own gradient gᵢ
+        return torch.cat([self._grads(self.x[s: s + self.chunk], self.y[s: s + self.chunk])
+                          for s in range(0, self.N, self.chunk)])
+
+    def transpose_apply(self, d: Tensor) -> Tensor:  # (N, d_θ) → (N, n): Jᵢᵀdᵢ, one δ per sample
+        out = self._chunks(self._mat, d)
+        return out.reshape(out.shape[0], -1)
 
     def matvec_shared(self, deltas: Tensor) -> Tensor:  # (s, d_θ) → (N, s, n)
         out = self._chunks(self._mat_shared, deltas, shared=True)
