@@ -14,9 +14,8 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.model_helpers import is_overridden
 
 from pl_i2f.attacks import MAP_PRESET, attack_config, invert, map_attack
-from pl_i2f.calibrated import GaussianPrior, isotropic_prior, psnr, value_scale
+from pl_i2f.calibrated import GaussianPrior, exact_posteriors, isotropic_prior, psnr, value_scale
 from pl_i2f.errors import ConfigError, check_options
-from pl_i2f.leakage import exact_posteriors
 from pl_i2f.metrics import PSNR_CAP, per_image_metrics
 from pl_i2f.report import format_number
 from pl_i2f.sources import (
@@ -67,7 +66,7 @@ class AttackAudit(Callback):
 
     * ``audit/psnr``, ``audit/rmse``, ``audit/ssim`` — the attack's reconstruction against the original;
     * ``audit/predicted_psnr``, ``audit/predicted_pixel_rmse`` — the headline for the same samples
-      (:func:`pl_i2f.leakage.exact_posteriors`, the code the leakage monitor runs), and ``audit/prior_psnr``
+      (:func:`pl_i2f.calibrated.exact_posteriors`, the code the leakage monitor runs), and ``audit/prior_psnr``
       (guessing the data mean);
     * ``audit/gap_db`` — predicted − attack PSNR: > 0 the attack did worse than the Gaussian-prior attacker is
       expected to, < 0 better. Logged only where the prediction is finite (without noise a determined sample's

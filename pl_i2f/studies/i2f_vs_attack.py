@@ -10,7 +10,7 @@ of noise on a log grid of σ:
 
 One noise draw z ~ N(0, I) per sample (seeded) serves every σ of the grid. Compared, per (weights, noise, σ):
 
-* ``headline``     the predicted PSNR of :func:`pl_i2f.leakage.exact_posteriors` — the expected error of an
+* ``headline``     the predicted PSNR of :func:`pl_i2f.calibrated.exact_posteriors` — the expected error of an
                    attacker with the data's Gaussian prior (the monitor's ``leakage/expected_attack_psnr``);
 * ``map``          the prior-aware MAP attack (preset ``map``: the same prior and noise, from the data mean);
 * ``dlg``, ``inverting_gradients``  the prior-free attacks, started from random noise;
@@ -34,11 +34,11 @@ from typing import Any
 import torch
 
 from pl_i2f.attacks import invert
-from pl_i2f.calibrated import DTYPE, GaussianPrior, PosteriorSpectrum, noise_gram, posterior_spectrum, value_scale
+from pl_i2f.calibrated import DTYPE, GaussianPrior, exact_posteriors, value_scale
 from pl_i2f.data import build_datamodule
 from pl_i2f.errors import ConfigError
 from pl_i2f.gradients import flat_gradient
-from pl_i2f.influence.jacobian import per_sample_grams, per_sample_jacobians
+from pl_i2f.influence.jacobian import per_sample_grams
 from pl_i2f.models import build_model
 from pl_i2f.studies.common import StudyResult, float64_copy, median, probe_model, run_study_units
 from pl_i2f.studies.figures import pyplot, save_figure
@@ -132,12 +132,6 @@ def paper_mses(gram: torch.Tensor, scale: torch.Tensor, std: float, damping: flo
     damped = float((w * lam / (lam + damping) ** 2).sum())
     lower = float(lam.sum() / lam.max() ** 2) * float(scale.to(DTYPE).pow(2).mean())
     return {"undamped": s2 * undamped / d, "damped": s2 * damped / d, "lower_bound": s2 * lower / d}
-
-
-def exact_posteriors(model, x, y, noise, prior, *, value_scale=None) -> PosteriorSpectrum:
-    """Per-probe posterior spectra from explicit Jacobians under ``noise`` (clipped when DP-SGD)."""
-    j, g = per_sample_jacobians(model, x, y)
-    return posterior_spectrum(noise_gram(j, noise, g), prior, value_scale=value_scale)
 
 
 # --- the work of one (model, noise kind, sample) ----------------------------------------------------------
