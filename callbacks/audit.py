@@ -69,8 +69,9 @@ class AttackAudit(Callback):
       (:func:`pl_i2f.calibrated.exact_posteriors`, the code the leakage monitor runs), and ``audit/prior_psnr``
       (guessing the data mean);
     * ``audit/gap_db`` — predicted − attack PSNR: > 0 the attack did worse than the Gaussian-prior attacker is
-      expected to, < 0 better. Logged only where the prediction is finite (without noise a determined sample's
-      predicted error is 0: only the attack's own PSNR is meaningful then);
+      expected to, < 0 better. Logged, with ``audit/predicted_psnr``, only under noise: without it a sample the
+      gradient determines has predicted error 0 (PSNR ∞), so ``audit/determined_fraction`` (the share of such
+      samples) is logged instead and only the attack's own PSNR is meaningful;
     * ``audit/converged``, ``audit/failed``, ``audit/out_of_time`` — how many attacks converged (the optimiser
       met its tolerances before its budget), diverged, or ran out of time; ``audit/noise_std`` the noise on one
       sample's gradient; ``audit/seconds``;
@@ -195,7 +196,7 @@ class AttackAudit(Callback):
         model = analysis_network(pl_module)
         x, y = (t[: self.n_samples].to(pl_module.device) for t in self._sources.probe)
         noise = source.sample_noise(step, model)
-        prior = self._prior(x)
+        prior = self._prior(trainer, x)
         lo, hi = pixels.bounds()
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed + step)
         n = len(y)
@@ -230,7 +231,7 @@ class AttackAudit(Callback):
         predicted_psnr, attack_psnr = pooled_psnr(predicted_mse), pooled_psnr(attack_mse)
         for i in range(n):
             p_psnr, a_psnr = pooled_psnr(predicted_mse[i : i + 1]), pooled_psnr(attack_mse[i : i + 1])
-            gap = p_psnr - a_psnr if float(predicted_mse[i]) > 0 else None
+            gap = None if noise.is_zero else p_psnr - a_psnr
             self.pairs.append({"epoch": epoch, "step": step, "sample": i, "label": int(y[i]),
                                "attack_psnr": a_psnr, "predicted_psnr": p_psnr, "gap_db": gap,
                                "converged": converged[i], "attack_mse": float(attack_mse[i]),
@@ -248,7 +249,9 @@ class AttackAudit(Callback):
             "noise_std": float(noise.std),
             "seconds": time.perf_counter() - start,
         }
-        if float(predicted_mse.mean()) > 0:  # no noise: a determined sample's predicted error is 0 (PSNR ∞)
+        if noise.is_zero:  # to first order the gradient pins each determined sample down: error 0, PSNR ∞
+            scalars["determined_fraction"] = spectrum.determined_fraction()
+        else:
             scalars["predicted_psnr"] = predicted_psnr
             scalars["gap_db"] = predicted_psnr - attack_psnr
         ranked = [p for p in self.pairs if p.get("noisy")]
@@ -261,12 +264,16 @@ class AttackAudit(Callback):
         self.last_epoch = epoch
         return scalars
 
-    def _prior(self, x: torch.Tensor) -> GaussianPrior:
-        """The Gaussian prior the estimate and the MAP attack share: the resolved prior when it is one (the
-        datamodule's :meth:`data_prior`), else τ²I around the given mean (a prior with ``mean`` and ``variance``)."""
+    def _prior(self, trainer: pl.Trainer, x: torch.Tensor) -> GaussianPrior:
+        """The Gaussian prior the estimate and the MAP attack share: the callback's ``prior`` when it is one, else
+        (none given) the datamodule's :meth:`~pl_i2f.data.ImageDataModule.data_prior` (mean and full covariance of
+        the training inputs), else τ²I with the given (or the probes') ``mean`` and ``variance``."""
         prior = self._sources.prior
         if isinstance(prior, GaussianPrior):
             return prior
+        own = getattr(getattr(trainer, "datamodule", None), "data_prior", None)
+        if self.options.prior is None and callable(own):
+            return own()
         mean = torch.as_tensor(prior.mean).reshape(-1)
         if mean.numel() != x[0].numel():
             mean = mean.mean().expand(x[0].numel())
