@@ -153,3 +153,17 @@ def test_dpsgd_releases_the_clipped_gradient_plus_sigma_c():
                                  torch.Generator().manual_seed(1))
     delta = noisy - plain
     assert float(delta.std()) == pytest.approx(2.0 * clip, rel=0.05)  # σC per coordinate, no 1/B
+
+
+def test_the_map_attack_keeps_the_audits_time_share():
+    """A spent share (``max_seconds`` 0): the MAP attack stops before its first evaluation with the prior's mean."""
+    from pl_i2f.attacks import invert
+
+    torch.manual_seed(0)
+    model = build_model("lenet_zhu", (1, 8, 8), 10).eval()
+    x, y = torch.randn(1, 1, 8, 8), torch.tensor([3])
+    prior = cal.isotropic_prior(torch.full((64,), 0.5), 1.0)
+    result = invert(model, flat_gradient(model, x, y), y, (1, 8, 8), preset="map", prior=prior, noise=0.1,
+                    max_seconds=0.0)
+    assert result.stop_reason == "budget_time" and result.evaluations == 0
+    assert torch.allclose(result.x.reshape(-1).double(), prior.mean)
