@@ -13,7 +13,7 @@ and all), alternating with/without so drifting machine load hits both. Also repo
 paired ratios (each "with" over the "without" run next to it) and the monitor's own time as it logs it
 (``I2FMonitor: N evaluations at K steps in X s (Y% of T s training)``) over its own measured training time —
 on a shared VM whole-run times of one configuration can vary by ±30%, and the monitor's own seconds show what
-it costs without that noise — and the number of distinct steps with ``leakage/expected_i2f`` in the W&B run
+it costs without that noise — and the number of distinct steps with ``leakage/expected_pixel_rmse`` in the W&B run
 (step 0 and the final step included), with the probes each evaluation covered and the steps with exact
 spectra. Prints a markdown table; measures, asserts nothing.
 """
@@ -48,7 +48,7 @@ MONITOR_LINE = re.compile(r"I2FMonitor: (\d+) evaluations at (\d+) steps in ([0-
 
 
 def leakage_steps(run_root: Path) -> tuple[list[int], list[int], list[int]]:
-    """Distinct steps with leakage/expected_i2f in the offline W&B run under ``run_root``, the probes evaluated
+    """Distinct steps with leakage/expected_pixel_rmse in the offline W&B run under ``run_root``, the probes evaluated
     at each, and the steps with exact spectra (leakage/lambda_min)."""
     sys.path.insert(0, str(ROOT / "tests"))
     from wandb_offline import offline_runs, read_offline_run
@@ -57,7 +57,7 @@ def leakage_steps(run_root: Path) -> tuple[list[int], list[int], list[int]]:
     if not runs:
         return [], [], []
     run = read_offline_run(runs[0])
-    rows = {int(r["trainer/global_step"]): r for r in run.history if "leakage/expected_i2f" in r}
+    rows = {int(r["trainer/global_step"]): r for r in run.history if "leakage/expected_pixel_rmse" in r}
     steps = sorted(rows)
     spectra = sorted(int(r["trainer/global_step"]) for r in run.history if "leakage/lambda_min" in r)
     return steps, [int(rows[s].get("leakage/probes", 0)) for s in steps], spectra

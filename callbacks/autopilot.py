@@ -8,6 +8,7 @@ from dataclasses import asdict, replace
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
@@ -41,6 +42,20 @@ def why_sigma_differs(decision: Decision) -> str:
                                                                      rel_tol=1e-9):
         return "planned"
     return ""
+
+
+def calibrated(report: Any) -> dict[str, Any]:
+    """The calibrated estimate's PSNR of every probe as a function of the noise scale (monotone; σ_required is
+    solved on it) and the scale it was measured at — nothing for a report without one."""
+    posterior = getattr(report, "posterior", None)
+    if posterior is None:
+        return {}
+
+    def psnr_at(scale: float) -> list[float]:
+        rmse = (posterior.error(scale) / posterior.dim).clamp_min(1e-300).sqrt()
+        return (-20 * torch.log10(rmse)).tolist()
+
+    return {"psnr_at": psnr_at, "scale": float(posterior.scale)}
 
 
 class LeakageAutopilot(Callback):
@@ -144,7 +159,7 @@ class LeakageAutopilot(Callback):
             floor = self._epsilon_floor(trainer, pl_module, schedule, step)
             return schedule.observe(report.step, step, report.pixel_rmse.detach().double().cpu().tolist(),
                                     floor=floor, apply=not trainer.should_stop,
-                                    next_evaluation=self._next_evaluation(step, pl_module))
+                                    next_evaluation=self._next_evaluation(step, pl_module), **calibrated(report))
 
         decision = self._decided_on_rank_zero(trainer, schedule, decide)
         if decision is None:

@@ -57,7 +57,7 @@ class TradeoffTracker(Callback):
         self,
         run_config: Mapping[str, Any] | None = None,
         utility_key: str = "val/acc",
-        leakage_key: str = "leakage/expected_i2f_pixel_rmse",
+        leakage_key: str = "leakage/expected_pixel_rmse",
         leakage_step_key: str = "leakage/measured_at_step",
         epsilon_key: str = "privacy/epsilon",
         audit_key: str = "audit/rmse",

@@ -40,11 +40,12 @@ from __future__ import annotations
 import bisect
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
+from scipy.optimize import brentq
 
 from pl_i2f.errors import ConfigError, unknown_name
 from pl_i2f.privacy import epsilon_after as epsilon_after  # ε accounting lives in pl_i2f.privacy
@@ -95,6 +96,23 @@ def required_sigma(sigma_measured: float, protected: float, target_psnr: float, 
     if not sigma_measured > 0:
         raise ValueError(f"the σ a measurement was taken under must be > 0, got {sigma_measured}")
     return float(sigma_measured) * 10.0 ** ((protected - (target_psnr - margin)) / 20.0)
+
+
+def required_scale(psnr_at: Callable[[float], Sequence[float]], aim: float, protect: str = "quantile",
+                   q: float = 0.9, worst_k: int = 1, lo: float = 1e-12, hi: float = 1e12) -> float:
+    """The noise scale s at which the protected statistic of the probes' PSNRs ``psnr_at(s)`` reaches ``aim`` —
+    for the calibrated (prior-aware) estimate, whose PSNR is monotone in s but not linear in log s (it saturates
+    at the prior's): bisection on log s. ``hi`` when even the largest scale does not bring it down to the aim
+    (the prior alone beats the target), ``lo`` when the smallest already does."""
+    def gap(log_s: float) -> float:
+        return protected_psnr(list(psnr_at(math.exp(log_s))), protect, q, worst_k) - aim
+
+    a, b = math.log(lo), math.log(hi)
+    if gap(a) <= 0:
+        return lo
+    if gap(b) >= 0:
+        return hi
+    return math.exp(brentq(gap, a, b, xtol=1e-10))
 
 
 def next_sigma(required: float, current: float, *, sigma_min: float, sigma_max: float, max_increase: float,
@@ -250,18 +268,26 @@ class LeakageTargetSchedule:
         return planned
 
     def observe(self, measured_step: int, effective_step: int, pixel_rmse: Sequence[float],
-                floor: float | None = None, apply: bool = True, next_evaluation: int | None = None) -> Decision:
+                floor: float | None = None, apply: bool = True, next_evaluation: int | None = None,
+                psnr_at: Callable[[float], Sequence[float]] | None = None, scale: float = 0.0) -> Decision:
         """Record a measurement (the probes' expected pixel RMSEs at ``measured_step``, under the σ then in
         force) and, when ``apply`` and there are at least ``min_probes`` probes, set σ from
         ``effective_step`` on (``next_evaluation``: the step of the monitor's next evaluation, for the
-        extrapolation). Returns the decision."""
+        extrapolation). ``psnr_at(s)``: the probes' PSNRs at noise scale s (the calibrated estimate, measured at
+        ``scale`` > 0 ∝ σ): σ_required is then solved on it (:func:`required_scale`) instead of the linear
+        closed form. Returns the decision."""
         sigma_measured = self.sigma_at(measured_step)
         current = self.sigma_at(effective_step)
         values = [float(v) for v in pixel_rmse]
         psnr = probe_psnr(values)
         protected = protected_psnr(psnr, self.protect, self.quantile, self.worst_k)
         margin = margin_db(values, self.z) + self.extra_margin_db
-        required = required_sigma(sigma_measured, protected, self.target_psnr, margin)
+        if psnr_at is not None and scale > 0:
+            aim = self.target_psnr - margin
+            required = sigma_measured * required_scale(psnr_at, aim, self.protect, self.quantile,
+                                                       self.worst_k) / scale
+        else:
+            required = required_sigma(sigma_measured, protected, self.target_psnr, margin)
         enough = len(values) >= self.min_probes
         if apply and enough:
             # the first measurement replaces a guess (the initial σ), not a measurement: no rate limit on it

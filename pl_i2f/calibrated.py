@@ -315,6 +315,7 @@ class PosteriorSpectrum:
     dim: int
     determined: Tensor
     eigenvalues: Tensor | None = None
+    prior_total: Tensor | None = None  # (P,) tr D²Σ_x of the prior before any noiseless direction conditioned it
 
     def error(self, scale: float | Tensor | None = None) -> Tensor:
         """Expected squared error per probe (P,) at noise scale s (default: the current one); a (S,) tensor of
@@ -334,8 +335,9 @@ class PosteriorSpectrum:
         return self.error(scale) / self.dim
 
     def prior_error(self) -> Tensor:
-        """s → ∞: tr of the prior covariance (scaled), per probe — guessing the mean."""
-        return self.weights.sum(-1)
+        """Guessing the mean: tr of the data prior's covariance (scaled), per probe. (Where part of the gradient
+        carries no noise, s → ∞ still leaves those directions observed: :meth:`error` then tends to less.)"""
+        return self.weights.sum(-1) if self.prior_total is None else self.prior_total
 
     def rmse(self, scale: float | Tensor | None = None) -> Tensor:
         """sqrt(mean over probes of the per-probe MSE) — the pooled RMSE whose PSNR :func:`psnr` reports."""
@@ -396,7 +398,10 @@ def posterior_spectrum(gram: Tensor | NoiseGram, prior: GaussianPrior | Tensor |
         raise ConfigError(f"prior has {prior.dim} values, the Gram {d}")
     s, m = _whitened(g, prior)
     s = s.expand(p, d, d) if s.dim() == 2 else s
+    prior_total = None
     if exact is not None:
+        scaled = s if value_scale is None else value_scale.to(DTYPE)[:, None] * s
+        prior_total = scaled.pow(2).sum((-2, -1))
         # condition the prior on the noiseless directions: drop the whitened directions they observe
         eta, u = torch.linalg.eigh(_sym(s @ exact @ s))
         seen = eta > rtol * eta[..., -1:].clamp_min(torch.finfo(DTYPE).tiny)
@@ -411,7 +416,7 @@ def posterior_spectrum(gram: Tensor | NoiseGram, prior: GaussianPrior | Tensor |
     lam = torch.linalg.eigvalsh(_sym(g if exact is None else g + exact))
     determined = lam[..., 0] > rtol * lam[..., -1].clamp_min(torch.finfo(DTYPE).tiny)
     return PosteriorSpectrum(mu=mu, weights=weights, scale=float(scale or 0.0), dim=d, determined=determined,
-                             eigenvalues=lam)
+                             eigenvalues=lam, prior_total=prior_total)
 
 
 def concat_spectra(parts: Sequence[PosteriorSpectrum]) -> PosteriorSpectrum:
@@ -420,9 +425,10 @@ def concat_spectra(parts: Sequence[PosteriorSpectrum]) -> PosteriorSpectrum:
     if len(parts) == 1:
         return first
     eig = None if first.eigenvalues is None else torch.cat([p.eigenvalues for p in parts])
+    total = None if first.prior_total is None else torch.cat([p.prior_total for p in parts])
     return PosteriorSpectrum(mu=torch.cat([p.mu for p in parts]), weights=torch.cat([p.weights for p in parts]),
                              scale=first.scale, dim=first.dim, determined=torch.cat([p.determined for p in parts]),
-                             eigenvalues=eig)
+                             eigenvalues=eig, prior_total=total)
 
 
 def exact_posteriors(model: torch.nn.Module, x: Tensor, y: Tensor, noise: SampleNoise,
@@ -541,13 +547,14 @@ class NystromSpectrum:
 
 def nystrom_spectrum(apply: Apply, dim: int, rank: int, prior: GaussianPrior | float, *, scale: float = 0.0,
                      probes: int = 8, value_scale: Tensor | None = None,
-                     generator: torch.Generator | None = None) -> NystromSpectrum:
+                     generator: torch.Generator | None = None, precision: torch.dtype = DTYPE) -> NystromSpectrum:
     """Sketch the whitened Gram of P probes from products only: ``apply(V)`` maps V (d, m), shared by every
     probe, to the products G V (P, d, m) (or (d, m) for one probe).
 
     ``rank`` + ``probes`` products per probe (one batched call each for the sketch and the residual); one sketch
     serves every noise level. Stable Nyström (shifted Cholesky, Tropp et al. 2017) for M = S G S, S = Σ_x^{1/2}
     applied with :meth:`GaussianPrior.sqrt_apply`; the residual trace by Hutchinson on M − M̂ (XNysTrace-style).
+    ``precision``: the dtype ``apply`` really computes in (its rounding sets the stabilising shift).
     """
     if isinstance(prior, (int, float)):
         prior = isotropic_prior(0.0, float(prior), dim=dim)
@@ -566,7 +573,7 @@ def nystrom_spectrum(apply: Apply, dim: int, rank: int, prior: GaussianPrior | f
 
     omega = torch.linalg.qr(torch.randn(dim, k, generator=gen, dtype=DTYPE))[0]
     y = whitened(omega)
-    nu = torch.finfo(DTYPE).eps * y.norm(dim=(-2, -1)).clamp_min(torch.finfo(DTYPE).tiny)
+    nu = math.sqrt(dim) * torch.finfo(precision).eps * y.norm(dim=(-2, -1)).clamp_min(torch.finfo(DTYPE).tiny)
     y_nu = y + nu[:, None, None] * omega
     core = omega.T @ y_nu
     chol = torch.linalg.cholesky(_sym(core))

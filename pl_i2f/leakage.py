@@ -23,7 +23,6 @@ to an estimator, which returns an :class:`Estimate`; the report and its summarie
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import time
 from collections.abc import Callable
@@ -41,10 +40,8 @@ from pl_i2f.gradients import eval_mode
 from pl_i2f.influence import PerSampleLeakage
 from pl_i2f.influence.damping import Damping
 from pl_i2f.influence.per_sample import METHODS, PerSampleOperator, operator_leakage
-from pl_i2f.influence.settings import EXACT_BLOCK_NUMBERS, default_rcond
+from pl_i2f.influence.settings import default_rcond
 from pl_i2f.influence.warm import BASIS_RCOND, BasisLeakage, basis_leakage, exact_spectra
-from pl_i2f.monitoring import CALIBRATION_CHAINS, CALIBRATION_PROBES, EvaluationPlanner
-from pl_i2f.rng import analysis_generator, rademacher
 from pl_i2f.threat import SampleNoise
 
 LANCZOS_CHAINS = 4  # Lanczos chains per probe sample at full precision (FullPrecision)
@@ -119,6 +116,7 @@ class LeakageReport:
     basis: BasisLeakage | None = None  # a WarmBasis estimate's basis and products, for the next evaluation
     seconds: dict[str, float] = field(default_factory=dict)  # {"estimate": …, "spectra": …} by the report's clock
     posterior: Posterior | None = None
+    coverage: Any = None  # which of a monitor's probes it covers (pl_i2f.monitoring.Coverage)
 
     @property
     def pixel_rmse(self) -> Tensor:
@@ -167,6 +165,8 @@ def scale_for_target(posterior: Posterior, target_pixel_rmse: float) -> float:
     """The noise scale s on the sample's gradient (the posterior's own noise shape) at which the pooled pixel
     RMSE reaches ``target_pixel_rmse``: 0 when no noise is needed, ∞ when no noise reaches it (the prior's own
     error is below the target). Monotone in s: a bracketing root finder (:func:`pl_i2f.calibrated.scale_for_target`)."""
+    if isinstance(posterior, cal.PosteriorSpectrum):  # noiseless directions stay observed however large s
+        return posterior.scale_for_target(target_pixel_rmse)
     return cal.scale_for_target(lambda s: _pooled(posterior, s), target_pixel_rmse, _pooled(posterior, 0.0),
                                 _prior_rmse(posterior))
 
@@ -420,7 +420,8 @@ class Calibrated:
             return out
 
         return cal.nystrom_spectrum(apply, operator.n, self.rank, prior, scale=std, probes=self.probes,
-                                    value_scale=scale, generator=generator.manual_seed(generator.initial_seed()))
+                                    value_scale=scale, generator=generator.manual_seed(generator.initial_seed()),
+                                    precision=like.dtype)
 
 
 def _exact(operator: PerSampleOperator, noise: SampleNoise, prior: cal.GaussianPrior, scale: Tensor,
@@ -623,69 +624,6 @@ def _add_spectra(report: LeakageReport, spectra: SpectrumEnds) -> None:
         "lambda_min": float(lam_min.mean()),
         "condition_number": float((spectra.lambda_max.double() / lam_min).median()),
     }))
-
-
-def spectrum_products(model: nn.Module, d_x: int, count: int) -> tuple[int, int]:
-    """(products, vectors) that the exact spectra of ``count`` samples are worth, for the monitor's cost plan
-    before one has been timed: d_x Jacobian columns per sample, a column (one forward-mode product) counted
-    as half a JJᵀ product vector."""
-    d_theta = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    columns = max(1, min(d_x, EXACT_BLOCK_NUMBERS // max(1, count * d_theta)))
-    return math.ceil(d_x / columns), max(1, count * d_x // 2)
-
-
-def product_seconds(model: nn.Module, x: Tensor, y: Tensor, chains: int = 1,
-                    clock: Callable[[], float] = time.perf_counter) -> float:
-    """Seconds (by ``clock``) of one Lanczos step of the full-precision path on the samples ``x``: one vmapped
-    JᵢJᵢᵀ product for every sample and ``chains`` vectors each (one call, so the first one of a process includes
-    one-off allocation costs). The unit a caller scales to predict an evaluation's cost before running it."""
-    model = analysis_model(model)
-    with eval_mode(model):
-        operator = PerSampleOperator(model, x, y)
-        like = operator.like
-        v = rademacher((operator.N, chains, operator.n), analysis_generator(None, like.device), like)
-        sync = torch.cuda.synchronize if like.device.type == "cuda" else (lambda device=None: None)
-        sync(like.device)
-        start = clock()
-        operator.gram(v)
-        sync(like.device)
-        return clock() - start
-
-
-@functools.cache
-def warm_up_transforms() -> None:
-    """torch.func's one-off set-up, paid once per process on a tiny model, so that it does not count as the
-    price of a product (and costs a large model nothing)."""
-    product_seconds(nn.Sequential(nn.Flatten(), nn.Linear(2, 2)), torch.zeros(1, 2), torch.zeros(1, dtype=torch.long))
-
-
-def price_batched_products(planner: EvaluationPlanner, model: nn.Module, x: Tensor, y: Tensor,
-                           device: torch.device | str = "cpu") -> float:
-    """Price the vmapped path (several probes) on real products of ``CALIBRATION_PROBES`` probes at each of
-    ``CALIBRATION_CHAINS`` vectors (two sizes separate its fixed and per-vector parts), each only while the
-    planner says it fits (:meth:`EvaluationPlanner.calibration_due`); the seconds are observed into
-    ``planner.cost.batched``. Returns the seconds spent (by the planner's clock)."""
-    start = planner.clock()
-    warm_up_transforms()  # torch.func's one-off set-up, on a two-parameter model: not a price
-    probes = min(CALIBRATION_PROBES, len(x))
-    for chains in CALIBRATION_CHAINS:
-        if not planner.calibration_due(probes, chains):
-            break
-        seconds = product_seconds(model, x[:probes].to(device), y[:probes].to(device), chains, clock=planner.clock)
-        planner.cost.batched.observe(1, probes * chains, seconds)
-    return planner.clock() - start
-
-
-def merge_basis(stored: Tensor | None, new: Tensor) -> Tensor:
-    """The warm-start basis to keep after an evaluation that produced ``new`` (p, k, d_x): it replaces ``stored``
-    when it covers as many probes; a reduced evaluation (fewer probes) updates their rows when the sizes agree
-    and otherwise leaves the stored basis as it was (an older start for those probes, not a smaller probe set
-    for the rest of the run)."""
-    if stored is None or len(new) >= len(stored):
-        return new
-    if new.shape[1:] == stored.shape[1:]:
-        return torch.cat([new, stored[len(new):]])
-    return stored
 
 
 def measure_leakage(model: nn.Module, x: Tensor, y: Tensor, defense: Defense, step: int, *, method: str = "slq",

@@ -88,7 +88,7 @@ def load_runs(root: Path) -> list[RunPoint]:
             label=_label(defense),
             val_acc=final.get("val/acc"),
             test_acc=final.get("test/acc"),
-            leakage=final.get("leakage/expected_i2f_pixel_rmse"),
+            leakage=final.get("leakage/expected_pixel_rmse"),
             epsilon=final.get("privacy/epsilon"),
             audit_rmse=final.get("audit/rmse"),
             per_unit=bool(final.get("leakage/per_unit_noise", 0)),
@@ -111,7 +111,7 @@ def markdown_table(points: list[RunPoint]) -> str:
 PANELS = (
     ("leakage", "expected reconstruction RMSE (I²F, [0,1] pixels) at the run's noise\n"
                 "(hollow: a run without noise, per unit σ — at σ = 1)",
-     "leakage/expected_i2f_pixel_rmse: the I2FMonitor evaluated no probe (callbacks=default; see its skip warning)"),
+     "leakage/expected_pixel_rmse: the I2FMonitor evaluated no probe (callbacks=default; see its skip warning)"),
     ("epsilon", "ε", "privacy/epsilon: only DP-SGD runs (defense=dpsgd) have one"),
 )
 

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from pl_i2f.calibrated import GaussianPrior, isotropic_prior, value_scale
 from pl_i2f.defenses.base import NoiseSampler, analysis_model, has_opacus_hooks
 from pl_i2f.errors import ConfigError
 from pl_i2f.gradients import LossFn, default_loss, flat_gradient
@@ -316,7 +317,8 @@ def check_noise(noise_std: float | None, noise_multiplier: float | None, max_gra
 
 
 def resolve_noise(pl_module: Any, trainer: Any, noise_std: float | None = None,
-                  noise_multiplier: float | None = None, max_grad_norm: float | None = None) -> NoiseSource:
+                  noise_multiplier: float | None = None, max_grad_norm: float | None = None, *,
+                  batch_of_one: bool = False) -> NoiseSource:
     """In order: this package's defense on the module; an Opacus ``DPOptimizer`` on the trainer; explicit
     ``noise_std`` (on one sample's own gradient) or ``noise_multiplier`` × ``max_grad_norm``; else no noise
     (the estimates are per unit σ and the σ-for-target keys say what would be needed)."""
@@ -324,7 +326,7 @@ def resolve_noise(pl_module: Any, trainer: Any, noise_std: float | None = None,
 
     defense = getattr(pl_module, "defense", None)
     if isinstance(defense, Defense):
-        return DefenseNoise(defense)
+        return DefenseNoise(defense, batch_of_one=batch_of_one)
     optimizer = find_dp_optimizer(trainer)
     if optimizer is not None:
         return OpacusNoise(optimizer)
@@ -354,6 +356,14 @@ class PixelScale:
         if self.datamodule is not None and hasattr(self.datamodule, "pixel_bounds"):
             return self.datamodule.pixel_bounds()
         return self.lo, self.hi
+
+    def value_scale(self, shape: tuple[int, ...] | torch.Size) -> Tensor:
+        """The per-value std (d,) that turns an input-space error into pixels: exact per channel for this
+        package's datamodules, ``std`` everywhere otherwise."""
+        std = getattr(self.datamodule, "std", None)
+        if isinstance(std, (tuple, list)) and std and len(shape) == 3:
+            return value_scale(std, shape)
+        return torch.full((math.prod(shape),), float(self.std), dtype=torch.float64)
 
     def to_pixels(self, x: Tensor) -> Tensor:
         if self.datamodule is not None and hasattr(self.datamodule, "denormalize"):
@@ -403,13 +413,27 @@ PriorEstimate = Callable[[Tensor], Any]
 
 def resolve_prior(prior: Any, datamodule: Any, x: Tensor, estimate: PriorEstimate = data_prior) -> Any:
     """``prior`` when given (an object, or a callable of the probe inputs); else the datamodule's (its
-    ``prior()``); else ``estimate(x)`` from the probe data."""
+    ``data_prior()``: this package's, the training inputs' mean and covariance; or ``prior()``); else
+    ``estimate(x)`` from the probe data."""
     if prior is not None:
         return prior(x) if callable(prior) and not isinstance(prior, nn.Module) else prior
-    own = getattr(datamodule, "prior", None)
-    if callable(own):
-        return own()
+    for name in ("data_prior", "prior"):
+        own = getattr(datamodule, name, None)
+        if callable(own):
+            return own()
     return estimate(x)
+
+
+def gaussian_prior(prior: Any, dim: int) -> GaussianPrior:
+    """A resolved prior as the :class:`~pl_i2f.calibrated.GaussianPrior` the calibrated estimate takes: itself, a
+    :class:`DataPrior` (mean, τ²I), or a number τ² (zero mean)."""
+    if isinstance(prior, GaussianPrior):
+        return prior
+    if isinstance(prior, DataPrior):
+        return isotropic_prior(prior.mean.reshape(-1), prior.variance)
+    if isinstance(prior, (int, float)):
+        return isotropic_prior(0.0, float(prior), dim=dim)
+    raise ConfigError(f"prior must be a GaussianPrior, a DataPrior or a variance τ², got {type(prior).__name__}")
 
 
 # -- privacy accounting ----------------------------------------------------------------------------------
@@ -489,5 +513,6 @@ class SourceOptions:
         return resolve_sources(trainer, pl_module, self.what, probe=self.probe, size=size, seed=seed,
                                loss_fn=self.loss_fn, pixel_std=self.pixel_std, prior=self.prior)
 
-    def noise(self, trainer: Any, pl_module: Any) -> NoiseSource:
-        return resolve_noise(pl_module, trainer, self.noise_std, self.noise_multiplier, self.max_grad_norm)
+    def noise(self, trainer: Any, pl_module: Any, *, batch_of_one: bool = False) -> NoiseSource:
+        return resolve_noise(pl_module, trainer, self.noise_std, self.noise_multiplier, self.max_grad_norm,
+                             batch_of_one=batch_of_one)

@@ -80,7 +80,7 @@ class SampleNoise:
             ref = basis if basis is not None else like
             delta = std * randn(ref.shape[0] if basis is not None else ref.numel(), generator, ref)
             if basis is not None:
-                scale = extra.clamp_min(0).sqrt()
+                scale = extra.to(basis).clamp_min(0).sqrt()
                 delta = delta + basis @ (scale * randn(len(scale), generator, basis))
             return delta
 

@@ -65,9 +65,9 @@ def test_offline_wandb_run_holds_leakage_audit_and_media(make_cfg, tmp_path):
     train.run(cfg)
     (run_dir,) = offline_runs(tmp_path)
     run = read_offline_run(run_dir)
-    for key in ("leakage/expected_i2f", "leakage/expected_i2f_pixel_rmse", "leakage/lower_bound",
-                "leakage/sigma_for_target", "leakage/noise_multiplier_for_target",
-                "leakage/expected_i2f_pixel_rmse_stderr", "leakage/relative_stderr", "leakage/probes",
+    for key in ("leakage/expected_pixel_rmse", "leakage/prior_psnr", "leakage/prior_pixel_rmse",
+                "leakage/determined_fraction", "leakage/sigma_for_target", "leakage/noise_multiplier_for_target",
+                "leakage/expected_pixel_rmse_stderr", "leakage/probes", "leakage/oldest_probe_step",
                 "leakage/lambda_max", "leakage/lambda_min", "leakage/condition_number",
                 "leakage/unfairness_p90_p10", "leakage/unfairness_cv",
                 "audit/rmse", "audit/psnr", "audit/ssim", "audit/predicted_pixel_rmse", "audit/noise_std",
@@ -75,9 +75,9 @@ def test_offline_wandb_run_holds_leakage_audit_and_media(make_cfg, tmp_path):
         assert key in run.history_keys, key
     # no noise: the gradient determines the probes (predicted PSNR ∞), so no gap to the attack and no ranking
     assert not {"audit/rank_correlation", "audit/gap_db", "audit/predicted_psnr"} & set(run.history_keys)
-    # defense=none: values are per unit σ, which no attack scores, so no PSNR (tests/test_monitoring.py checks it
-    # where there is noise)
-    assert "leakage/expected_attack_psnr" not in run.history_keys
+    # defense=none (σ = 0): no noise level and no per-unit-σ figure (the paper's keys need a noise)
+    assert not {k for k in run.history_keys if k.startswith("leakage/paper/")} | (
+        {"leakage/noise_std"} & set(run.history_keys))
     # media are nested records in the log: <key>/_type
     assert run.summary["leakage/per_sample_histogram/_type"] == "histogram"
     assert run.summary["leakage/per_class/_type"] == "table-file"
@@ -92,12 +92,12 @@ def test_offline_wandb_run_holds_leakage_audit_and_media(make_cfg, tmp_path):
     # leakage rows share the trainer's step axis, starting at the initialisation (step 0)
     steps = [row["trainer/global_step"] for row in run.history if "leakage/lambda_max" in row]
     assert steps[0] == 0 and steps == sorted(steps) and steps[-1] == 12  # the final step too
-    # exact spectra at the first and last evaluation only
+    # exact spectra (explicit Jacobians) at every evaluation, the first and last included
     spectra = [row["trainer/global_step"] for row in run.history if "leakage/lambda_min" in row]
-    assert spectra == [0, 12]
+    assert spectra == steps
     assert run.config["threat_model"]["labels_known"] is True
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert {"val/acc", "test/acc", "leakage/expected_i2f_pixel_rmse", "audit/rmse"} <= set(summary["final"])
+    assert {"val/acc", "test/acc", "leakage/expected_pixel_rmse", "audit/rmse"} <= set(summary["final"])
     assert summary["run_config"]["threat_model"]["batch_size"] == cfg.data.batch_size
     assert len(summary["points"]) == 2 and summary["points"][1]["audit_rmse"] is not None
     # each point carries the leakage measured nearest to it, and where: epoch ends at steps 6 and 12
@@ -129,7 +129,8 @@ def test_callback_state_survives_checkpoint_resume(make_cfg, tmp_path):
 
 @pytest.mark.parametrize("sigmas", [(0.5, 2.0)])
 def test_monitor_uses_dpsgd_noise_at_the_current_sigma(make_cfg, sigmas):
-    """Under DP-SGD the monitor's noise is σC/B per coordinate, and more σ means more expected error."""
+    """Under DP-SGD the monitor's noise is σC on the sample's clipped gradient (the view ε takes), and more σ means
+    more expected error."""
     logged = []
     for sigma in sigmas:
         cfg = make_cfg([*SMALL, *CALLBACKS, "defense=dpsgd", f"defense.noise_multiplier={sigma}",
@@ -138,14 +139,10 @@ def test_monitor_uses_dpsgd_noise_at_the_current_sigma(make_cfg, sigmas):
         trainer.fit(module, datamodule=datamodule)
         monitor = next(cb for cb in trainer.callbacks if isinstance(cb, I2FMonitor))
         report = monitor.last_report
-        # Opacus' DPDataLoader samples at rate 1/len(loader); its expected batch is ⌊N · rate⌋
-        n_train = len(datamodule.train_set)
-        expected_batch = int(n_train * (1 / math.ceil(n_train / datamodule.batch_size)))
-        expected_std = sigma * 1.0 / expected_batch
-        assert report.noise.std == pytest.approx(expected_std, rel=1e-6)
-        assert report.noise.per_unit is False
+        expected_std = sigma * 1.0  # σC, independent of the batch
+        assert report.noise.std == pytest.approx(expected_std, rel=1e-6) and report.noise.clip_norm == 1.0
         assert float(trainer.callback_metrics["leakage/noise_std"]) == pytest.approx(expected_std, rel=1e-6)
-        logged.append(float(trainer.callback_metrics["leakage/expected_i2f"]))
+        logged.append(float(trainer.callback_metrics["leakage/expected_pixel_rmse"]))
     assert logged[1] > logged[0]
 
 
@@ -155,9 +152,9 @@ def test_bad_callback_settings_fail_clearly(make_cfg):
     # at construction, not when fit starts — also through the config (train.py unwraps Hydra's error)
     with pytest.raises(ConfigError, match="every_n_steps must be >= 1"):
         I2FMonitor(every_n_steps=0)
-    for bad, match in (({"method": "fast"}, "method must be one of"), ({"max_overhead": 0}, "max_overhead"),
-                       ({"target_pixel_rmse": 0}, "target_pixel_rmse"), ({"lanczos_steps": 1}, "lanczos_steps"),
-                       ({"growth": 1.0}, "growth"), ({"relative_damping": -1}, "relative_damping")):
+    for bad, match in (({"worst_k": -1}, "worst_k"), ({"max_overhead": 0}, "max_overhead"),
+                       ({"target_pixel_rmse": 0}, "target_pixel_rmse"), ({"warmup_steps": 0}, "warmup_steps"),
+                       ({"growth": 1.0}, "growth"), ({"clipping_norm": -1}, "clipping_norm")):
         with pytest.raises(ConfigError, match=match):
             I2FMonitor(**bad)
     with pytest.raises(ConfigError, match="log_every_n_epochs"):
@@ -198,12 +195,14 @@ def test_budgeted_step0_evaluation_uses_the_initial_weights(make_cfg):
     assert later.cost.known and later.seconds > 0
 
 
-def test_unaffordable_evaluation_is_skipped_with_a_warning(make_cfg):
-    with pytest.warns(UserWarning, match=r"skipped the evaluation of step 0: even one probe"):
-        monitor = monitor_run(make_cfg, "callbacks.i2f_monitor.max_overhead=1e-9", "data.probe_size=8")
-    # step 0 skipped; the final weights are always evaluated, at the smallest size
-    assert monitor.evaluations == 1 and monitor.skipped == 1 and monitor.steps_logged == [12]
-    assert 0 < monitor.seconds < 5  # only the product timing was paid
+def test_unaffordable_evaluations_shrink_to_one_probe_and_the_final_one_runs(make_cfg):
+    """A budget nothing fits: the first evaluation prices itself on one probe (small by construction), later
+    ones are skipped with a warning, and the final weights are always evaluated, on one probe."""
+    with pytest.warns(UserWarning, match=r"skipped the evaluation of step 3: even one probe"):
+        monitor = monitor_run(make_cfg, "callbacks.i2f_monitor.max_overhead=1e-9", "data.probe_size=8",
+                              "callbacks.i2f_monitor.every_n_steps=3")
+    assert monitor.steps_logged == [0, 12] and monitor.skipped == 3  # steps 3, 6 and 9
+    assert [h["probes"] for h in monitor.history] == [1, 1] and monitor.probe_steps[:2] == [0, 12]
 
 
 def test_engine_warnings_reach_the_log_once_per_kind():
@@ -229,13 +228,45 @@ def test_engine_warnings_reach_the_log_once_per_kind():
         warn_once([record("not the engine's", UserWarning, 7)], InfluenceWarning, monitor._warned, "I2FMonitor")
 
 
-def test_old_monitor_option_names_still_work_with_a_warning():
-    """``spectrum_samples`` and ``samples`` (probes vs noise draws, once both called "samples") are deprecated
-    aliases of ``exact_spectrum_probes`` and ``noise_draws``."""
-    with pytest.warns(FutureWarning, match="spectrum_samples= is deprecated"):
-        monitor = I2FMonitor(spectrum_samples=3)
-    assert monitor.exact_spectrum_probes == 3
-    with pytest.warns(FutureWarning, match="samples= is deprecated"):
-        monitor = I2FMonitor(samples=7)
-    assert monitor.noise_draws == 7
-    assert I2FMonitor(exact_spectrum_probes=1, noise_draws=2).noise_draws == 2
+def test_retired_monitor_options_warn_and_are_ignored():
+    """The damped Lanczos estimate's knobs (``method``, ``lanczos_steps``, ``relative_damping``, …) mean nothing
+    to the exact calibrated estimate: configs that still set them get a warning, not an error."""
+    with pytest.warns(DeprecationWarning, match="lanczos_steps, method no longer used"):
+        monitor = I2FMonitor(method="lanczos", lanczos_steps=8)
+    assert not hasattr(monitor.settings, "lanczos_steps")
+
+
+def test_monitor_headline_equals_exact_posteriors_on_the_same_weights(make_cfg):
+    """The logged headline is :func:`pl_i2f.calibrated.exact_posteriors` on the final weights, the defense's
+    sample noise (gaussian: Bσ), the datamodule's prior and per-channel pixel scale — to 1e-6 — and its PSNR is
+    20·log10(1/RMSE) of the same pooled MSE."""
+    from pl_i2f.calibrated import exact_posteriors, value_scale
+
+    cfg = make_cfg([*SMALL, *CALLBACKS, "defense=gaussian", "trainer.max_epochs=1", "~callbacks.attack_audit"])
+    datamodule, module, trainer = train.build(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    monitor = next(cb for cb in trainer.callbacks if isinstance(cb, I2FMonitor))
+    report = monitor.last_report
+    x, y = monitor._probe
+    noise = module.defense.sample_noise(trainer.global_step, module.model)
+    assert noise.std == pytest.approx(datamodule.batch_size * module.defense.sigma_at(trainer.global_step))
+    spectrum = exact_posteriors(module.model, x, y, noise, datamodule.data_prior(),
+                                value_scale=value_scale(datamodule.std, x.shape[1:]))
+    rmse = float((spectrum.error() / spectrum.dim).mean().sqrt())
+    assert report.scalars["expected_pixel_rmse"] == pytest.approx(rmse, rel=1e-6)
+    assert report.scalars["expected_attack_psnr"] == pytest.approx(-20 * math.log10(rmse), rel=1e-6)
+    assert report.scalars["prior_psnr"] == pytest.approx(spectrum.prior_psnr(), rel=1e-6)
+    assert report.scalars["probes"] == len(x)
+
+
+def test_anisotropic_run_logs_leakage_at_every_scheduled_step_from_its_covariance(make_cfg):
+    """The anisotropic defense's noise reaches the estimator as its covariance (no Monte Carlo draws): leakage at
+    every scheduled step, the last included."""
+    cfg = make_cfg([*SMALL, *CALLBACKS, "defense=anisotropic", "defense.reference_size=2",
+                    "~callbacks.attack_audit"])
+    datamodule, module, trainer = train.build(cfg)
+    trainer.fit(module, datamodule=datamodule)
+    monitor = next(cb for cb in trainer.callbacks if isinstance(cb, I2FMonitor))
+    assert len(monitor.steps_logged) >= 5 and monitor.steps_logged[-1] == trainer.global_step
+    assert monitor.last_report.noise.basis is not None and monitor.skipped == 0
+    assert all("expected_pixel_rmse" in h and "prior_psnr" in h for h in monitor.history)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import train
 from callbacks import AttackAudit, I2FMonitor, TradeoffTracker
 from pl_i2f.errors import ConfigError
-from pl_i2f.leakage import NoiseModel, mean_pixel_std
+from pl_i2f.leakage import mean_pixel_std, noise_of
 from pl_i2f.sources import (
     DataPrior,
     data_prior,
@@ -97,18 +97,20 @@ def test_user_module_matches_the_apps_monitor_on_the_same_weights_and_probes(mak
     assert equivalent.isotropic and equivalent.std > 0
     x, y = datamodule.probe_batch()
     theirs = I2FMonitor(probe=(x, y), noise_std=equivalent.std, pixel_std=mean_pixel_std(datamodule),
-                        seed=cfg.seed, max_overhead=None)
+                        prior=datamodule.data_prior(), seed=cfg.seed, max_overhead=None)
     fit(UserModule(copy.deepcopy(trained)), [theirs], 1, tmp_path, datamodule.train_dataloader())
 
     assert ours.history[0]["step"] == theirs.history[0]["step"] == 0
     a, b = ours.history[0], theirs.history[0]
-    # noise_multiplier_for_target converts σ with the defense's batch size in the app and on one sample's own
-    # gradient (B = 1) in a user's project: the one key that differs until the estimator takes SampleNoise
-    keys = set(a) - {"noise_multiplier_for_target"}
-    assert keys == set(b) - {"noise_multiplier_for_target"}
-    assert {"expected_i2f_pixel_rmse", "expected_attack_psnr", "lambda_max", "sigma_for_target"} <= keys
+    # the same noise on the sample's gradient (Bσ = the user's noise_std): the same numbers, DP-SGD's noise
+    # multiplier included; sigma_for_target is σ on the mean of B in the app, on the sample (B = 1) for the user
+    assert equivalent.std == pytest.approx(datamodule.batch_size * app.defense.sigma_at(0))
+    keys = set(a) - {"sigma_for_target"}
+    assert keys == set(b) - {"sigma_for_target"}
+    assert {"expected_pixel_rmse", "expected_attack_psnr", "prior_psnr", "noise_multiplier_for_target"} <= keys
     for key in sorted(keys):
         assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-12), key
+    assert b["sigma_for_target"] == pytest.approx(a["sigma_for_target"] * datamodule.batch_size, rel=1e-5)
 
 
 # -- sources ---------------------------------------------------------------------------------------------
@@ -136,9 +138,9 @@ def test_opacus_noise_is_sigma_times_c_read_at_every_evaluation():
     trainer = SimpleNamespace(optimizers=[SimpleNamespace(_optimizer=optimizer)])  # as Lightning wraps it
     source = resolve_noise(UserModule(net), trainer, noise_std=3.0)  # the optimizer wins over explicit noise
     assert source.sample_noise(0) == SampleNoise(std=1.1 * 0.5, clip_norm=0.5, source="opacus")
-    assert NoiseModel.of(source, 0, net).std == pytest.approx(0.55)
+    assert noise_of(source, 0, net).std == pytest.approx(0.55)
     optimizer.noise_multiplier = 2.0  # a schedule changes σ: the next evaluation sees it
-    assert NoiseModel.of(source, 7, net).std == pytest.approx(1.0)
+    assert noise_of(source, 7, net).std == pytest.approx(1.0)
     assert source.max_grad_norm == 0.5
 
 
@@ -148,7 +150,7 @@ def test_explicit_noise_and_no_noise():
     assert resolve_noise(module, trainer, noise_multiplier=2.0, max_grad_norm=0.25).sample_noise(0).std == 0.5
     assert resolve_noise(module, trainer, noise_std=0.3).noise_std(0) == 0.3
     none = resolve_noise(module, trainer)
-    assert none.sample_noise(0).is_zero and NoiseModel.of(none, 0, module.net).per_unit
+    assert none.sample_noise(0).is_zero and noise_of(none, 0, module.net).is_zero
 
 
 def test_released_gradient_is_clipped_and_noised_from_the_generator():
@@ -237,8 +239,8 @@ def test_callbacks_run_on_a_user_module_with_a_dataset_probe(tmp_path, one_threa
     assert audit.audits == 1 and len(audit.pairs) == 1
     summary = json.loads(tracker.summary_path.read_text())
     assert summary["defense"]["source"] == "explicit" or summary["defense"]["name"] == "none"
-    assert summary["final"]["leakage/expected_i2f_pixel_rmse"] == pytest.approx(monitor.history[-1][
-        "expected_i2f_pixel_rmse"], rel=1e-6)
+    assert summary["final"]["leakage/expected_pixel_rmse"] == pytest.approx(monitor.history[-1][
+        "expected_pixel_rmse"], rel=1e-6)
 
 
 # -- packaging -------------------------------------------------------------------------------------------
@@ -270,14 +272,13 @@ print(json.dumps({"module": c.__file__, "callbacks": spec.origin if spec else No
     assert seen["callbacks"] is None or not seen["callbacks"].startswith(site)
 
 
-def test_directional_noise_reaches_the_estimator_as_draws_of_its_covariance():
-    from pl_i2f.sources import as_noise_model
-
+def test_directional_noise_draws_follow_its_covariance():
+    """The Monte Carlo fallback (the paper's engine estimators) draws the covariance the exact route uses."""
     basis = torch.linalg.qr(torch.randn(6, 2, generator=torch.Generator().manual_seed(0)))[0]
     noise = SampleNoise(std=0.1, basis=basis, extra_variance=torch.tensor([4.0, 9.0]))
-    model = as_noise_model(noise)
-    assert model.std is None and not model.per_unit
-    draws = torch.stack([model.sampler(torch.Generator().manual_seed(i)) for i in range(4000)])
+    assert not noise.isotropic and not noise.per_unit
+    draw = noise.draws()
+    draws = torch.stack([draw(torch.Generator().manual_seed(i)) for i in range(4000)])
     covariance = draws.T @ draws / len(draws)
     expected = 0.01 * torch.eye(6) + basis @ torch.diag(torch.tensor([4.0, 9.0])) @ basis.T
     assert torch.allclose(covariance, expected, atol=0.6)

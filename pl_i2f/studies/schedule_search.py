@@ -192,7 +192,7 @@ def load_trial(job: Path, tolerance: float = DEFAULT_EPSILON_TOLERANCE) -> Trial
         number=number, path=str(job), status="ok", schedule=name, label=_label(name, ratio),
         lr=finite_number(run_config.get("lr")), seed=run_config.get("seed"), end_ratio=ratio,
         val_acc=finite_number(final.get("val/acc")), test_acc=finite_number(final.get("test/acc")), epsilon=epsilon,
-        target_epsilon=target, feasible=feasible, leakage=finite_number(final.get("leakage/expected_i2f_pixel_rmse")),
+        target_epsilon=target, feasible=feasible, leakage=finite_number(final.get("leakage/expected_pixel_rmse")),
         epochs=summary.get("epochs"),
         final=finite_number(schedule.get("final")) if name in ("linear", "cosine") else None,
         gamma=finite_number(schedule.get("gamma")) if name in ("exponential", "step") else None,

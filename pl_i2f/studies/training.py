@@ -32,7 +32,7 @@ import yaml
 from pl_i2f.report import SUMMARY_FILE
 
 LEAKAGE_FILE = "leakage.json"  # written by callbacks.leakage_record.LeakageRecord
-HEADLINE = "expected_i2f_pixel_rmse"
+HEADLINE = "expected_pixel_rmse"
 
 #: task_name → module of the study that analyses those runs (``noise_grid``: the older name of the DP-SGD
 #: trade-off sweep, ``hparams_search=noise_grid``, read by the same analysis)
