@@ -14,7 +14,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.model_helpers import is_overridden
 
 from pl_i2f.attacks import MAP_PRESET, attack_config, invert, map_attack
-from pl_i2f.calibrated import GaussianPrior, exact_posteriors, isotropic_prior, psnr, value_scale
+from pl_i2f.calibrated import exact_posteriors, psnr
 from pl_i2f.errors import ConfigError, check_options
 from pl_i2f.metrics import PSNR_CAP, per_image_metrics
 from pl_i2f.report import format_number
@@ -24,6 +24,7 @@ from pl_i2f.sources import (
     SourceOptions,
     Sources,
     analysis_network,
+    gaussian_prior,
 )
 from pl_i2f.studies.stats import spearman
 from pl_i2f.threat import SampleNoise
@@ -196,7 +197,7 @@ class AttackAudit(Callback):
         model = analysis_network(pl_module)
         x, y = (t[: self.n_samples].to(pl_module.device) for t in self._sources.probe)
         noise = source.sample_noise(step, model)
-        prior = self._prior(trainer, x)
+        prior = gaussian_prior(self._sources.prior, x[0].numel())  # the monitor's prior
         lo, hi = pixels.bounds()
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed + step)
         n = len(y)
@@ -224,7 +225,7 @@ class AttackAudit(Callback):
         recon = torch.cat(recons)
         # batch size 1 per attack: each reconstruction belongs to its own sample, no matching needed
         per = per_image_metrics(recon, x, denormalize=pixels.to_pixels, matched=False)
-        spectrum = exact_posteriors(model, x, y, noise, prior, value_scale=self._value_scale(trainer, x),
+        spectrum = exact_posteriors(model, x, y, noise, prior, value_scale=pixels.value_scale(x.shape[1:]),
                                     loss_fn=self._sources.loss)
         predicted_mse = spectrum.mse().to(per["mse"])
         attack_mse = per["mse"]
@@ -264,21 +265,6 @@ class AttackAudit(Callback):
         self.last_epoch = epoch
         return scalars
 
-    def _prior(self, trainer: pl.Trainer, x: torch.Tensor) -> GaussianPrior:
-        """The Gaussian prior the estimate and the MAP attack share: the callback's ``prior`` when it is one, else
-        (none given) the datamodule's :meth:`~pl_i2f.data.ImageDataModule.data_prior` (mean and full covariance of
-        the training inputs), else τ²I with the given (or the probes') ``mean`` and ``variance``."""
-        prior = self._sources.prior
-        if isinstance(prior, GaussianPrior):
-            return prior
-        own = getattr(getattr(trainer, "datamodule", None), "data_prior", None)
-        if self.options.prior is None and callable(own):
-            return own()
-        mean = torch.as_tensor(prior.mean).reshape(-1)
-        if mean.numel() != x[0].numel():
-            mean = mean.mean().expand(x[0].numel())
-        return isotropic_prior(mean, float(prior.variance))
-
     @staticmethod
     def _release(source: NoiseSource, noise: SampleNoise, model: torch.nn.Module, x: torch.Tensor,
                  y: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor:
@@ -287,13 +273,6 @@ class AttackAudit(Callback):
         if noise.is_zero and noise.clip_norm is None:
             return source.release(model, x, y, step=step, generator=generator)
         return NoiseSource(noise).release(model, x, y, step=step, generator=generator)
-
-    def _value_scale(self, trainer: pl.Trainer, x: torch.Tensor) -> torch.Tensor:
-        """Per-value pixel std: the datamodule's per-channel std, else the resolved scalar pixel scale."""
-        std = getattr(getattr(trainer, "datamodule", None), "std", None)
-        if not (isinstance(std, (tuple, list)) and len(std) in (1, x.shape[1])):
-            std = [self._sources.pixels.std]
-        return value_scale(std, tuple(x.shape[1:]))
 
     def _seconds_for_sample(self, elapsed: float, i: int, n: int, own: float | None) -> float | None:
         """Sample ``i``'s share of what is left of the audit's ``max_seconds`` after ``elapsed`` seconds (and at
