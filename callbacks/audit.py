@@ -16,6 +16,7 @@ from pytorch_lightning.utilities.model_helpers import is_overridden
 from pl_i2f.attacks import MAP_PRESET, attack_config, invert, map_attack
 from pl_i2f.calibrated import exact_posteriors, psnr
 from pl_i2f.errors import ConfigError, check_options
+from pl_i2f.leakage import EXACT_MAX_DIM
 from pl_i2f.metrics import PSNR_CAP, per_image_metrics
 from pl_i2f.report import format_number
 from pl_i2f.sources import (
@@ -68,7 +69,9 @@ class AttackAudit(Callback):
     * ``audit/psnr``, ``audit/rmse``, ``audit/ssim`` — the attack's reconstruction against the original;
     * ``audit/predicted_psnr``, ``audit/predicted_pixel_rmse`` — the headline for the same samples
       (:func:`pl_i2f.calibrated.exact_posteriors`, the code the leakage monitor runs), and ``audit/prior_psnr``
-      (guessing the data mean);
+      (guessing the data mean) — for inputs of at most :data:`pl_i2f.leakage.EXACT_MAX_DIM` values; beyond, the
+      audit logs the attack only and the monitor's (sketched) headline is the prediction to compare with. The
+      attack's MSE is that of the displayed [0, 1]-clamped reconstruction, the prediction's unclamped;
     * ``audit/gap_db`` — predicted − attack PSNR: > 0 the attack did worse than the Gaussian-prior attacker is
       expected to, < 0 better. Logged, with ``audit/predicted_psnr``, only under noise: without it a sample the
       gradient determines has predicted error 0 (PSNR ∞), so ``audit/determined_fraction`` (the share of such
@@ -225,37 +228,41 @@ class AttackAudit(Callback):
         recon = torch.cat(recons)
         # batch size 1 per attack: each reconstruction belongs to its own sample, no matching needed
         per = per_image_metrics(recon, x, denormalize=pixels.to_pixels, matched=False)
-        spectrum = exact_posteriors(model, x, y, noise, prior, value_scale=pixels.value_scale(x.shape[1:]),
-                                    loss_fn=self._sources.loss)
-        predicted_mse = spectrum.mse().to(per["mse"])
         attack_mse = per["mse"]
-        predicted_psnr, attack_psnr = pooled_psnr(predicted_mse), pooled_psnr(attack_mse)
-        for i in range(n):
-            p_psnr, a_psnr = pooled_psnr(predicted_mse[i : i + 1]), pooled_psnr(attack_mse[i : i + 1])
-            gap = None if noise.is_zero else p_psnr - a_psnr
-            self.pairs.append({"epoch": epoch, "step": step, "sample": i, "label": int(y[i]),
-                               "attack_psnr": a_psnr, "predicted_psnr": p_psnr, "gap_db": gap,
-                               "converged": converged[i], "attack_mse": float(attack_mse[i]),
-                               "predicted_mse": float(predicted_mse[i]), "noise_std": float(noise.std),
-                               "noisy": not noise.is_zero})
+        attack_psnr = pooled_psnr(attack_mse)
         scalars = {
             "psnr": attack_psnr,
             "rmse": float(attack_mse.mean().sqrt()),
             "ssim": float(per["ssim"].mean()),
-            "predicted_pixel_rmse": float(predicted_mse.mean().sqrt()),
-            "prior_psnr": spectrum.prior_psnr(),
             "converged": float(sum(converged)),
             "failed": float(failed),
             "out_of_time": float(out_of_time),
             "noise_std": float(noise.std),
-            "seconds": time.perf_counter() - start,
         }
-        if noise.is_zero:  # to first order the gradient pins each determined sample down: error 0, PSNR ∞
-            scalars["determined_fraction"] = spectrum.determined_fraction()
-        else:
-            scalars["predicted_psnr"] = predicted_psnr
-            scalars["gap_db"] = predicted_psnr - attack_psnr
-        ranked = [p for p in self.pairs if p.get("noisy")]
+        spectrum = None
+        if x[0].numel() <= EXACT_MAX_DIM:  # beyond, only the monitor's sketch predicts (too slow per audit here)
+            spectrum = exact_posteriors(model, x, y, noise, prior, value_scale=pixels.value_scale(x.shape[1:]),
+                                        loss_fn=self._sources.loss)
+            predicted_mse = spectrum.mse().to(attack_mse)
+            predicted_psnr = pooled_psnr(predicted_mse)
+            scalars["predicted_pixel_rmse"] = float(predicted_mse.mean().sqrt())
+            scalars["prior_psnr"] = spectrum.prior_psnr()
+            if noise.is_zero:  # to first order the gradient pins each determined sample down: error 0, PSNR ∞
+                scalars["determined_fraction"] = spectrum.determined_fraction()
+            else:
+                scalars["predicted_psnr"] = predicted_psnr
+                scalars["gap_db"] = predicted_psnr - attack_psnr
+        for i in range(n):
+            pair = {"epoch": epoch, "step": step, "sample": i, "label": int(y[i]),
+                    "attack_psnr": pooled_psnr(attack_mse[i : i + 1]), "attack_mse": float(attack_mse[i]),
+                    "converged": converged[i], "noise_std": float(noise.std), "noisy": not noise.is_zero}
+            if spectrum is not None:
+                pair.update(predicted_psnr=pooled_psnr(predicted_mse[i : i + 1]),
+                            predicted_mse=float(predicted_mse[i]))
+                pair["gap_db"] = None if noise.is_zero else pair["predicted_psnr"] - pair["attack_psnr"]
+            self.pairs.append(pair)
+        scalars["seconds"] = time.perf_counter() - start
+        ranked = [p for p in self.pairs if p.get("noisy") and "predicted_mse" in p]
         if len(ranked) >= self.MIN_RANK_PAIRS:
             scalars["rank_correlation"] = spearman([p["predicted_mse"] for p in ranked],
                                                    [p["attack_mse"] for p in ranked])

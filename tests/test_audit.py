@@ -167,3 +167,15 @@ def test_the_map_attack_keeps_the_audits_time_share():
                     max_seconds=0.0)
     assert result.stop_reason == "budget_time" and result.evaluations == 0
     assert torch.allclose(result.x.reshape(-1).double(), prior.mean)
+
+
+def test_beyond_exact_inputs_the_audit_logs_the_attack_only(make_cfg):
+    """3×32×32 inputs (3,072 values) are past the exact estimate: the audit attacks and says nothing it cannot
+    compute per audit (no predicted PSNR, no gap)."""
+    short = [o for o in SHORT if not o.startswith("data.size")]
+    _, trainer = fit(make_cfg([*short, "data=fake", "model=mlp", "attack.iterations=2", "defense=gaussian",
+                               "defense.sigma=0.01", "callbacks.attack_audit.n_samples=1",
+                               "callbacks.attack_audit.max_seconds=null"]))
+    m = audit_metrics(trainer)
+    assert {"audit/psnr", "audit/rmse", "audit/converged"} <= set(m)
+    assert not {"audit/predicted_psnr", "audit/gap_db", "audit/predicted_pixel_rmse"} & set(m)
