@@ -257,9 +257,10 @@ class AttackAudit(Callback):
                     "attack_psnr": pooled_psnr(attack_mse[i : i + 1]), "attack_mse": float(attack_mse[i]),
                     "converged": converged[i], "noise_std": float(noise.std), "noisy": not noise.is_zero}
             if spectrum is not None:
-                pair.update(predicted_psnr=pooled_psnr(predicted_mse[i : i + 1]),
-                            predicted_mse=float(predicted_mse[i]))
-                pair["gap_db"] = None if noise.is_zero else pair["predicted_psnr"] - pair["attack_psnr"]
+                pair["predicted_mse"] = float(predicted_mse[i])
+                if not noise.is_zero:  # without noise the prediction is exact recovery: no finite PSNR, no gap
+                    pair["predicted_psnr"] = pooled_psnr(predicted_mse[i : i + 1])
+                    pair["gap_db"] = pair["predicted_psnr"] - pair["attack_psnr"]
             self.pairs.append(pair)
         scalars["seconds"] = time.perf_counter() - start
         ranked = [p for p in self.pairs if p.get("noisy") and "predicted_mse" in p]
@@ -313,13 +314,16 @@ class AttackAudit(Callback):
         grid = make_grid(torch.cat([originals, recon]), nrow=len(originals), padding=1, pad_value=1.0)
         columns = ["step", "sample", "label", "attack_psnr", "predicted_psnr", "gap_db", "converged"]
         rows = [[p.get(c) for c in columns] for p in self.pairs]
-        table = wandb.Table(columns=columns, data=rows)
-        log_media(trainer, {
+        media = {
             "audit/reconstructions": wandb_image(grid, caption="top: originals, bottom: reconstructions"),
-            "audit/samples": table,
-            "audit/calibration": wandb.plot.scatter(table, "predicted_psnr", "attack_psnr",
-                                                    title="predicted vs attack PSNR (dB, [0, 1] pixels)"),
-        })
+            "audit/samples": wandb.Table(columns=columns, data=rows),
+        }
+        compared = [row for row in rows if row[columns.index("predicted_psnr")] is not None]
+        if compared:
+            media["audit/calibration"] = wandb.plot.scatter(
+                wandb.Table(columns=columns, data=compared), "predicted_psnr", "attack_psnr",
+                title="predicted vs attack PSNR (dB, [0, 1] pixels)")
+        log_media(trainer, media)
 
     def state_dict(self) -> dict[str, Any]:
         return {"pairs": list(self.pairs), "audits": self.audits, "last_epoch": self.last_epoch}

@@ -130,8 +130,9 @@ def test_the_audit_ranks_samples_only_under_noise_and_with_enough_of_them(make_c
 def test_without_noise_the_audit_logs_no_gap_and_no_ranking(make_cfg):
     """No noise: the gradient determines each probe to first order (predicted error 0, PSNR ∞), so only the
     attack's own PSNR is meaningful: no gap, no rank correlation."""
-    _, trainer = fit(make_cfg([*SHORT, "attack.iterations=3", "callbacks.attack_audit.n_samples=5"]))
+    audit, trainer = fit(make_cfg([*SHORT, "attack.iterations=3", "callbacks.attack_audit.n_samples=5"]))
     m = audit_metrics(trainer)
+    assert all("gap_db" not in p and "predicted_psnr" not in p for p in audit.pairs)
     assert m["audit/noise_std"] == 0 and m["audit/predicted_pixel_rmse"] == pytest.approx(0.0, abs=1e-6)
     assert "audit/psnr" in m and m["audit/determined_fraction"] == 1.0
     assert not {"audit/gap_db", "audit/predicted_psnr", "audit/rank_correlation"} & set(m)
