@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -12,27 +13,49 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.model_helpers import is_overridden
 
-from pl_i2f.attacks import attack_config, invert
-from pl_i2f.errors import ConfigError
-from pl_i2f.leakage import measure_leakage, undamped_leakage
-from pl_i2f.metrics import per_image_metrics
+from pl_i2f.attacks import MAP_PRESET, attack_config, invert, map_attack
+from pl_i2f.calibrated import exact_posteriors, psnr
+from pl_i2f.errors import ConfigError, check_options
+from pl_i2f.leakage import EXACT_MAX_DIM
+from pl_i2f.metrics import PSNR_CAP, per_image_metrics
 from pl_i2f.report import format_number
 from pl_i2f.sources import (
+    NoiseSource,
     ProbeSpec,
     SourceOptions,
     Sources,
     analysis_network,
+    gaussian_prior,
 )
 from pl_i2f.studies.stats import spearman
+from pl_i2f.threat import SampleNoise
 
 from ._logging import log_media, log_scalars, wandb_image, wandb_run
+
+
+def pooled_psnr(mse: torch.Tensor) -> float:
+    """20·log10(1/RMSE) of the mean of per-sample [0, 1]-pixel MSEs, capped at :data:`PSNR_CAP` (an exact
+    reconstruction)."""
+    mean = float(mse.double().mean())
+    return PSNR_CAP if mean <= 0 else min(float(psnr(math.sqrt(mean))), PSNR_CAP)
 
 
 class AttackAudit(Callback):
     """Every ``every_n_epochs`` epochs (after validation) — and after the last epoch when ``at_end``, so that
     a run shorter than ``every_n_epochs`` is audited too — attack the **released** gradient of each of
-    ``n_samples`` probe samples (batch size 1, the gradient ``defense.release`` gives at the current step)
-    with the configured attack, and compare with the I²F prediction for the same samples.
+    ``n_samples`` probe samples with the configured attack, and compare with the headline leakage estimate for
+    the same samples.
+
+    What the attacker sees is the shared threat model (:mod:`pl_i2f.threat`): one sample's own gradient plus the
+    noise the run's defense puts on it — DP-SGD clip_C(gᵢ) + N(0, σ²C²I), Gaussian noise σ on the mean of B
+    gᵢ + N(0, B²σ²I), anisotropic noise with its own covariance — drawn from the audit's seeded generator. A
+    defense without noise (``none``, ``pruning``) releases its own transform of the sample's gradient.
+
+    The default attack is the prior-aware MAP attack (preset ``map``, :func:`pl_i2f.attacks.map_attack`): the
+    same Gaussian prior as the estimate (the datamodule's data prior — full covariance where the input is small
+    enough — or the callback's ``prior``), the same noise, started from the data mean. It is the attacker the
+    headline models, so the gap below measures the estimate, not a weak optimiser. DLG and Inverting Gradients
+    (``attack=dlg``, ``attack=inverting_gradients``) start from random noise and know no prior.
 
     Without a validation loop (a module with no ``validation_step``) the audit runs after training epochs instead.
 
@@ -40,41 +63,46 @@ class AttackAudit(Callback):
     runs out of its share stops with what it has (counted in ``audit/out_of_time``). Progress reaches the
     console (and ``train.log``) every ``progress_seconds``.
 
-    Logs ``audit/rmse``, ``audit/psnr``, ``audit/ssim`` (reconstruction vs original, [0, 1] pixels),
-    ``audit/predicted_pixel_rmse`` (I²F, damped as the monitor's), ``audit/rmse_over_predicted`` (attack RMSE /
-    prediction, same samples), for inputs of ≤ 1,024 values under isotropic noise also
-    ``audit/undamped_pixel_rmse`` and ``audit/rmse_over_undamped`` (the undamped I²F from exact float64
-    spectra: the attack-calibrated estimate, :func:`pl_i2f.leakage.undamped_leakage`), ``audit/per_unit_noise``,
-    ``audit/failed``, ``audit/out_of_time``, ``audit/seconds`` and ``audit/rank_correlation``: Spearman ρ between
-    the predicted and the attack's RMSE over every audited sample so far — does the estimator rank the samples'
-    vulnerability as the real attack does (1: same order, 0: unrelated)? Logged from
-    :attr:`MIN_RANK_PAIRS` samples on. With W&B an image grid (originals above reconstructions) and a
-    predicted-vs-actual scatter plot.
+    Logs, as means over the audited samples (PSNRs pooled: 20·log10(1/RMSE) of the mean per-sample MSE on
+    [0, 1] pixels, so ``audit/psnr`` and ``audit/rmse`` agree):
 
-    A defense without noise (``none``, ``pruning``) has predictions per unit σ (σ = 1 stands in;
-    ``audit/per_unit_noise`` 1): the attack, which sees no noise, is not on that scale, so neither ratio is logged
-    and those samples do not enter the rank correlation (the attack's error is then its optimisation residue,
-    which I²F does not model).
+    * ``audit/psnr``, ``audit/rmse``, ``audit/ssim`` — the attack's reconstruction against the original;
+    * ``audit/predicted_psnr``, ``audit/predicted_pixel_rmse`` — the headline for the same samples
+      (:func:`pl_i2f.calibrated.exact_posteriors`, the code the leakage monitor runs), and ``audit/prior_psnr``
+      (guessing the data mean) — for inputs of at most :data:`pl_i2f.leakage.EXACT_MAX_DIM` values; beyond, the
+      audit logs the attack only and the monitor's (sketched) headline is the prediction to compare with. The
+      attack's MSE is that of the displayed [0, 1]-clamped reconstruction, the prediction's unclamped;
+    * ``audit/gap_db`` — predicted − attack PSNR: > 0 the attack did worse than the Gaussian-prior attacker is
+      expected to, < 0 better. Logged, with ``audit/predicted_psnr``, only under noise: without it a sample the
+      gradient determines has predicted error 0 (PSNR ∞), so ``audit/determined_fraction`` (the share of such
+      samples) is logged instead and only the attack's own PSNR is meaningful;
+    * ``audit/converged``, ``audit/failed``, ``audit/out_of_time`` — how many attacks converged (the optimiser
+      met its tolerances before its budget), diverged, or ran out of time; ``audit/noise_std`` the noise on one
+      sample's gradient; ``audit/seconds``;
+    * ``audit/rank_correlation`` — Spearman ρ between the predicted and the attack's per-sample MSE over every
+      noisy sample audited so far: does the estimate rank the samples' vulnerability as the real attack does
+      (1: same order, 0: unrelated)? Logged only under noise (without it the predicted errors are 0 or ties)
+      and from :attr:`MIN_RANK_PAIRS` samples on (fewer samples take so few values that ρ says nothing).
 
-    ``attack`` is a preset name or a mapping ``{preset: ..., <invert overrides>}`` (the ``conf/attack`` group);
+    With W&B an image grid (originals above reconstructions), a per-sample table (step, sample, label, attack
+    and predicted PSNR, gap, converged) and a predicted-vs-attack PSNR scatter plot.
+
+    ``attack`` is a preset name or a mapping ``{preset: ..., <overrides>}`` (the ``conf/attack`` group);
     ``threat_model`` decides whether the attacker gets the labels and BatchNorm statistics.
 
     Works with any LightningModule and data, as :class:`callbacks.leakage.I2FMonitor` does (the same ``probe``,
     ``loss_fn``, ``noise_std``/``noise_multiplier``/``max_grad_norm``, ``pixel_std`` and ``prior`` arguments;
-    :mod:`pl_i2f.sources`): the attacked samples are the first ``n_samples`` probes; without this package's
-    defense the released gradient is the sample's own, clipped to C under Opacus, plus its noise.
+    :mod:`pl_i2f.sources`): the attacked samples are the first ``n_samples`` probes.
     """
 
-    MIN_RANK_PAIRS = 5  #: fewer samples than this: a rank correlation says nothing (n=3 takes 4 values)
+    MIN_RANK_PAIRS = 5  #: fewer noisy samples than this: no rank correlation (n=3 takes 4 values)
 
     def __init__(
         self,
         every_n_epochs: int = 5,
-        attack: str | Mapping[str, Any] = "dlg",
+        attack: str | Mapping[str, Any] = MAP_PRESET,
         n_samples: int = 4,
         threat_model: Mapping[str, Any] | None = None,
-        damping: float = 0.0,
-        relative_damping: float = 0.01,
         seed: int = 0,
         max_seconds: float | None = 120.0,
         at_end: bool = True,
@@ -100,13 +128,11 @@ class AttackAudit(Callback):
         if not (isinstance(progress_seconds, (int, float)) and progress_seconds >= 0):
             raise ConfigError(f"AttackAudit.progress_seconds must be >= 0, got {progress_seconds!r}")
         spec = {"preset": attack} if isinstance(attack, str) else dict(attack)
-        self.preset = str(spec.pop("preset", "dlg"))
+        self.preset = str(spec.pop("preset", MAP_PRESET))
         self.overrides = spec
         self.every_n_epochs = every_n_epochs
         self.n_samples = n_samples
         self.threat_model = dict(threat_model or {"labels_known": True, "bn_statistics_known": False})
-        self.damping = damping
-        self.relative_damping = relative_damping
         self.seed = seed
         self.max_seconds = max_seconds
         self.at_end = at_end
@@ -123,6 +149,12 @@ class AttackAudit(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._sources = self.options.sources(trainer, pl_module, self.n_samples, self.seed)
         # unknown preset/option or impossible settings: one clear line now, not at the first audit
+        if self.preset == MAP_PRESET:
+            x = self._sources.probe[0]
+            check_options(map_attack, {"prior": None, "noise": None, **self.overrides}, "attack preset 'map'",
+                          None, None, None, tuple(x.shape[1:]))
+            self.iterations = int(self.overrides.get("iterations", 50))
+            return
         config = attack_config(self.preset, **{"bounds": self._sources.pixels.bounds(), **self.overrides})
         if config.bn > 0 and not self.threat_model.get("bn_statistics_known", False):
             raise ConfigError(
@@ -163,21 +195,26 @@ class AttackAudit(Callback):
         """Attack the probe samples now; log and remember the (predicted, actual) pairs."""
         start = time.perf_counter()
         pixels = self._sources.pixels
-        noise = self.options.noise(trainer, pl_module)
+        source = self.options.noise(trainer, pl_module)
         step, epoch = trainer.global_step, trainer.current_epoch
         model = analysis_network(pl_module)
         x, y = (t[: self.n_samples].to(pl_module.device) for t in self._sources.probe)
+        noise = source.sample_noise(step, model)
+        prior = gaussian_prior(self._sources.prior, x[0].numel())  # the monitor's prior
         lo, hi = pixels.bounds()
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed + step)
         n = len(y)
         budget = f", {self.max_seconds:g}s budget" if self.max_seconds else ""
         rank_zero_info(f"AttackAudit: attacking {n} probe samples at step {step} ({self.preset}{budget})")
-        recons, failed, out_of_time = [], 0, 0
+        recons, failed, out_of_time, converged = [], 0, 0, []
         for i in range(n):
-            released = noise.release(model, x[i : i + 1], y[i : i + 1], step=step, generator=generator)
+            released = self._release(source, noise, model, x[i : i + 1], y[i : i + 1], step, generator)
             labels = y[i : i + 1] if self.threat_model.get("labels_known", True) else None
-            options = {"bounds": (lo.to(x), hi.to(x)), "seed": self.seed + i, **self.overrides,
-                       "progress_callback": self._progress(i, n, start)}
+            if self.preset == MAP_PRESET:
+                options = {"prior": prior, "noise": noise, "loss_fn": self._sources.loss, **self.overrides}
+            else:
+                options = {"bounds": (lo.to(x), hi.to(x)), "seed": self.seed + i, **self.overrides}
+            options["progress_callback"] = self._progress(i, n, start)
             seconds = self._seconds_for_sample(time.perf_counter() - start, i, n, options.get("max_seconds"))
             if seconds is not None:
                 options["max_seconds"] = seconds
@@ -185,48 +222,65 @@ class AttackAudit(Callback):
             recons.append(result.x.to(x))
             failed += int(result.failed)
             out_of_time += int(result.stop_reason == "budget_time")
+            converged.append(bool(result.converged))
             rank_zero_info(f"AttackAudit: sample {i + 1}/{n} done in {result.seconds:.1f}s, {result.iterations} "
                            f"iterations ({result.stop_reason})")
         recon = torch.cat(recons)
         # batch size 1 per attack: each reconstruction belongs to its own sample, no matching needed
         per = per_image_metrics(recon, x, denormalize=pixels.to_pixels, matched=False)
-        report = measure_leakage(
-            model, x, y, noise, step, pixel_std=pixels.std, damping=self.damping,
-            relative_damping=self.relative_damping, worst_k=0, exact_spectrum_probes=0, generator=generator,
-        )
-        predicted, per_unit = report.pixel_rmse, report.noise.per_unit
-        undamped = undamped_leakage(model, x, y, noise, step, pixel_std=pixels.std)
-        actual = per["rmse"]
-        for i in range(len(y)):
-            self.pairs.append({"epoch": epoch, "step": step, "sample": i, "label": int(y[i]),
-                               "predicted_pixel_rmse": float(predicted[i]), "attack_rmse": float(actual[i]),
-                               "per_unit_noise": per_unit,
-                               **({} if undamped is None else {"undamped_pixel_rmse": float(undamped[i])})})
+        attack_mse = per["mse"]
+        attack_psnr = pooled_psnr(attack_mse)
         scalars = {
-            "rmse": float(actual.mean()),
-            "psnr": float(per["psnr"].mean()),
+            "psnr": attack_psnr,
+            "rmse": float(attack_mse.mean().sqrt()),
             "ssim": float(per["ssim"].mean()),
-            "predicted_pixel_rmse": float(predicted.mean()),
+            "converged": float(sum(converged)),
             "failed": float(failed),
             "out_of_time": float(out_of_time),
-            "per_unit_noise": float(per_unit),
-            "seconds": time.perf_counter() - start,
+            "noise_std": float(noise.std),
         }
-        ranked = [p for p in self.pairs if not p.get("per_unit_noise", False)]
+        spectrum = None
+        if x[0].numel() <= EXACT_MAX_DIM:  # beyond, only the monitor's sketch predicts (too slow per audit here)
+            spectrum = exact_posteriors(model, x, y, noise, prior, value_scale=pixels.value_scale(x.shape[1:]),
+                                        loss_fn=self._sources.loss)
+            predicted_mse = spectrum.mse().to(attack_mse)
+            predicted_psnr = pooled_psnr(predicted_mse)
+            scalars["predicted_pixel_rmse"] = float(predicted_mse.mean().sqrt())
+            scalars["prior_psnr"] = spectrum.prior_psnr()
+            if noise.is_zero:  # to first order the gradient pins each determined sample down: error 0, PSNR ∞
+                scalars["determined_fraction"] = spectrum.determined_fraction()
+            else:
+                scalars["predicted_psnr"] = predicted_psnr
+                scalars["gap_db"] = predicted_psnr - attack_psnr
+        for i in range(n):
+            pair = {"epoch": epoch, "step": step, "sample": i, "label": int(y[i]),
+                    "attack_psnr": pooled_psnr(attack_mse[i : i + 1]), "attack_mse": float(attack_mse[i]),
+                    "converged": converged[i], "noise_std": float(noise.std), "noisy": not noise.is_zero}
+            if spectrum is not None:
+                pair["predicted_mse"] = float(predicted_mse[i])
+                if not noise.is_zero:  # without noise the prediction is exact recovery: no finite PSNR, no gap
+                    pair["predicted_psnr"] = pooled_psnr(predicted_mse[i : i + 1])
+                    pair["gap_db"] = pair["predicted_psnr"] - pair["attack_psnr"]
+            self.pairs.append(pair)
+        scalars["seconds"] = time.perf_counter() - start
+        ranked = [p for p in self.pairs if p.get("noisy") and "predicted_mse" in p]
         if len(ranked) >= self.MIN_RANK_PAIRS:
-            scalars["rank_correlation"] = spearman([p["predicted_pixel_rmse"] for p in ranked],
-                                                   [p["attack_rmse"] for p in ranked])
-        if not per_unit and float(predicted.mean()) > 0:  # 1 = the attack did what I²F predicted
-            scalars["rmse_over_predicted"] = float(actual.mean()) / float(predicted.mean())
-        if undamped is not None:  # the attack-calibrated estimate beside the (damped) monitoring one
-            scalars["undamped_pixel_rmse"] = float(undamped.mean())
-            if not per_unit and float(undamped.mean()) > 0:
-                scalars["rmse_over_undamped"] = float(actual.mean()) / float(undamped.mean())
+            scalars["rank_correlation"] = spearman([p["predicted_mse"] for p in ranked],
+                                                   [p["attack_mse"] for p in ranked])
         log_scalars(pl_module, scalars, "audit")
         self._log_media(trainer, pixels.to_pixels(x.cpu()), pixels.to_pixels(recon.cpu()))
         self.audits += 1
         self.last_epoch = epoch
         return scalars
+
+    @staticmethod
+    def _release(source: NoiseSource, noise: SampleNoise, model: torch.nn.Module, x: torch.Tensor,
+                 y: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor:
+        """One sample's released gradient under the shared threat model: clipped (DP-SGD) plus the noise on the
+        sample's own gradient; without noise or clipping the defense's own transform (pruning)."""
+        if noise.is_zero and noise.clip_norm is None:
+            return source.release(model, x, y, step=step, generator=generator)
+        return NoiseSource(noise).release(model, x, y, step=step, generator=generator)
 
     def _seconds_for_sample(self, elapsed: float, i: int, n: int, own: float | None) -> float | None:
         """Sample ``i``'s share of what is left of the audit's ``max_seconds`` after ``elapsed`` seconds (and at
@@ -258,13 +312,18 @@ class AttackAudit(Callback):
         from torchvision.utils import make_grid
 
         grid = make_grid(torch.cat([originals, recon]), nrow=len(originals), padding=1, pad_value=1.0)
-        columns = ["predicted_pixel_rmse", "attack_rmse", "epoch", "label"]
-        table = wandb.Table(columns=columns, data=[[p[c] for c in columns] for p in self.pairs])
-        log_media(trainer, {
+        columns = ["step", "sample", "label", "attack_psnr", "predicted_psnr", "gap_db", "converged"]
+        rows = [[p.get(c) for c in columns] for p in self.pairs]
+        media = {
             "audit/reconstructions": wandb_image(grid, caption="top: originals, bottom: reconstructions"),
-            "audit/calibration": wandb.plot.scatter(table, "predicted_pixel_rmse", "attack_rmse",
-                                                    title="I²F prediction vs attack RMSE"),
-        })
+            "audit/samples": wandb.Table(columns=columns, data=rows),
+        }
+        compared = [row for row in rows if row[columns.index("predicted_psnr")] is not None]
+        if compared:
+            media["audit/calibration"] = wandb.plot.scatter(
+                wandb.Table(columns=columns, data=compared), "predicted_psnr", "attack_psnr",
+                title="predicted vs attack PSNR (dB, [0, 1] pixels)")
+        log_media(trainer, media)
 
     def state_dict(self) -> dict[str, Any]:
         return {"pairs": list(self.pairs), "audits": self.audits, "last_epoch": self.last_epoch}

@@ -70,13 +70,15 @@ def map_attack(
     tolerance_change: float = 1e-12,
     tolerance_grad: float = 1e-10,
     max_evaluations: int | None = None,
+    max_seconds: float | None = None,
     loss_fn: LossFn | None = None,
     progress_callback: Callable[[int, float], bool | None] | None = None,
 ) -> AttackResult:
     """Reconstruct one sample (or a batch, each with the prior) from its released gradient; see the module
     docstring. ``noise``: a :class:`SampleNoise` or an isotropic std; ``labels`` None: iDLG's (batch of 1).
     Returns an :class:`AttackResult` with ``stop_reason`` ``converged`` when L-BFGS met its tolerances before
-    ``iterations`` outer steps."""
+    ``iterations`` outer steps. ``max_evaluations`` / ``max_seconds`` cap the whole attack, checked before every
+    evaluation (``budget_evaluations`` / ``budget_time``: the iterate so far is returned)."""
     if not isinstance(noise, SampleNoise):
         noise = SampleNoise(std=float(noise), source="explicit")
     if iterations < 1 or lbfgs_max_iter < 1:
@@ -110,6 +112,8 @@ def map_attack(
     def objective() -> Tensor:
         if max_evaluations is not None and state["evaluations"] >= max_evaluations:
             raise StopIteration("budget_evaluations")
+        if max_seconds is not None and time.perf_counter() - start >= max_seconds:
+            raise StopIteration("budget_time")
         state["evaluations"] += 1
         x = (mean + z @ root).reshape(shape)
         grads = torch.autograd.grad(loss(params, x, labels), list(params.values()), create_graph=True)
