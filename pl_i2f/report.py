@@ -67,7 +67,6 @@ class RunPoint:
     leakage: float | None
     epsilon: float | None
     audit_rmse: float | None
-    per_unit: bool = False  #: the run adds no noise: ``leakage`` is per unit σ (at σ = 1), not at its own noise
 
 
 def _label(defense: dict[str, Any]) -> str:
@@ -93,33 +92,35 @@ def load_runs(root: Path) -> list[RunPoint]:
             leakage=final.get("leakage/expected_pixel_rmse"),
             epsilon=final.get("privacy/epsilon"),
             audit_rmse=final.get("audit/rmse"),
-            per_unit=bool(final.get("leakage/per_unit_noise", 0)),
         ))
     return sorted(points, key=lambda p: (p.defense, str(p.path)))
 
 
 def markdown_table(points: list[RunPoint]) -> str:
-    lines = ["| run | defense | val acc | test acc | I²F pixel RMSE ([0,1] pixels) | ε | audit RMSE ([0,1] pixels) |",
+    lines = ["| run | defense | val acc | test acc | expected attack RMSE ([0,1] pixels) | ε "
+             "| audit RMSE ([0,1] pixels) |",
              "|---|---|---|---|---|---|---|"]
     for p in points:
         values = [format_number(v) for v in (p.val_acc, p.test_acc, p.leakage, p.epsilon, p.audit_rmse)]
-        if p.per_unit and p.leakage is not None:
-            values[2] += " per unit σ (no noise)"
+        if p.leakage == 0:
+            values[2] += " (no noise: the gradient gives the input away)"
         lines.append(f"| {p.path.name} | {p.label} | {' | '.join(values)} |")
     return "\n".join(lines)
 
 
 #: The x axes of the trade-off figure: (RunPoint attribute, axis label, what a run needs to have it).
 PANELS = (
-    ("leakage", "expected reconstruction RMSE (I²F, [0,1] pixels) at the run's noise\n"
-                "(hollow: a run without noise, per unit σ — at σ = 1)",
+    ("leakage", "expected reconstruction RMSE of a prior-aware attacker ([0,1] pixels)\n"
+                "at the run's noise (runs without noise: 0, not drawn)",
      "leakage/expected_pixel_rmse: the I2FMonitor evaluated no probe (callbacks=default; see its skip warning)"),
     ("epsilon", "ε", "privacy/epsilon: only DP-SGD runs (defense=dpsgd) have one"),
 )
 
 
 def _plottable(points: list[RunPoint], attr: str) -> list[RunPoint]:
-    return [p for p in points if getattr(p, attr) is not None and p.val_acc is not None]
+    # a run without noise has leakage 0 (exact recovery): nothing to draw on a log axis
+    return [p for p in points if getattr(p, attr) is not None and p.val_acc is not None
+            and not (attr == "leakage" and p.leakage <= 0)]
 
 
 def missing(points: list[RunPoint]) -> list[str]:
@@ -143,9 +144,7 @@ def plot_tradeoff(points: list[RunPoint], path: Path) -> Path | None:
         for defense in sorted({p.defense for p in drawable}):
             series = sorted((getattr(p, attr), p.val_acc, p.label) for p in drawable if p.defense == defense)
             xs, ys, _ = zip(*series)
-            line, = ax.plot(xs, ys, marker="o", label=defense)
-            if attr == "leakage" and any(p.per_unit for p in drawable if p.defense == defense):
-                line.set_markerfacecolor("none")  # per unit σ: not on the noisy runs' scale
+            ax.plot(xs, ys, marker="o", label=defense)
             for x, y, label in series:
                 ax.annotate(label.split(" ", 1)[-1], (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
         ax.set_xlabel(xlabel)

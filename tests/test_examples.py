@@ -41,7 +41,7 @@ def logged(rows: list[dict[str, str]], key: str) -> dict[int, float]:
 
 def test_own_module_example_logs_leakage_and_audit(installed, tmp_path):
     rows = run_example(installed, "own_module.py", tmp_path / "own", "--noise-std", "0.02")
-    leakage = logged(rows, "leakage/expected_i2f_pixel_rmse")
+    leakage = logged(rows, "leakage/expected_pixel_rmse")
     assert len(leakage) >= 5 and all(v > 0 for v in leakage.values())
     assert set(logged(rows, "leakage/noise_std").values()) == {0.02}
     assert logged(rows, "audit/rmse") and logged(rows, "audit/predicted_pixel_rmse")
@@ -52,7 +52,7 @@ def test_opacus_example_reads_the_dp_optimizer_and_the_accountant(installed, tmp
     sigma, clip = 1.1, 0.5
     rows = run_example(installed, "opacus_lightning.py", tmp_path / "dp", "--noise-multiplier", str(sigma),
                        "--max-grad-norm", str(clip))
-    leakage = logged(rows, "leakage/expected_i2f_pixel_rmse")
+    leakage = logged(rows, "leakage/expected_pixel_rmse")
     assert len(leakage) >= 5
     noise = logged(rows, "leakage/noise_std")
     assert set(noise) == set(leakage)

@@ -121,22 +121,22 @@ def test_anisotropic_checkpoint_has_no_directions_and_resumes_bitwise(tmp_path):
         assert torch.equal(resumed["state_dict"][key], value), key
 
 
-def test_report_marks_leakage_per_unit_sigma_for_runs_without_noise(tmp_path, capsys):
+def test_report_says_a_run_without_noise_gives_its_input_away(tmp_path, capsys):
     import json
 
     from pl_i2f.report import PANELS, load_runs
 
-    for name, leakage, per_unit in (("none", 40.0, 1.0), ("gaussian", 0.2, 0.0)):
+    for name, leakage in (("none", 0.0), ("gaussian", 0.2)):
         (tmp_path / name).mkdir()
-        final = {"val/acc": 0.9, "leakage/expected_i2f_pixel_rmse": leakage, "leakage/per_unit_noise": per_unit}
+        final = {"val/acc": 0.9, "leakage/expected_pixel_rmse": leakage}
         (tmp_path / name / "summary.json").write_text(json.dumps({"final": final, "defense": {"name": name}}))
     runs = {r.defense: r for r in load_runs(tmp_path)}
-    assert runs["none"].per_unit and not runs["gaussian"].per_unit
+    assert runs["none"].leakage == 0 and runs["gaussian"].leakage == 0.2
     report_main([str(tmp_path), "--wandb", "off"])
     table = (tmp_path / "tradeoff.md").read_text()
-    assert "| none | none | 0.9 | — | 40 per unit σ (no noise) |" in table
+    assert "| none | none | 0.9 | — | 0 (no noise: the gradient gives the input away) |" in table
     assert "| gaussian | gaussian | 0.9 | — | 0.2 |" in table
-    assert "per unit σ" in PANELS[0][1] and "[0,1] pixels" in PANELS[0][1]
+    assert "[0,1] pixels" in PANELS[0][1] and "without noise" in PANELS[0][1]
 
 
 # -- the autopilot says whether the target was met and why σ is not the required one ------------------------

@@ -11,7 +11,7 @@ from pl_i2f.report import load_runs, main
 
 def write_summary(directory, defense, val_acc, leakage, epsilon=None):
     directory.mkdir(parents=True)
-    final = {"val/acc": val_acc, "test/acc": val_acc - 0.01, "leakage/expected_i2f_pixel_rmse": leakage}
+    final = {"val/acc": val_acc, "test/acc": val_acc - 0.01, "leakage/expected_pixel_rmse": leakage}
     if epsilon is not None:
         final["privacy/epsilon"] = epsilon
     (directory / "summary.json").write_text(json.dumps({"final": final, "defense": defense, "points": []}))
@@ -70,7 +70,7 @@ def test_report_without_leakage_says_what_is_missing_instead_of_an_empty_plot(tm
                                                                                           "sigma": sigma}}))
     main([str(tmp_path)])
     out = capsys.readouterr().out
-    assert "no run has leakage/expected_i2f_pixel_rmse" in out and "no run has privacy/epsilon" in out
+    assert "no run has leakage/expected_pixel_rmse" in out and "no run has privacy/epsilon" in out
     assert not (tmp_path / "tradeoff.png").exists()
     assert (tmp_path / "tradeoff.md").exists()
     assert not [w for w in recwarn if "legend" in str(w.message).lower()]

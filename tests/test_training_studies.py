@@ -116,8 +116,8 @@ def test_init_study_prefers_the_init_that_leaks_less_at_equal_accuracy(tmp_path)
     for i, (init, acc, end) in enumerate([("a", 0.95, 1.0), ("b", 0.94, 3.0), ("c", 0.60, 9.0)]):
         for seed in (0, 1):
             make_run(tmp_path, f"{i}{seed}", "init_study", {"val/acc": acc + seed / 1000}, init=init, seed=seed,
-                     evaluations=[{"step": 0, "expected_i2f_pixel_rmse": end / 2},
-                                  {"step": 100, "expected_i2f_pixel_rmse": end}])
+                     evaluations=[{"step": 0, "expected_pixel_rmse": end / 2},
+                                  {"step": 100, "expected_pixel_rmse": end}])
     (result,) = report_training_studies(tmp_path)
     assert result.summary["privacy_preferred"] == ["b", "a"]
     assert result.summary["ratio_end_best_to_worst_at_equal_accuracy"] == pytest.approx(3.0)
@@ -144,12 +144,12 @@ def test_defense_comparison_names_the_winner_at_each_accuracy(tmp_path):
              ("p", {"name": "pruning", "ratio": 0.9}, 0.93, None, 0.10, None),
              ("d", {"name": "dpsgd", "noise_multiplier": 1.0}, 0.85, 1.0, 0.60, 5.0)]
     for name, defense, acc, i2f, attack, eps in specs:
-        final = {"val/acc": acc, "audit/rmse": attack, "leakage/expected_i2f_pixel_rmse": i2f or 7.0}
+        final = {"val/acc": acc, "audit/rmse": attack, "leakage/expected_pixel_rmse": i2f or 7.0}
         if eps:
             final["privacy/epsilon"] = eps
         per_unit = 1.0 if i2f is None else 0.0
         make_run(tmp_path, name, "defense_comparison", final, defense=defense, evaluations=[
-            {"step": 100, "expected_i2f_pixel_rmse": i2f or 7.0, "per_unit_noise": per_unit,
+            {"step": 100, "expected_pixel_rmse": i2f or 7.0, "per_unit_noise": per_unit,
              "unfairness_p90_p10": 1.5, "unfairness_cv": 0.2, "per_class": {"0": 1.0, "1": 2.0}}])
     (result,) = report_training_studies(tmp_path)
     winners = result.summary["winners_by_accuracy_floor"]
