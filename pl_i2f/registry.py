@@ -46,25 +46,19 @@ DEFENSES = tuple(DEFENSE_OPTIONS)
 NOISY_DEFENSES = ("gaussian", "anisotropic", "dpsgd")  # those whose σ a noise schedule (or the autopilot) sets
 
 # -- attacks and leakage ----------------------------------------------------------------------------------------
-ATTACK_PRESETS = ("dlg", "inverting_gradients", "gradinversion")
-MONITOR_METHODS = ("lanczos", "slq", "exact")
+ATTACK_PRESETS = ("map", "dlg", "inverting_gradients", "gradinversion")
 
-#: ``callbacks.I2FMonitor``'s integer options: name → (default, least value). ``spectrum_samples`` and ``samples``
-#: are the old spellings of ``exact_spectrum_probes`` and ``noise_draws``.
+#: ``callbacks.I2FMonitor``'s integer options: name → (default, least value). The damped Lanczos estimate's
+#: settings (``method``, ``lanczos_steps``, ``relative_damping`` …) are retired: accepted with a deprecation warning.
 MONITOR_INT_OPTIONS: dict[str, tuple[int | None, int]] = {
     "every_n_steps": (100, 1),
     "first_step": (10, 1),
     "probe_size": (None, 1),
-    "lanczos_steps": (16, 2),
-    "exact_spectrum_probes": (2, 0),
     "worst_k": (5, 0),
     "warmup_steps": (3, 1),
-    "noise_draws": (32, 1),
 }
-MONITOR_RENAMED = {"spectrum_samples": "exact_spectrum_probes", "samples": "noise_draws"}
 #: ``callbacks.I2FMonitor``'s other defaults that validation reads.
-MONITOR_DEFAULTS: dict[str, Any] = {"method": "lanczos", "damping": 0.0, "relative_damping": 0.01,
-                                    "max_overhead": 0.1}
+MONITOR_DEFAULTS: dict[str, Any] = {"max_overhead": 0.1}
 #: ``callbacks.AttackAudit``'s integer options: name → (default, least value).
 AUDIT_INT_OPTIONS: dict[str, tuple[int, int]] = {"every_n_epochs": (5, 1), "n_samples": (4, 1)}
 

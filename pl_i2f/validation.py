@@ -36,8 +36,6 @@ from pl_i2f.registry import (
     MODELS,
     MONITOR_DEFAULTS,
     MONITOR_INT_OPTIONS,
-    MONITOR_METHODS,
-    MONITOR_RENAMED,
     NOISE_SCHEDULES,
     NOISE_SHAPES,
     NOISY_DEFENSES,
@@ -258,15 +256,8 @@ def _check_callbacks(callbacks: Mapping[str, Any], cfg: Mapping[str, Any]) -> No
         key = "callbacks.i2f_monitor"
         for option, (default, minimum) in MONITOR_INT_OPTIONS.items():
             require_int(f"{key}.{option}", monitor.get(option, default), minimum, optional=default is None)
-        for old, new in MONITOR_RENAMED.items():
-            if monitor.get(old) is not None:
-                require_int(f"{key}.{old}", monitor[old], MONITOR_INT_OPTIONS[new][1])
-        for option in ("damping", "relative_damping"):
-            require_number(f"{key}.{option}", monitor.get(option, MONITOR_DEFAULTS[option]), low=0.0)
         require_number(f"{key}.max_overhead", monitor.get("max_overhead", MONITOR_DEFAULTS["max_overhead"]), low=0.0,
                        low_open=True, optional=True)
-        require_name("leakage method", monitor.get("method", MONITOR_DEFAULTS["method"]), MONITOR_METHODS,
-                     f"{key}.method")
     audit = callbacks.get("attack_audit")
     if isinstance(audit, Mapping):
         for option, (default, minimum) in AUDIT_INT_OPTIONS.items():

@@ -24,7 +24,7 @@ COMMON = [
     "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=2",
     "trainer.enable_progress_bar=false", "logger=csv", "callbacks=default", "~callbacks.progress_bar",
     "callbacks.i2f_monitor.every_n_steps=4", "callbacks.i2f_monitor.max_overhead=null",
-    "callbacks.i2f_monitor.exact_spectrum_probes=0", "callbacks.i2f_monitor.worst_k=0",
+    "callbacks.i2f_monitor.worst_k=0",
     "data=fake", "data.input_shape=[1,6,6]", "data.num_samples=200", "data.batch_size=30", "data.probe_size=4",
     "model=mlp", "model.hidden=[8]", "optim=sgd", "optim.lr=0.05", "seed=3",
 ]
