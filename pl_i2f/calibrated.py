@@ -567,6 +567,10 @@ class NystromSpectrum:
         return (self.error(scale) / self.dim).mean(-1).sqrt()
 
 
+NYSTROM_SHIFT_RETRIES = 8  # shift-and-retry rounds of the stabilising Cholesky before giving up
+NYSTROM_SHIFT_GROWTH = 100.0  # each round multiplies the shift of a failed probe by this
+
+
 def nystrom_spectrum(apply: Apply, dim: int, rank: int, prior: GaussianPrior | float, *, scale: float = 0.0,
                      probes: int = 8, value_scale: Tensor | None = None,
                      generator: torch.Generator | None = None, precision: torch.dtype = DTYPE) -> NystromSpectrum:
@@ -596,9 +600,15 @@ def nystrom_spectrum(apply: Apply, dim: int, rank: int, prior: GaussianPrior | f
     omega = torch.linalg.qr(torch.randn(dim, k, generator=gen, dtype=DTYPE))[0]
     y = whitened(omega)
     nu = math.sqrt(dim) * torch.finfo(precision).eps * y.norm(dim=(-2, -1)).clamp_min(torch.finfo(DTYPE).tiny)
-    y_nu = y + nu[:, None, None] * omega
-    core = omega.T @ y_nu
-    chol = torch.linalg.cholesky(_sym(core))
+    for _ in range(NYSTROM_SHIFT_RETRIES):  # products rounded worse than ``precision`` says: a larger shift
+        y_nu = y + nu[:, None, None] * omega
+        chol, info = torch.linalg.cholesky_ex(_sym(omega.T @ y_nu))
+        if not bool(info.any()):
+            break
+        nu = torch.where(info > 0, nu * NYSTROM_SHIFT_GROWTH, nu)
+    else:
+        raise ValueError("the Nyström sketch's core matrix stayed indefinite: the products are not symmetric "
+                         "positive semi-definite")
     b = torch.linalg.solve_triangular(chol, y_nu.transpose(-1, -2), upper=False).transpose(-1, -2)
     u, sv, _ = torch.linalg.svd(b, full_matrices=False)
     mu = (sv.pow(2) - nu[:, None]).clamp_min(0)
