@@ -199,35 +199,35 @@ class I2FMonitor(Callback):
     # -- evaluation -----------------------------------------------------------------------------------
     def _evaluate_within_budget(self, pl_module: pl.LightningModule, snapshot: lk.Snapshot,
                                 final: bool = False) -> None:
-        planner, total = self.planner, len(self._probe[0])
+        planner, total, dim = self.planner, len(self._probe[0]), self._probe[0][0].numel()
+        sketch, report = lk.Calibrated.can_sketch(snapshot.noise), None
         if planner.needs_pricing:  # the first evaluation prices itself on one probe, then covers what fits
             start = planner.clock(), lk.warm_up_transforms()  # torch.func's one-off set-up: charged, not a price
             self._spend(planner.clock() - start[0])
-            report = self._run(pl_module, snapshot, mon.Coverage(self.cursor, 1, total))
-            count = planner.probes_for(snapshot.step, total, final=final)
-            if count <= 1:
-                return self._finish(pl_module.trainer, report, final)
-        else:
-            count = planner.probes_for(snapshot.step, total, final=final)
-        if count == 0:
+            report = self._run(pl_module, snapshot, mon.Coverage(self.cursor, 1, total), mon.Plan(1))
+        plan = planner.plan(snapshot.step, total, final=final, first=self.evaluations == 0, dim=dim, sketch=sketch)
+        if report is not None and plan.count <= 1:
+            return self._finish(pl_module.trainer, report, final)
+        if (count := plan.count) == 0:
             self.skipped += 1
             if self.skipped == 1:
                 rank_zero_warn(f"I2FMonitor: {planner.skip_message(snapshot.step)}")
             return None
         coverage = mon.Coverage(0 if count >= total else self.cursor, count, total)
-        return self._finish(pl_module.trainer, self._run(pl_module, snapshot, coverage), final)
+        return self._finish(pl_module.trainer, self._run(pl_module, snapshot, coverage, plan), final)
 
-    def _run(self, pl_module: pl.LightningModule, snapshot: lk.Snapshot, coverage: mon.Coverage) -> Any:
-        """Measure ``coverage``'s probes on the snapshot (timed, charged and priced)."""
+    def _run(self, pl_module: pl.LightningModule, snapshot: lk.Snapshot, coverage: mon.Coverage,
+             plan: mon.Plan) -> Any:
+        """Measure ``coverage``'s probes on the snapshot by ``plan``'s route (timed, charged and priced)."""
         start = self.planner.clock()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", InfluenceWarning)
             report = self.measure(pl_module.trainer, pl_module, snapshot.step, model=snapshot.model,
-                                  noise=snapshot.noise, coverage=coverage)
+                                  noise=snapshot.noise, coverage=coverage, plan=plan)
         warn_once(caught, InfluenceWarning, self._warned, "I2FMonitor")
         elapsed = self.planner.clock() - start
         self._spend(elapsed)
-        self.planner.observe(coverage.count, elapsed)
+        self.planner.observe(coverage.count, elapsed, plan)
         return report
 
     def _finish(self, trainer: pl.Trainer, report: lk.LeakageReport, final: bool) -> None:
@@ -240,7 +240,7 @@ class I2FMonitor(Callback):
             self.probe_steps[i] = report.step
         measured = [s for s in self.probe_steps if s >= 0]
         report.scalars["oldest_probe_step"] = float(min(measured))
-        rank_zero_info(f"I2FMonitor: step {report.step} evaluated on {coverage.describe()}")
+        rank_zero_info(f"I2FMonitor: step {report.step} evaluated on {coverage.describe()} ({report.plan.describe()})")
         start = self.planner.clock()
         media = self.evaluations == 0 or final
         log_scalars_at_step(trainer, report.scalars, "leakage", step=report.step)
@@ -256,10 +256,10 @@ class I2FMonitor(Callback):
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
                 model: nn.Module | None = None, noise: Any = None,
-                coverage: mon.Coverage | None = None) -> lk.LeakageReport:
+                coverage: mon.Coverage | None = None, plan: mon.Plan | None = None) -> lk.LeakageReport:
         """The leakage report of the probes at ``step`` (library call; no logging): on ``model`` (default: the
         module's current one) under ``noise`` (a :class:`pl_i2f.threat.SampleNoise`; default: the training's at
-        ``step``), on ``coverage``'s probes (default: all)."""
+        ``step``), on ``coverage``'s probes (default: all), by ``plan``'s route (default: exact)."""
         x, y = self._probe
         device, source = pl_module.device, self.noise_source(trainer, pl_module)
         model = analysis_network(pl_module) if model is None else model
@@ -274,9 +274,11 @@ class I2FMonitor(Callback):
             batch_size=self._batch_size(trainer, source))
         noise = lk.noise_of(source, step, model) if noise is None else noise
         generator = torch.Generator(device).manual_seed(self.seed + step)
-        report = lk.leakage_report(model, xs, ys, noise, options, lk.Calibrated(), step=step, generator=generator,
+        plan = mon.Plan(len(index)) if plan is None else plan
+        estimator = lk.Calibrated(route=plan.route, rank=plan.rank or lk.NYSTROM_RANK, probes=plan.residual or 8)
+        report = lk.leakage_report(model, xs, ys, noise, options, estimator, step=step, generator=generator,
                                    loss_fn=self._sources.loss, clock=self.planner.clock)
-        report.coverage = coverage
+        report.coverage, report.plan = coverage, plan
         return report
 
     @staticmethod

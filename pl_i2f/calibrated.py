@@ -573,7 +573,7 @@ def nystrom_spectrum(apply: Apply, dim: int, rank: int, prior: GaussianPrior | f
     """Sketch the whitened Gram of P probes from products only: ``apply(V)`` maps V (d, m), shared by every
     probe, to the products G V (P, d, m) (or (d, m) for one probe).
 
-    ``rank`` + ``probes`` products per probe (one batched call each for the sketch and the residual); one sketch
+    ``rank`` + ``probes`` products per probe (one batched call for the sketch and the residual); one sketch
     serves every noise level. Stable Nyström (shifted Cholesky, Tropp et al. 2017) for M = S G S, S = Σ_x^{1/2}
     applied with :meth:`GaussianPrior.sqrt_apply`; the residual trace by Hutchinson on M − M̂ (XNysTrace-style).
     ``precision``: the dtype ``apply`` really computes in (its rounding sets the stabilising shift).
@@ -594,7 +594,11 @@ def nystrom_spectrum(apply: Apply, dim: int, rank: int, prior: GaussianPrior | f
         return sq(out if out.dim() == 3 else out[None])
 
     omega = torch.linalg.qr(torch.randn(dim, k, generator=gen, dtype=DTYPE))[0]
-    y = whitened(omega)
+    z = torch.randn(dim, probes, generator=gen, dtype=DTYPE)
+    # one product call for the sketch and the residual's vectors: z does not depend on the sketch, and each call
+    # carries a fixed cost that dominates small blocks
+    both = whitened(torch.cat([omega, z], dim=1))
+    y, mz = both[..., :k], both[..., k:]
     nu = math.sqrt(dim) * torch.finfo(precision).eps * y.norm(dim=(-2, -1)).clamp_min(torch.finfo(DTYPE).tiny)
     y_nu = y + nu[:, None, None] * omega
     core = omega.T @ y_nu
@@ -609,8 +613,6 @@ def nystrom_spectrum(apply: Apply, dim: int, rank: int, prior: GaussianPrior | f
     scale_sq = value_scale.to(DTYPE).pow(2) if value_scale is not None else torch.ones(dim, dtype=DTYPE)
     prior_total = float((scale_sq * prior.diagonal()).sum())
     prior_norm = prior.norm * float(scale_sq.max())
-    z = torch.randn(dim, probes, generator=gen, dtype=DTYPE)
-    mz = whitened(z)
     mhat_z = u @ (mu[..., None] * (u.transpose(-1, -2) @ z))
     quad = (z * (mz - mhat_z)).sum(-2)  # (P, probes)
     residual = quad.mean(-1)

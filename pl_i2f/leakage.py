@@ -53,6 +53,7 @@ MONITOR_LAMBDA_TOL = 1e-2  # its λ_max tolerance: a monitoring figure, whose sp
 CONVERGED_RESIDUAL = 1e-2  # a Ritz λ_max counts as converged when its residual is below this share of it
 NYSTROM_RANK = 64  # the sketch's rank beyond EXACT_MAX_DIM (its bounds say how much that leaves out)
 NYSTROM_PROBES = 8  # Hutchinson vectors per probe for the sketch's residual trace
+ROUTES = ("exact", "sketch")  # Calibrated's: explicit per-probe Jacobians, or a Nyström sketch from products
 
 
 #: What each key of a calibrated report means (logged under ``leakage/``). Pixel values are on the [0, 1] scale.
@@ -74,7 +75,9 @@ LEAKAGE_KEYS: dict[str, str] = {
     "noise_std": "std of the noise on one sample's own gradient (σC under DP-SGD, Bσ for gaussian); absent "
                  "without noise or with a non-isotropic covariance",
     "clip_norm": "DP-SGD's clipping norm C (the Jacobian is the clipped gradient's)",
-    "error_half_width_db": "Nyström route only (inputs above 1,024 values): half-width of its bounds, in dB",
+    "error_half_width_db": "Nyström route only (inputs above 1,024 values, or sketched evaluations): half-width "
+                           "of its bounds, in dB",
+    "sketch_rank": "rank of the Nyström sketch (sketched evaluations only)",
     "probes": "probes this evaluation covered", "measured_at_step": "the step evaluated",
     "oldest_probe_step": "monitor: the oldest last-measured step among the probes (rotating subsets)",
     "lambda_max": "mean λ_max of the (noise-whitened) JᵀJ", "lambda_min": "mean λ_min (exact route)",
@@ -152,6 +155,7 @@ class LeakageReport:
     seconds: dict[str, float] = field(default_factory=dict)  # {"estimate": …, "spectra": …} by the report's clock
     posterior: Posterior | None = None
     coverage: Any = None  # which of a monitor's probes it covers (pl_i2f.monitoring.Coverage)
+    plan: Any = None  # how a monitor ran it: route, rank (pl_i2f.monitoring.Plan)
 
     @property
     def pixel_rmse(self) -> Tensor:
@@ -397,13 +401,28 @@ class Calibrated:
     Woodbury). Beyond: a rank-``rank`` Nyström sketch of each probe's whitened x-side Gram from products only
     (:func:`pl_i2f.calibrated.nystrom_spectrum`, its bounds logged as ``error_half_width_db``); isotropic noise,
     clipped or not, there. ``clip_for_target``: also the clipped spectrum at ``options.clipping_norm`` when the
-    noise itself is not clipped, so a run without DP-SGD gets a noise multiplier for its target too."""
+    noise itself is not clipped, so a run without DP-SGD gets a noise multiplier for its target too.
+
+    ``route``: ``"exact"`` or ``"sketch"`` forces one (the monitor sketches its middle evaluations when exact
+    Grams for enough probes do not fit its budget); ``None`` picks by ``exact_max_dim``."""
 
     exact_max_dim: int = EXACT_MAX_DIM
     rank: int = NYSTROM_RANK
     probes: int = NYSTROM_PROBES
     clip_for_target: bool = True
     dtype: torch.dtype | None = None
+    route: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.route not in (None, *ROUTES):
+            raise ConfigError(f"Calibrated.route must be one of {', '.join(ROUTES)} or None, got {self.route!r}")
+        if self.rank < 1 or self.probes < 1:
+            raise ConfigError(f"Calibrated.rank and .probes must be >= 1, got {self.rank} and {self.probes}")
+
+    @staticmethod
+    def can_sketch(noise: SampleNoise) -> bool:
+        """Whether the sketch route takes this noise (isotropic, clipped or not; a covariance needs exact)."""
+        return noise.isotropic
 
     def estimate(self, operator: PerSampleOperator, noise: SampleNoise, options: LeakageOptions,
                  generator: torch.Generator | None) -> Estimate:
@@ -411,32 +430,35 @@ class Calibrated:
         prior = _prior_of(options, d_x)
         scale = _value_scale(options, d_x, operator.like)
         extra_clip = options.clipping_norm if self.clip_for_target and noise.clip_norm is None else None
-        if d_x <= self.exact_max_dim:
+        if self.route == "exact" or (self.route is None and d_x <= self.exact_max_dim):
             posterior, clipped = _exact(operator, noise, prior, scale, extra_clip)
             eigenvalues = posterior.eigenvalues
             per_sample = _paper_per_sample(operator, eigenvalues, noise)
             spectra = SpectrumEnds(eigenvalues[:, 0], eigenvalues[:, -1])
             return Estimate(per_sample=per_sample, spectra=spectra, posterior=posterior,
                             clipped=clipped if clipped is not None else (posterior if noise.clip_norm else None))
-        if noise.basis is not None or noise.sampler is not None:
-            raise ConfigError(f"the calibrated estimate of inputs above {self.exact_max_dim} values needs isotropic "
-                              f"noise (this noise is {noise.source!r}); its covariance needs the exact route")
+        if not self.can_sketch(noise):
+            raise ConfigError(f"the calibrated sketch (inputs above {self.exact_max_dim} values, or route='sketch') "
+                              f"needs isotropic noise (this noise is {noise.source!r}); its covariance needs the "
+                              "exact route")
         gen = generator if generator is not None else torch.Generator(device=operator.like.device).manual_seed(0)
-        posterior = self._sketch(operator, noise.clip_norm, noise.std, prior, scale, gen)
+        products = _ReusedProducts(operator)
+        posterior = self._sketch(operator, products, noise.clip_norm, noise.std, prior, scale, gen)
         clipped = None
         if noise.clip_norm is not None:
             clipped = posterior
-        elif extra_clip is not None:
-            clipped = self._sketch(operator, extra_clip, 0.0, prior, scale, gen)
+        elif extra_clip is not None:  # same seed, same vectors: the clipped Gram's products come from the same call
+            clipped = self._sketch(operator, products, extra_clip, 0.0, prior, scale, gen)
         lam = posterior.mu.amax(-1)  # whitened λ_max (of S G S): the sketch's own spectrum
         per_sample = PerSampleLeakage(
             lambda_max=lam, lambda_min=None, trace=None, expected_jdelta=None, lower_bound=None, expected_i2f=None,
             expected_i2f_rmse=None, converged=torch.ones_like(lam, dtype=torch.bool), iterations=self.rank,
             method="nystrom", damping=0.0, labels=operator.y)
-        return Estimate(per_sample=per_sample, posterior=posterior, clipped=clipped)
+        return Estimate(per_sample=per_sample, posterior=posterior, clipped=clipped,
+                        scalars={"sketch_rank": float(posterior.mu.shape[-1])})
 
-    def _sketch(self, operator: PerSampleOperator, clip: float | None, std: float, prior: cal.GaussianPrior,
-                scale: Tensor, generator: torch.Generator) -> cal.NystromSpectrum:
+    def _sketch(self, operator: PerSampleOperator, products: _ReusedProducts, clip: float | None, std: float,
+                prior: cal.GaussianPrior, scale: Tensor, generator: torch.Generator) -> cal.NystromSpectrum:
         like = operator.like
         factor, unit_jtg = None, None
         if clip is not None:  # G_c v = (C/‖g‖)²(Gv − u uᵀv), u = Jᵀĝ, where ‖g‖ > C (clipped_gram, by products)
@@ -446,8 +468,7 @@ class Calibrated:
             factor = torch.where(norm > clip, clip / norm, torch.ones_like(norm)).double()
 
         def apply(v: Tensor) -> Tensor:  # (d, m) → (P, d, m)
-            shared = v.T.to(like).unsqueeze(0).expand(operator.N, -1, -1).contiguous()
-            out = operator.gram(shared).transpose(-1, -2).double()
+            out = products(v)
             if factor is not None:
                 clipped = factor < 1
                 proj = unit_jtg[:, :, None] * (unit_jtg @ v.to(out))[:, None, :]
@@ -457,6 +478,24 @@ class Calibrated:
         return cal.nystrom_spectrum(apply, operator.n, self.rank, prior, scale=std, probes=self.probes,
                                     value_scale=scale, generator=generator.manual_seed(generator.initial_seed()),
                                     precision=like.dtype)
+
+
+class _ReusedProducts:
+    """The per-probe Gram products G V (P, d, m) of a block V shared by every probe, the last block's kept: the
+    clipped sketch for the noise multiplier draws the same vectors and reuses the call."""
+
+    def __init__(self, operator: PerSampleOperator):
+        self.operator = operator
+        self.last: tuple[Tensor, Tensor] | None = None
+
+    def __call__(self, v: Tensor) -> Tensor:
+        if self.last is not None and self.last[0].shape == v.shape and torch.equal(self.last[0], v):
+            return self.last[1]
+        op = self.operator
+        shared = v.T.to(op.like).unsqueeze(0).expand(op.N, -1, -1).contiguous()
+        out = op.gram(shared).transpose(-1, -2).double()
+        self.last = (v, out)
+        return out
 
 
 def _exact(operator: PerSampleOperator, noise: SampleNoise, prior: cal.GaussianPrior, scale: Tensor,
