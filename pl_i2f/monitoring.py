@@ -296,7 +296,6 @@ class EvaluationPlanner:
         self._rate_origin: tuple[float, float] | None = None
         self._credit = 0.0  # share of single-probe evaluations earned but not yet run (see probes_for)
         self.sketch_cost = ProductCost()  # a sketch's seconds over its probe-vectors (probes × (rank + residual))
-        self._end_count = 1  # probes of the first (exact) evaluation: the final one is reserved as many
 
     # -- the fit's training time --------------------------------------------------------------------------
     def start_fit(self, step: int, total_steps: int | None) -> None:
@@ -381,7 +380,10 @@ class EvaluationPlanner:
         middle evaluation a sketch of ``AIM_PROBES`` probes at the smallest rank and the final as many exact
         probes as the first; a middle evaluation exact where ``AIM_PROBES`` exact probes fit every evaluation
         still scheduled, else the sketch on the most probes (then the largest rank) that fits them all, with the
-        final's exact probes kept back; only where not even that fits, :meth:`probes_for`."""
+        final's exact probes kept back (up to ``AIM_PROBES``, as many as the least sketch of every middle one
+        leaves); the first sketch prices itself (``AIM_PROBES`` at the smallest rank, where that fits once); only
+        where not even that fits, :meth:`probes_for`. Priorities: no skips, then ``AIM_PROBES`` everywhere, then
+        more probes, then a larger rank."""
         if self.budget.unlimited or not self.cost.known or final or not sketch or dim < 1:
             count = self.probes_for(step, probes, final=final)
             fallback = not (sketch or final or self.needs_pricing or self.budget.unlimited) and dim > 0
@@ -393,13 +395,17 @@ class EvaluationPlanner:
             room = left - middle * self.sketch_price(aim, SKETCH_RANKS[-1], dim)
             count = next((c for c in range(probes, 0, -1) if 2 * self.price(c) <= room), 0)
             if count:
-                self._end_count = count
                 return Plan(count)
             return Plan(self.probes_for(step, probes, final=False))
         middle = max(evaluations - 1, 1)  # this one and the others before the final
-        room = left - (self.price(self._end_count) if self.budget.total_steps is not None else 0.0)
+        room = left
+        if self.budget.total_steps is not None:  # the final's exact probes kept back: up to the aim, after the least
+            least = left - middle * self.sketch_price(aim, SKETCH_RANKS[-1], dim)  # sketch of every middle one
+            room -= self.price(next((c for c in range(aim, 1, -1) if self.price(c) <= least), 1))
         if self.price(aim) * middle <= room:
             return Plan(next(c for c in range(probes, 0, -1) if self.price(c) * middle <= room))
+        if not self.sketch_cost.known and self.sketch_price(aim, SKETCH_RANKS[-1], dim) <= room:
+            return Plan(aim, "sketch", SKETCH_RANKS[-1], SKETCH_RESIDUAL)  # the first sketch prices itself
         for count in range(probes, 0, -1):
             for rank in SKETCH_RANKS:
                 if self.sketch_price(count, rank, dim) * middle <= room:
