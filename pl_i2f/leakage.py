@@ -421,8 +421,10 @@ class Calibrated:
 
     @staticmethod
     def can_sketch(noise: SampleNoise) -> bool:
-        """Whether the sketch route takes this noise (isotropic, clipped or not; a covariance needs exact)."""
-        return noise.isotropic
+        """Whether the sketch route informs on this noise: isotropic (clipped or not; a covariance needs exact) and
+        not zero — without noise its lower bound is 0 by construction (it cannot tell which unseen directions
+        the gradient determines), so its midpoint would be a number without meaning."""
+        return noise.isotropic and not noise.is_zero
 
     def estimate(self, operator: PerSampleOperator, noise: SampleNoise, options: LeakageOptions,
                  generator: torch.Generator | None) -> Estimate:
@@ -437,7 +439,7 @@ class Calibrated:
             spectra = SpectrumEnds(eigenvalues[:, 0], eigenvalues[:, -1])
             return Estimate(per_sample=per_sample, spectra=spectra, posterior=posterior,
                             clipped=clipped if clipped is not None else (posterior if noise.clip_norm else None))
-        if not self.can_sketch(noise):
+        if not noise.isotropic:
             raise ConfigError(f"the calibrated sketch (inputs above {self.exact_max_dim} values, or route='sketch') "
                               f"needs isotropic noise (this noise is {noise.source!r}); its covariance needs the "
                               "exact route")
@@ -692,11 +694,23 @@ def _add_spectra(report: LeakageReport, spectra: SpectrumEnds) -> None:
 
 
 @functools.cache
-def warm_up_transforms() -> None:
-    """torch.func's one-off set-up (the explicit Jacobians' vmap over forward-mode products), paid once per process
-    on a tiny model, so that it does not count as the price of a probe."""
+def _warm_up_torch_func() -> None:
     net = nn.Sequential(nn.Flatten(), nn.Linear(2, 2))
     cal.exact_posteriors(net, torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), SampleNoise(std=1.0), 1.0)
+
+
+def warm_up_transforms(model: nn.Module | None = None, x: Tensor | None = None, y: Tensor | None = None,
+                       loss_fn: Callable | None = None) -> None:
+    """torch.func's one-off set-up (the explicit Jacobians' vmap over forward-mode products), paid once per process
+    on a tiny model, so that it does not count as the price of a probe; with ``model`` and a probe ``(x, y)``
+    also the one-off costs of the sketch's block product on that network (a rank-1 sketch of one probe), which
+    would otherwise double the first sketch's price."""
+    _warm_up_torch_func()
+    if model is not None and x is not None and y is not None:
+        device = next(model.parameters()).device
+        leakage_report(model, x[:1].to(device), y[:1].to(device), SampleNoise(std=1.0),
+                       LeakageOptions(prior=1.0, clipping_norm=1.0), Calibrated(route="sketch", rank=1, probes=1),
+                       loss_fn=loss_fn)
 
 
 def measure_leakage(model: nn.Module, x: Tensor, y: Tensor, defense: Defense, step: int, *, method: str = "slq",

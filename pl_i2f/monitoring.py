@@ -388,7 +388,7 @@ class EvaluationPlanner:
             count = self.probes_for(step, probes, final=final)
             fallback = not (sketch or final or self.needs_pricing or self.budget.unlimited) and dim > 0
             fallback = fallback and count < min(AIM_PROBES, probes)
-            return Plan(count, note="the sketch needs isotropic noise, so fewer probes" if fallback else "")
+            return Plan(count, note="no sketch for this noise (a covariance, or none)" if fallback else "")
         aim, evaluations, left = min(AIM_PROBES, probes), self.budget.remaining(step), self._left()
         if first:
             middle = max(evaluations - 2, 0)

@@ -418,6 +418,7 @@ def test_sketch_route_rejects_a_covariance_and_bad_routes():
     basis = torch.linalg.qr(torch.randn(d_theta, 3, dtype=D))[0]
     noise = SampleNoise(std=0.1, basis=basis, extra_variance=torch.ones(3, dtype=D), source="anisotropic")
     assert not Calibrated.can_sketch(noise) and Calibrated.can_sketch(SampleNoise(std=1.0, clip_norm=1.0))
+    assert not Calibrated.can_sketch(SampleNoise())  # no noise: the sketch's lower bound is 0 by construction
     with pytest.raises(ConfigError, match="isotropic"):
         leakage_report(net, x, y, noise, LeakageOptions(prior=0.2), Calibrated(route="sketch"))
     with pytest.raises(ConfigError, match="route"):

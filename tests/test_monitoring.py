@@ -581,11 +581,11 @@ def test_middle_evaluations_are_sketched_where_exact_fits_one_probe():
 
 
 def test_without_a_sketch_the_middle_evaluations_stay_exact_and_say_why():
-    """Noise with a covariance (no sketch): exact on fewer probes, the plan saying the sketch was not available."""
+    """Noise with a covariance, or none (no sketch): exact on fewer probes, the plan saying why."""
     plans, spent, training = planned_run(0.08, lambda probes, rank: 0.001, sketch=False)
     middle = [p for p in plans[1:-1] if p.count]
     assert middle and all(p.route == "exact" and p.count < 8 for p in middle), middle
-    assert all("isotropic" in p.describe() for p in middle)
+    assert all("no sketch for this noise" in p.describe() for p in middle)
     assert spent <= 0.1 * training, (spent, training)
 
 
