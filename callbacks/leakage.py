@@ -201,8 +201,8 @@ class I2FMonitor(Callback):
                                 final: bool = False) -> None:
         planner, total, dim = self.planner, len(self._probe[0]), self._probe[0][0].numel()
         sketch, report = lk.Calibrated.can_sketch(snapshot.noise), None
-        if planner.needs_pricing:  # the first evaluation prices itself on one probe, then covers what fits
-            start = planner.clock(), lk.warm_up_transforms()  # torch.func's one-off set-up: charged, not a price
+        if planner.needs_pricing:  # the first evaluation prices itself on one probe (one-off set-ups charged, unpriced)
+            start = planner.clock(), lk.warm_up_transforms(*(snapshot.model, *self._probe) if sketch else ())
             self._spend(planner.clock() - start[0])
             report = self._run(pl_module, snapshot, mon.Coverage(self.cursor, 1, total), mon.Plan(1))
         plan = planner.plan(snapshot.step, total, final=final, first=self.evaluations == 0, dim=dim, sketch=sketch)
