@@ -275,9 +275,8 @@ class I2FMonitor(Callback):
         noise = lk.noise_of(source, step, model) if noise is None else noise
         generator = torch.Generator(device).manual_seed(self.seed + step)
         plan = mon.Plan(len(index)) if plan is None else plan
-        estimator = lk.Calibrated(route=plan.route, rank=plan.rank or lk.NYSTROM_RANK, probes=plan.residual or 8)
-        report = lk.leakage_report(model, xs, ys, noise, options, estimator, step=step, generator=generator,
-                                   loss_fn=self._sources.loss, clock=self.planner.clock)
+        report = lk.leakage_report(model, xs, ys, noise, options, lk.Calibrated(**plan.estimator_options()), step=step,
+                                   generator=generator, loss_fn=self._sources.loss, clock=self.planner.clock)
         report.coverage, report.plan = coverage, plan
         return report
 

@@ -243,6 +243,14 @@ class Plan:
     residual: int = 0
     note: str = ""
 
+    def estimator_options(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`pl_i2f.leakage.Calibrated` for this plan. A sketch skips the clipped Gram's
+        second sketch (the noise multiplier for the target): at these ranks it is off by up to 2× and costs a
+        quarter of the evaluation; the exact evaluations at both ends report it."""
+        if self.route == "sketch":
+            return {"route": "sketch", "rank": self.rank, "probes": self.residual, "clip_for_target": False}
+        return {"route": self.route}
+
     def describe(self) -> str:
         if self.route == "sketch":
             return f"rank-{self.rank} Nyström sketch"
@@ -351,14 +359,17 @@ class EvaluationPlanner:
                 return count
         if final:
             return 1  # the final weights are always evaluated
-        # not even one probe each: single-probe evaluations spread evenly over those still scheduled (a credit
-        # of the affordable share per evaluation), one kept back for the final step
-        affordable = left / self.price(1) - 1
+        return int(self._spread(left, evaluations, self.price(1)))
+
+    def _spread(self, left: float, evaluations: int, unit: float) -> bool:
+        """Not even one smallest evaluation (``unit`` seconds) each: such evaluations spread evenly over those still
+        scheduled (a credit of the affordable share per evaluation), one kept back for the final step."""
+        affordable = left / unit - 1
         self._credit += min(1.0, max(affordable, 0.0) / max(1, evaluations - 1))
         if self._credit >= 1 - 1e-9 and affordable >= 1:
             self._credit -= 1
-            return 1
-        return 0
+            return True
+        return False
 
     def sketch_price(self, probes: int, rank: int, dim: int) -> float:
         """Predicted seconds of a rank-``rank`` sketch of ``probes`` probes of ``dim`` input values. Before any
@@ -381,9 +392,10 @@ class EvaluationPlanner:
         probes as the first; a middle evaluation exact where ``AIM_PROBES`` exact probes fit every evaluation
         still scheduled, else the sketch on the most probes (then the largest rank) that fits them all, with the
         final's exact probes kept back (up to ``AIM_PROBES``, as many as the least sketch of every middle one
-        leaves); the first sketch prices itself (``AIM_PROBES`` at the smallest rank, where that fits once); only
-        where not even that fits, :meth:`probes_for`. Priorities: no skips, then ``AIM_PROBES`` everywhere, then
-        more probes, then a larger rank."""
+        leaves); the first sketch prices itself (``AIM_PROBES`` at the smallest rank, where that fits once); where
+        not even a one-probe sketch fits every one, the cheaper of one exact probe and an ``AIM_PROBES`` sketch,
+        spread evenly (the others skipped). Priorities: no skips, then ``AIM_PROBES`` everywhere, then more
+        probes, then a larger rank."""
         if self.budget.unlimited or not self.cost.known or final or not sketch or dim < 1:
             count = self.probes_for(step, probes, final=final)
             fallback = not (sketch or final or self.needs_pricing or self.budget.unlimited) and dim > 0
@@ -410,7 +422,11 @@ class EvaluationPlanner:
             for rank in SKETCH_RANKS:
                 if self.sketch_price(count, rank, dim) * middle <= room:
                     return Plan(count, "sketch", rank, SKETCH_RESIDUAL)
-        return Plan(self.probes_for(step, probes, final=False))
+        # not even a one-probe sketch each: the cheaper of one exact probe and a sketch of the aim, spread evenly
+        one, least = self.price(1), self.sketch_price(aim, SKETCH_RANKS[-1], dim)
+        if not self._spread(left, evaluations, min(one, least)):
+            return Plan(0)
+        return Plan(1) if one <= least else Plan(aim, "sketch", SKETCH_RANKS[-1], SKETCH_RESIDUAL)
 
     def observe(self, probes: int, seconds: float, plan: Plan | None = None) -> None:
         """An evaluation of ``probes`` probes (by ``plan``'s route; default exact) took ``seconds`` (its estimate,
