@@ -53,6 +53,7 @@ MONITOR_LAMBDA_TOL = 1e-2  # its λ_max tolerance: a monitoring figure, whose sp
 CONVERGED_RESIDUAL = 1e-2  # a Ritz λ_max counts as converged when its residual is below this share of it
 NYSTROM_RANK = 64  # the sketch's rank beyond EXACT_MAX_DIM (its bounds say how much that leaves out)
 NYSTROM_PROBES = 8  # Hutchinson vectors per probe for the sketch's residual trace
+SKETCH_TARGET_MAX_DB = 1.0  # a sketch's σ-for-target is logged only where its bounds there are this tight
 ROUTES = ("exact", "sketch")  # Calibrated's: explicit per-probe Jacobians, or a Nyström sketch from products
 
 
@@ -67,7 +68,8 @@ LEAKAGE_KEYS: dict[str, str] = {
     "gain_over_prior_db": "expected_attack_psnr − prior_psnr: what the released gradient adds to the prior",
     "determined_fraction": "share of probes whose input the noiseless gradient determines (rank JᵀJ = d_x)",
     "sigma_for_target": "Gaussian σ on the mean gradient of a batch of B (σ on the sample with batch_of_one) that "
-                        "brings expected_pixel_rmse to target_pixel_rmse (isotropic unclipped noise only)",
+                        "brings expected_pixel_rmse to target_pixel_rmse (isotropic unclipped noise only; the "
+                        "*_for_target keys of a sketch only where its bounds there are within 1 dB)",
     "noise_multiplier_for_target": "DP-SGD noise multiplier for the target at the run's clipping norm (the monitor's "
                                    "clipping_norm without DP-SGD), on the clipped Gram",
     "noise_scale_for_target": "factor on the current noise (anisotropic: its whole covariance) for the target",
@@ -227,7 +229,7 @@ def _headline(posterior: Posterior, noise: SampleNoise, options: LeakageOptions,
         out["determined_fraction"] = posterior.determined_fraction()
     else:
         out["error_half_width_db"] = _half_width_db(posterior)
-    target = scale_for_target(posterior, options.target_pixel_rmse)
+    target = _stated_scale(posterior, options.target_pixel_rmse)
     if noise.clip_norm is None and noise.basis is None:
         # Gaussian σ on the mean gradient of B: noise Bσ on the sample (1 with batch_of_one)
         per_unit = 1 if noise.batch_of_one or not options.batch_size else options.batch_size
@@ -236,13 +238,25 @@ def _headline(posterior: Posterior, noise: SampleNoise, options: LeakageOptions,
         out["noise_scale_for_target"] = target / noise.std if noise.std > 0 else target
     if clipped is not None:
         clip = noise.clip_norm or options.clipping_norm
-        out["noise_multiplier_for_target"] = scale_for_target(clipped, options.target_pixel_rmse) / clip
+        out["noise_multiplier_for_target"] = _stated_scale(clipped, options.target_pixel_rmse) / clip
     return out
 
 
-def _half_width_db(posterior: cal.NystromSpectrum) -> float:
-    """The Nyström bounds' half-width on the pooled RMSE, in dB of PSNR."""
-    lo, hi = posterior.bounds()
+def _stated_scale(posterior: Posterior, target_pixel_rmse: float) -> float:
+    """:func:`scale_for_target`, NaN (not logged) for a sketch whose bounds at that scale are wider than
+    ``SKETCH_TARGET_MAX_DB``: a small sketch's σ-for-target sits where the noise is small and its bounds wide
+    (off by up to 2× at rank 8 on trained weights), a figure without a stated error."""
+    scale = scale_for_target(posterior, target_pixel_rmse)
+    if isinstance(posterior, cal.NystromSpectrum) and not _half_width_db(posterior, scale) <= SKETCH_TARGET_MAX_DB:
+        return math.nan
+    return scale
+
+
+def _half_width_db(posterior: cal.NystromSpectrum, scale: float | None = None) -> float:
+    """The Nyström bounds' half-width on the pooled RMSE, in dB of PSNR (at the noise ``scale``; default its own)."""
+    if scale is not None and not math.isfinite(scale):
+        return math.inf
+    lo, hi = posterior.bounds(scale)
     lo_rmse, hi_rmse = pooled_pixel_rmse(lo / posterior.dim), pooled_pixel_rmse(hi / posterior.dim)
     return float(attack_psnr(lo_rmse) - attack_psnr(hi_rmse)) / 2 if hi_rmse > 0 else 0.0
 

@@ -405,8 +405,8 @@ def test_sketch_route_makes_one_product_call_for_both_sketches(monkeypatch):
     monkeypatch.setattr(PerSampleOperator, "gram", lambda self, v: calls.append(v.shape) or gram(self, v))
     net, x, y = _small_net_and_probes()
     report = leakage_report(net, x, y, SampleNoise(std=0.05), LeakageOptions(prior=0.2, clipping_norm=1.0),
-                            Calibrated(route="sketch", rank=8, probes=4))
-    assert calls == [(4, 12, 36)]
+                            Calibrated(route="sketch", rank=36, probes=4))
+    assert calls == [(4, 40, 36)]
     assert "noise_multiplier_for_target" in report.scalars
 
 
@@ -423,3 +423,18 @@ def test_sketch_route_rejects_a_covariance_and_bad_routes():
         leakage_report(net, x, y, noise, LeakageOptions(prior=0.2), Calibrated(route="sketch"))
     with pytest.raises(ConfigError, match="route"):
         Calibrated(route="lanczos")
+
+
+def test_sketch_logs_sigma_for_target_only_where_its_bounds_there_are_tight():
+    """A rank-2 sketch of 36 values: its σ-for-target sits where its bounds are wide, so it is not logged; at full
+    rank the bounds close and it is, equal to the exact route's."""
+    from pl_i2f.leakage import Calibrated, LeakageOptions, leakage_report
+
+    net, x, y = _small_net_and_probes()
+    options = LeakageOptions(prior=0.2, worst_k=0, target_pixel_rmse=0.05)
+    noise = SampleNoise(std=0.05)
+    exact = leakage_report(net, x, y, noise, options, Calibrated(route="exact"))
+    small = leakage_report(net, x, y, noise, options, Calibrated(route="sketch", rank=2, probes=4))
+    full = leakage_report(net, x, y, noise, options, Calibrated(route="sketch", rank=36, probes=4))
+    assert "sigma_for_target" not in small.scalars and "expected_attack_psnr" in small.scalars
+    assert full.scalars["sigma_for_target"] == pytest.approx(exact.scalars["sigma_for_target"], rel=1e-3)
