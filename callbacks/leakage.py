@@ -46,15 +46,16 @@ class I2FMonitor(Callback):
     the defense's :meth:`~pl_i2f.defenses.Defense.sample_noise` — DP-SGD σC on the clipped gradient, Gaussian Bσ,
     anisotropic its covariance; ``batch_of_one``: DLG's setting): the keys of :data:`pl_i2f.leakage.LEAKAGE_KEYS`
     under ``leakage/``, headline ``expected_attack_psnr`` (:class:`pl_i2f.leakage.Calibrated`: exact for inputs of
-    up to 1,024 values, so λ_min and the condition number at every evaluation; a Nyström sketch beyond). With
-    W&B and ``log_per_sample_media``: a per-sample histogram at every evaluation, per-class table, bar chart and
-    the worst samples' images at the first and last.
+    up to 1,024 values, with λ_min and the condition number; a Nyström sketch beyond, and where the budget needs
+    it). With W&B and ``log_per_sample_media``: a per-sample histogram at every evaluation, per-class table, bar
+    chart and the worst samples' images at the first and last.
 
     **Budget** (``max_overhead`` × the training time; ``None``: no limit): :class:`pl_i2f.monitoring.EvaluationPlanner`
     prices every evaluation before it runs and covers as many probes as the budget allows for every evaluation
-    still scheduled; where not all fit, a rotating subset (each probe's last-measured step in
-    :attr:`probe_steps`; the log says what each evaluation covered). The final weights are always evaluated. The
-    step-0 evaluation runs on a snapshot after ``warmup_steps`` steps (seconds per step measured first).
+    still scheduled — the first and final exact, the others sketched (:class:`pl_i2f.monitoring.Plan`, rank and
+    route in the log) where exact Grams for 8 probes do not fit and the noise is isotropic and non-zero; where
+    not all fit, a rotating subset (each probe's last-measured step in :attr:`probe_steps`). The final weights are
+    always evaluated; step 0 on a snapshot, after ``warmup_steps`` steps (seconds per step measured first).
 
     **Any LightningModule and data** (:mod:`pl_i2f.sources`): probes from ``probe`` (an ``(x, y)`` pair, or a
     held-out Dataset/DataLoader: ``probe_size`` samples, seeded) or this package's datamodule; the network is the

@@ -9,6 +9,9 @@ Objects the :class:`callbacks.I2FMonitor` callback drives, unit-tested without a
   per probe; both measured, neither guessed).
 * :class:`OverheadBudget` — ``max_overhead`` × this fit's training time, the training time *measured*
   (seconds per optimizer step so far × the fit's steps).
+* :class:`Plan` — how one evaluation runs: its probes and route, exact Grams or a rank-r Nyström sketch from one
+  block product (priced apart: :meth:`EvaluationPlanner.plan` sketches the middle evaluations where exact
+  Grams for ``AIM_PROBES`` probes do not fit).
 * :class:`EvaluationPlanner` — how many probes each evaluation covers: the most whose cost, with every
   evaluation still scheduled at that size, fits what is left of the budget (the budget is spent evenly, not
   hoarded); fewer only where all cannot fit (the callback then rotates through the probes); the final
