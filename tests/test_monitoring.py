@@ -396,6 +396,13 @@ def simulated_run(load: Callable[[int], float], train_load: Callable[[int], floa
             run(count, step)
             evaluated.append(step), counts.append(count)
 
+    drive(planner, evaluate, total, lambda step: setattr(clock, "now", clock.now + step_cost * train_load(step)))
+    return planner.spent_seconds, planner.training_seconds, evaluated, counts
+
+
+def drive(planner, evaluate: Callable[[int, bool], None], total: int, train: Callable[[int], None]) -> None:
+    """The monitor's hooks over a run of ``total`` steps: the step-0 evaluation after 3 warm-up steps, every due
+    step, then the final one (``train(step)`` advances the clock by a training step)."""
     pending = None
     for step in range(total):
         planner.record_training(step)
@@ -407,10 +414,9 @@ def simulated_run(load: Callable[[int], float], train_load: Callable[[int], floa
                 pending = step
             else:
                 evaluate(step, False)
-        clock.now += step_cost * train_load(step)
+        train(step)
     planner.record_training(total)
     evaluate(total, True)
-    return planner.spent_seconds, planner.training_seconds, evaluated, counts
 
 
 @pytest.mark.parametrize(("load", "train_load"), [
@@ -549,20 +555,7 @@ def planned_run(exact_probe: float, sketch_seconds: Callable[[int, int], float],
             run(plan)
         plans.append(plan)
 
-    pending = None
-    for step in range(total):
-        planner.record_training(step)
-        if pending is not None and step >= 3:
-            evaluate(pending, False)
-            pending = None
-        if planner.budget.due(step):
-            if planner.budget.train_steps == 0:
-                pending = step
-            else:
-                evaluate(step, False)
-        clock.now += 0.015
-    planner.record_training(total)
-    evaluate(total, True)
+    drive(planner, evaluate, total, lambda step: setattr(clock, "now", clock.now + 0.015))
     return plans, planner.spent_seconds, planner.training_seconds
 
 
