@@ -567,6 +567,9 @@ class NystromSpectrum:
         return (self.error(scale) / self.dim).mean(-1).sqrt()
 
 
+SHIFT_RETRIES = 10  # tenfold shifts tried for a core that rounding left indefinite
+
+
 def nystrom_spectrum(apply: Apply, dim: int, rank: int, prior: GaussianPrior | float, *, scale: float = 0.0,
                      probes: int = 8, value_scale: Tensor | None = None,
                      generator: torch.Generator | None = None, precision: torch.dtype = DTYPE) -> NystromSpectrum:
@@ -600,9 +603,17 @@ def nystrom_spectrum(apply: Apply, dim: int, rank: int, prior: GaussianPrior | f
     both = whitened(torch.cat([omega, z], dim=1))
     y, mz = both[..., :k], both[..., k:]
     nu = math.sqrt(dim) * torch.finfo(precision).eps * y.norm(dim=(-2, -1)).clamp_min(torch.finfo(DTYPE).tiny)
-    y_nu = y + nu[:, None, None] * omega
-    core = omega.T @ y_nu
-    chol = torch.linalg.cholesky(_sym(core))
+    for _ in range(SHIFT_RETRIES):
+        # rounding in the products (a clipped Gram's G − uuᵀ cancels its largest direction) can leave the core
+        # indefinite at the smallest shift: a larger one for those probes (the sketch stays ⪯ M, a little coarser)
+        y_nu = y + nu[:, None, None] * omega
+        chol, info = torch.linalg.cholesky_ex(_sym(omega.T @ y_nu))
+        if not bool((info > 0).any()):
+            break
+        nu = torch.where(info > 0, nu * 10, nu)
+    else:
+        raise ConfigError("nystrom_spectrum: the sketch's core stayed indefinite under every shift (non-finite or "
+                          "non-symmetric products?)")
     b = torch.linalg.solve_triangular(chol, y_nu.transpose(-1, -2), upper=False).transpose(-1, -2)
     u, sv, _ = torch.linalg.svd(b, full_matrices=False)
     mu = (sv.pow(2) - nu[:, None]).clamp_min(0)

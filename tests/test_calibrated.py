@@ -438,3 +438,15 @@ def test_sketch_logs_sigma_for_target_only_where_its_bounds_there_are_tight():
     full = leakage_report(net, x, y, noise, options, Calibrated(route="sketch", rank=36, probes=4))
     assert "sigma_for_target" not in small.scalars and "expected_attack_psnr" in small.scalars
     assert full.scalars["sigma_for_target"] == pytest.approx(exact.scalars["sigma_for_target"], rel=1e-3)
+
+
+def test_nystrom_survives_a_core_that_rounding_leaves_indefinite():
+    """Products a little below PSD (as float32 rounding leaves a clipped Gram G − uuᵀ that cancels its largest
+    direction): the sketch takes a larger shift for that probe instead of failing its Cholesky factorisation."""
+    d, gen = 20, torch.Generator().manual_seed(3)
+    a = torch.randn(d, 3, generator=gen, dtype=D)
+    gram = a @ a.T - 1e-6 * torch.eye(d, dtype=D)  # rank 3, the rest 1e-6 below zero
+    sk = cal.nystrom_spectrum(lambda v: gram @ v, d, rank=8, prior=1.0, scale=0.1, probes=4, generator=gen)
+    assert bool(torch.isfinite(sk.mu).all()) and bool((sk.mu >= 0).all())
+    top = torch.linalg.eigvalsh(a @ a.T)[-3:]
+    assert torch.allclose(sk.mu[0].sort().values[-3:], top, rtol=1e-3)
