@@ -201,11 +201,12 @@ class I2FMonitor(Callback):
     def _evaluate_within_budget(self, pl_module: pl.LightningModule, snapshot: lk.Snapshot,
                                 final: bool = False) -> None:
         planner, total, dim = self.planner, len(self._probe[0]), self._probe[0][0].numel()
-        sketch, report = lk.Calibrated.can_sketch(snapshot.noise), None
+        dim = dim if dim <= lk.EXACT_MAX_DIM else 0  # 0: no route to choose (beyond, the estimator sketches all)
+        sketch, report, route = lk.Calibrated.can_sketch(snapshot.noise) and dim > 0, None, "exact" if dim else None
         if planner.needs_pricing:  # the first evaluation prices itself on one probe (one-off set-ups charged, unpriced)
             start = planner.clock(), lk.warm_up_transforms(*(snapshot.model, *self._probe) if sketch else ())
             self._spend(planner.clock() - start[0])
-            report = self._run(pl_module, snapshot, mon.Coverage(self.cursor, 1, total), mon.Plan(1))
+            report = self._run(pl_module, snapshot, mon.Coverage(self.cursor, 1, total), mon.Plan(1, route))
         plan = planner.plan(snapshot.step, total, final=final, first=self.evaluations == 0, dim=dim, sketch=sketch)
         if report is not None and plan.count <= 1:
             return self._finish(pl_module.trainer, report, final)
@@ -217,8 +218,7 @@ class I2FMonitor(Callback):
         coverage = mon.Coverage(0 if count >= total else self.cursor, count, total)
         return self._finish(pl_module.trainer, self._run(pl_module, snapshot, coverage, plan), final)
 
-    def _run(self, pl_module: pl.LightningModule, snapshot: lk.Snapshot, coverage: mon.Coverage,
-             plan: mon.Plan) -> Any:
+    def _run(self, pl_module: pl.LightningModule, snapshot: lk.Snapshot, coverage: mon.Coverage, plan: mon.Plan) -> Any:
         """Measure ``coverage``'s probes on the snapshot by ``plan``'s route (timed, charged and priced)."""
         start = self.planner.clock()
         with warnings.catch_warnings(record=True) as caught:
@@ -275,7 +275,7 @@ class I2FMonitor(Callback):
             batch_size=self._batch_size(trainer, source))
         noise = lk.noise_of(source, step, model) if noise is None else noise
         generator = torch.Generator(device).manual_seed(self.seed + step)
-        plan = mon.Plan(len(index)) if plan is None else plan
+        plan = mon.Plan(len(index), None) if plan is None else plan  # None: exact up to 1,024 values, a sketch beyond
         report = lk.leakage_report(model, xs, ys, noise, options, lk.Calibrated(**plan.estimator_options()), step=step,
                                    generator=generator, loss_fn=self._sources.loss, clock=self.planner.clock)
         report.coverage, report.plan = coverage, plan

@@ -241,7 +241,7 @@ class Plan:
     ``residual`` vectors for its bounds); ``note`` says why a sketch was not taken where one was wanted."""
 
     count: int
-    route: str = "exact"
+    route: str | None = "exact"  # None: the estimator's own choice (exact up to its exact_max_dim, a sketch beyond)
     rank: int = 0
     residual: int = 0
     note: str = ""
@@ -257,7 +257,8 @@ class Plan:
     def describe(self) -> str:
         if self.route == "sketch":
             return f"rank-{self.rank} Nyström sketch"
-        return "exact Grams" + (f"; {self.note}" if self.note else "")
+        return ("exact Grams" if self.route == "exact" else "calibrated estimate") + (
+            f"; {self.note}" if self.note else "")
 
 
 @dataclass(frozen=True)
@@ -388,7 +389,8 @@ class EvaluationPlanner:
 
     def plan(self, step: int, probes: int, *, final: bool, first: bool = False, dim: int = 0,
              sketch: bool = False) -> Plan:
-        """How the evaluation at ``step`` runs, of ``probes`` probes with ``dim`` input values each. Without
+        """How the evaluation at ``step`` runs, of ``probes`` probes with ``dim`` input values each (0: the route is
+        not the planner's to choose — the estimator's own, inputs beyond its exact range sketched anyway). Without
         ``sketch`` (the noise or the caller does not allow one): exact, :meth:`probes_for`. With it: the first
         and final evaluations exact (λ_min, the condition number), the first on as many probes as leave every
         middle evaluation a sketch of ``AIM_PROBES`` probes at the smallest rank and the final as many exact
@@ -403,7 +405,8 @@ class EvaluationPlanner:
             count = self.probes_for(step, probes, final=final)
             fallback = not (sketch or final or self.needs_pricing or self.budget.unlimited) and dim > 0
             fallback = fallback and count < min(AIM_PROBES, probes)
-            return Plan(count, note="no sketch for this noise (a covariance, or none)" if fallback else "")
+            return Plan(count, "exact" if dim > 0 else None,
+                        note="no sketch for this noise (a covariance, or none)" if fallback else "")
         aim, evaluations, left = min(AIM_PROBES, probes), self.budget.remaining(step), self._left()
         if first:
             middle = max(evaluations - 2, 0)
