@@ -46,15 +46,16 @@ class I2FMonitor(Callback):
     the defense's :meth:`~pl_i2f.defenses.Defense.sample_noise` — DP-SGD σC on the clipped gradient, Gaussian Bσ,
     anisotropic its covariance; ``batch_of_one``: DLG's setting): the keys of :data:`pl_i2f.leakage.LEAKAGE_KEYS`
     under ``leakage/``, headline ``expected_attack_psnr`` (:class:`pl_i2f.leakage.Calibrated`: exact for inputs of
-    up to 1,024 values, so λ_min and the condition number at every evaluation; a Nyström sketch beyond). With
-    W&B and ``log_per_sample_media``: a per-sample histogram at every evaluation, per-class table, bar chart and
-    the worst samples' images at the first and last.
+    up to 1,024 values, with λ_min and the condition number; a Nyström sketch beyond, and where the budget needs
+    it). With W&B and ``log_per_sample_media``: a per-sample histogram at every evaluation, per-class table, bar
+    chart and the worst samples' images at the first and last.
 
     **Budget** (``max_overhead`` × the training time; ``None``: no limit): :class:`pl_i2f.monitoring.EvaluationPlanner`
     prices every evaluation before it runs and covers as many probes as the budget allows for every evaluation
-    still scheduled; where not all fit, a rotating subset (each probe's last-measured step in
-    :attr:`probe_steps`; the log says what each evaluation covered). The final weights are always evaluated. The
-    step-0 evaluation runs on a snapshot after ``warmup_steps`` steps (seconds per step measured first).
+    still scheduled — the first and final exact, the others sketched (:class:`pl_i2f.monitoring.Plan`, rank and
+    route in the log) where exact Grams for 8 probes do not fit and the noise is isotropic and non-zero; where
+    not all fit, a rotating subset (each probe's last-measured step in :attr:`probe_steps`). The final weights are
+    always evaluated; step 0 on a snapshot, after ``warmup_steps`` steps (seconds per step measured first).
 
     **Any LightningModule and data** (:mod:`pl_i2f.sources`): probes from ``probe`` (an ``(x, y)`` pair, or a
     held-out Dataset/DataLoader: ``probe_size`` samples, seeded) or this package's datamodule; the network is the
@@ -199,35 +200,35 @@ class I2FMonitor(Callback):
     # -- evaluation -----------------------------------------------------------------------------------
     def _evaluate_within_budget(self, pl_module: pl.LightningModule, snapshot: lk.Snapshot,
                                 final: bool = False) -> None:
-        planner, total = self.planner, len(self._probe[0])
-        if planner.needs_pricing:  # the first evaluation prices itself on one probe, then covers what fits
-            start = planner.clock(), lk.warm_up_transforms()  # torch.func's one-off set-up: charged, not a price
+        planner, total, dim = self.planner, len(self._probe[0]), self._probe[0][0].numel()
+        dim = dim if dim <= lk.EXACT_MAX_DIM else 0  # 0: no route to choose (beyond, the estimator sketches all)
+        sketch, report, route = lk.Calibrated.can_sketch(snapshot.noise) and dim > 0, None, "exact" if dim else None
+        if planner.needs_pricing:  # the first evaluation prices itself on one probe (one-off set-ups charged, unpriced)
+            start = planner.clock(), lk.warm_up_transforms(*(snapshot.model, *self._probe) if sketch else ())
             self._spend(planner.clock() - start[0])
-            report = self._run(pl_module, snapshot, mon.Coverage(self.cursor, 1, total))
-            count = planner.probes_for(snapshot.step, total, final=final)
-            if count <= 1:
-                return self._finish(pl_module.trainer, report, final)
-        else:
-            count = planner.probes_for(snapshot.step, total, final=final)
-        if count == 0:
+            report = self._run(pl_module, snapshot, mon.Coverage(self.cursor, 1, total), mon.Plan(1, route))
+        plan = planner.plan(snapshot.step, total, final=final, first=self.evaluations == 0, dim=dim, sketch=sketch)
+        if report is not None and plan.count <= 1:
+            return self._finish(pl_module.trainer, report, final)
+        if (count := plan.count) == 0:
             self.skipped += 1
             if self.skipped == 1:
                 rank_zero_warn(f"I2FMonitor: {planner.skip_message(snapshot.step)}")
             return None
         coverage = mon.Coverage(0 if count >= total else self.cursor, count, total)
-        return self._finish(pl_module.trainer, self._run(pl_module, snapshot, coverage), final)
+        return self._finish(pl_module.trainer, self._run(pl_module, snapshot, coverage, plan), final)
 
-    def _run(self, pl_module: pl.LightningModule, snapshot: lk.Snapshot, coverage: mon.Coverage) -> Any:
-        """Measure ``coverage``'s probes on the snapshot (timed, charged and priced)."""
+    def _run(self, pl_module: pl.LightningModule, snapshot: lk.Snapshot, coverage: mon.Coverage, plan: mon.Plan) -> Any:
+        """Measure ``coverage``'s probes on the snapshot by ``plan``'s route (timed, charged and priced)."""
         start = self.planner.clock()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", InfluenceWarning)
             report = self.measure(pl_module.trainer, pl_module, snapshot.step, model=snapshot.model,
-                                  noise=snapshot.noise, coverage=coverage)
+                                  noise=snapshot.noise, coverage=coverage, plan=plan)
         warn_once(caught, InfluenceWarning, self._warned, "I2FMonitor")
         elapsed = self.planner.clock() - start
         self._spend(elapsed)
-        self.planner.observe(coverage.count, elapsed)
+        self.planner.observe(coverage.count, elapsed, plan)
         return report
 
     def _finish(self, trainer: pl.Trainer, report: lk.LeakageReport, final: bool) -> None:
@@ -240,7 +241,7 @@ class I2FMonitor(Callback):
             self.probe_steps[i] = report.step
         measured = [s for s in self.probe_steps if s >= 0]
         report.scalars["oldest_probe_step"] = float(min(measured))
-        rank_zero_info(f"I2FMonitor: step {report.step} evaluated on {coverage.describe()}")
+        rank_zero_info(f"I2FMonitor: step {report.step} evaluated on {coverage.describe()} ({report.plan.describe()})")
         start = self.planner.clock()
         media = self.evaluations == 0 or final
         log_scalars_at_step(trainer, report.scalars, "leakage", step=report.step)
@@ -256,10 +257,10 @@ class I2FMonitor(Callback):
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
                 model: nn.Module | None = None, noise: Any = None,
-                coverage: mon.Coverage | None = None) -> lk.LeakageReport:
+                coverage: mon.Coverage | None = None, plan: mon.Plan | None = None) -> lk.LeakageReport:
         """The leakage report of the probes at ``step`` (library call; no logging): on ``model`` (default: the
         module's current one) under ``noise`` (a :class:`pl_i2f.threat.SampleNoise`; default: the training's at
-        ``step``), on ``coverage``'s probes (default: all)."""
+        ``step``), on ``coverage``'s probes (default: all), by ``plan``'s route (default: exact)."""
         x, y = self._probe
         device, source = pl_module.device, self.noise_source(trainer, pl_module)
         model = analysis_network(pl_module) if model is None else model
@@ -274,9 +275,10 @@ class I2FMonitor(Callback):
             batch_size=self._batch_size(trainer, source))
         noise = lk.noise_of(source, step, model) if noise is None else noise
         generator = torch.Generator(device).manual_seed(self.seed + step)
-        report = lk.leakage_report(model, xs, ys, noise, options, lk.Calibrated(), step=step, generator=generator,
-                                   loss_fn=self._sources.loss, clock=self.planner.clock)
-        report.coverage = coverage
+        plan = mon.Plan(len(index), None) if plan is None else plan  # None: exact up to 1,024 values, a sketch beyond
+        report = lk.leakage_report(model, xs, ys, noise, options, lk.Calibrated(**plan.estimator_options()), step=step,
+                                   generator=generator, loss_fn=self._sources.loss, clock=self.planner.clock)
+        report.coverage, report.plan = coverage, plan
         return report
 
     @staticmethod

@@ -567,8 +567,7 @@ class NystromSpectrum:
         return (self.error(scale) / self.dim).mean(-1).sqrt()
 
 
-NYSTROM_SHIFT_RETRIES = 8  # shift-and-retry rounds of the stabilising Cholesky before giving up
-NYSTROM_SHIFT_GROWTH = 100.0  # each round multiplies the shift of a failed probe by this
+SHIFT_RETRIES = 10  # tenfold shifts tried for a core that rounding left indefinite
 
 
 def nystrom_spectrum(apply: Apply, dim: int, rank: int, prior: GaussianPrior | float, *, scale: float = 0.0,
@@ -577,7 +576,7 @@ def nystrom_spectrum(apply: Apply, dim: int, rank: int, prior: GaussianPrior | f
     """Sketch the whitened Gram of P probes from products only: ``apply(V)`` maps V (d, m), shared by every
     probe, to the products G V (P, d, m) (or (d, m) for one probe).
 
-    ``rank`` + ``probes`` products per probe (one batched call each for the sketch and the residual); one sketch
+    ``rank`` + ``probes`` products per probe (one batched call for the sketch and the residual); one sketch
     serves every noise level. Stable Nyström (shifted Cholesky, Tropp et al. 2017) for M = S G S, S = Σ_x^{1/2}
     applied with :meth:`GaussianPrior.sqrt_apply`; the residual trace by Hutchinson on M − M̂ (XNysTrace-style).
     ``precision``: the dtype ``apply`` really computes in (its rounding sets the stabilising shift).
@@ -598,17 +597,23 @@ def nystrom_spectrum(apply: Apply, dim: int, rank: int, prior: GaussianPrior | f
         return sq(out if out.dim() == 3 else out[None])
 
     omega = torch.linalg.qr(torch.randn(dim, k, generator=gen, dtype=DTYPE))[0]
-    y = whitened(omega)
+    z = torch.randn(dim, probes, generator=gen, dtype=DTYPE)
+    # one product call for the sketch and the residual's vectors: z does not depend on the sketch, and each call
+    # carries a fixed cost that dominates small blocks
+    both = whitened(torch.cat([omega, z], dim=1))
+    y, mz = both[..., :k], both[..., k:]
     nu = math.sqrt(dim) * torch.finfo(precision).eps * y.norm(dim=(-2, -1)).clamp_min(torch.finfo(DTYPE).tiny)
-    for _ in range(NYSTROM_SHIFT_RETRIES):  # products rounded worse than ``precision`` says: a larger shift
+    for _ in range(SHIFT_RETRIES):
+        # rounding in the products (a clipped Gram's G − uuᵀ cancels its largest direction) can leave the core
+        # indefinite at the smallest shift: a larger one for those probes (the sketch stays ⪯ M, a little coarser)
         y_nu = y + nu[:, None, None] * omega
         chol, info = torch.linalg.cholesky_ex(_sym(omega.T @ y_nu))
-        if not bool(info.any()):
+        if not bool((info > 0).any()):
             break
-        nu = torch.where(info > 0, nu * NYSTROM_SHIFT_GROWTH, nu)
+        nu = torch.where(info > 0, nu * 10, nu)
     else:
-        raise ValueError("the Nyström sketch's core matrix stayed indefinite: the products are not symmetric "
-                         "positive semi-definite")
+        raise ConfigError("nystrom_spectrum: the sketch's core stayed indefinite under every shift (non-finite or "
+                          "non-symmetric products?)")
     b = torch.linalg.solve_triangular(chol, y_nu.transpose(-1, -2), upper=False).transpose(-1, -2)
     u, sv, _ = torch.linalg.svd(b, full_matrices=False)
     mu = (sv.pow(2) - nu[:, None]).clamp_min(0)
@@ -619,8 +624,6 @@ def nystrom_spectrum(apply: Apply, dim: int, rank: int, prior: GaussianPrior | f
     scale_sq = value_scale.to(DTYPE).pow(2) if value_scale is not None else torch.ones(dim, dtype=DTYPE)
     prior_total = float((scale_sq * prior.diagonal()).sum())
     prior_norm = prior.norm * float(scale_sq.max())
-    z = torch.randn(dim, probes, generator=gen, dtype=DTYPE)
-    mz = whitened(z)
     mhat_z = u @ (mu[..., None] * (u.transpose(-1, -2) @ z))
     quad = (z * (mz - mhat_z)).sum(-2)  # (P, probes)
     residual = quad.mean(-1)

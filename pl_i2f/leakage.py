@@ -53,6 +53,8 @@ MONITOR_LAMBDA_TOL = 1e-2  # its λ_max tolerance: a monitoring figure, whose sp
 CONVERGED_RESIDUAL = 1e-2  # a Ritz λ_max counts as converged when its residual is below this share of it
 NYSTROM_RANK = 64  # the sketch's rank beyond EXACT_MAX_DIM (its bounds say how much that leaves out)
 NYSTROM_PROBES = 8  # Hutchinson vectors per probe for the sketch's residual trace
+SKETCH_TARGET_MAX_DB = 1.0  # a sketch's σ-for-target is logged only where its bounds there are this tight
+ROUTES = ("exact", "sketch")  # Calibrated's: explicit per-probe Jacobians, or a Nyström sketch from products
 
 
 #: What each key of a calibrated report means (logged under ``leakage/``). Pixel values are on the [0, 1] scale.
@@ -66,7 +68,8 @@ LEAKAGE_KEYS: dict[str, str] = {
     "gain_over_prior_db": "expected_attack_psnr − prior_psnr: what the released gradient adds to the prior",
     "determined_fraction": "share of probes whose input the noiseless gradient determines (rank JᵀJ = d_x)",
     "sigma_for_target": "Gaussian σ on the mean gradient of a batch of B (σ on the sample with batch_of_one) that "
-                        "brings expected_pixel_rmse to target_pixel_rmse (isotropic unclipped noise only)",
+                        "brings expected_pixel_rmse to target_pixel_rmse (isotropic unclipped noise only; the "
+                        "*_for_target keys of a sketch only where its bounds there are within 1 dB)",
     "noise_multiplier_for_target": "DP-SGD noise multiplier for the target at the run's clipping norm (the monitor's "
                                    "clipping_norm without DP-SGD), on the clipped Gram",
     "noise_scale_for_target": "factor on the current noise (anisotropic: its whole covariance) for the target",
@@ -74,7 +77,9 @@ LEAKAGE_KEYS: dict[str, str] = {
     "noise_std": "std of the noise on one sample's own gradient (σC under DP-SGD, Bσ for gaussian); absent "
                  "without noise or with a non-isotropic covariance",
     "clip_norm": "DP-SGD's clipping norm C (the Jacobian is the clipped gradient's)",
-    "error_half_width_db": "Nyström route only (inputs above 1,024 values): half-width of its bounds, in dB",
+    "error_half_width_db": "Nyström route only (inputs above 1,024 values, or sketched evaluations): half-width "
+                           "of its bounds, in dB",
+    "sketch_rank": "rank of the Nyström sketch (sketched evaluations only)",
     "probes": "probes this evaluation covered", "measured_at_step": "the step evaluated",
     "oldest_probe_step": "monitor: the oldest last-measured step among the probes (rotating subsets)",
     "lambda_max": "mean λ_max of the (noise-whitened) JᵀJ", "lambda_min": "mean λ_min (exact route)",
@@ -152,6 +157,7 @@ class LeakageReport:
     seconds: dict[str, float] = field(default_factory=dict)  # {"estimate": …, "spectra": …} by the report's clock
     posterior: Posterior | None = None
     coverage: Any = None  # which of a monitor's probes it covers (pl_i2f.monitoring.Coverage)
+    plan: Any = None  # how a monitor ran it: route, rank (pl_i2f.monitoring.Plan)
 
     @property
     def pixel_rmse(self) -> Tensor:
@@ -223,7 +229,7 @@ def _headline(posterior: Posterior, noise: SampleNoise, options: LeakageOptions,
         out["determined_fraction"] = posterior.determined_fraction()
     else:
         out["error_half_width_db"] = _half_width_db(posterior)
-    target = scale_for_target(posterior, options.target_pixel_rmse)
+    target = _stated_scale(posterior, options.target_pixel_rmse)
     if noise.clip_norm is None and noise.basis is None:
         # Gaussian σ on the mean gradient of B: noise Bσ on the sample (1 with batch_of_one)
         per_unit = 1 if noise.batch_of_one or not options.batch_size else options.batch_size
@@ -232,13 +238,25 @@ def _headline(posterior: Posterior, noise: SampleNoise, options: LeakageOptions,
         out["noise_scale_for_target"] = target / noise.std if noise.std > 0 else target
     if clipped is not None:
         clip = noise.clip_norm or options.clipping_norm
-        out["noise_multiplier_for_target"] = scale_for_target(clipped, options.target_pixel_rmse) / clip
+        out["noise_multiplier_for_target"] = _stated_scale(clipped, options.target_pixel_rmse) / clip
     return out
 
 
-def _half_width_db(posterior: cal.NystromSpectrum) -> float:
-    """The Nyström bounds' half-width on the pooled RMSE, in dB of PSNR."""
-    lo, hi = posterior.bounds()
+def _stated_scale(posterior: Posterior, target_pixel_rmse: float) -> float:
+    """:func:`scale_for_target`, NaN (not logged) for a sketch whose bounds at that scale are wider than
+    ``SKETCH_TARGET_MAX_DB``: a small sketch's σ-for-target sits where the noise is small and its bounds wide
+    (off by up to 2× at rank 8 on trained weights), a figure without a stated error."""
+    scale = scale_for_target(posterior, target_pixel_rmse)
+    if isinstance(posterior, cal.NystromSpectrum) and not _half_width_db(posterior, scale) <= SKETCH_TARGET_MAX_DB:
+        return math.nan
+    return scale
+
+
+def _half_width_db(posterior: cal.NystromSpectrum, scale: float | None = None) -> float:
+    """The Nyström bounds' half-width on the pooled RMSE, in dB of PSNR (at the noise ``scale``; default its own)."""
+    if scale is not None and not math.isfinite(scale):
+        return math.inf
+    lo, hi = posterior.bounds(scale)
     lo_rmse, hi_rmse = pooled_pixel_rmse(lo / posterior.dim), pooled_pixel_rmse(hi / posterior.dim)
     return float(attack_psnr(lo_rmse) - attack_psnr(hi_rmse)) / 2 if hi_rmse > 0 else 0.0
 
@@ -397,13 +415,30 @@ class Calibrated:
     Woodbury). Beyond: a rank-``rank`` Nyström sketch of each probe's whitened x-side Gram from products only
     (:func:`pl_i2f.calibrated.nystrom_spectrum`, its bounds logged as ``error_half_width_db``); isotropic noise,
     clipped or not, there. ``clip_for_target``: also the clipped spectrum at ``options.clipping_norm`` when the
-    noise itself is not clipped, so a run without DP-SGD gets a noise multiplier for its target too."""
+    noise itself is not clipped, so a run without DP-SGD gets a noise multiplier for its target too.
+
+    ``route``: ``"exact"`` or ``"sketch"`` forces one (the monitor sketches its middle evaluations when exact
+    Grams for enough probes do not fit its budget); ``None`` picks by ``exact_max_dim``."""
 
     exact_max_dim: int = EXACT_MAX_DIM
     rank: int = NYSTROM_RANK
     probes: int = NYSTROM_PROBES
     clip_for_target: bool = True
     dtype: torch.dtype | None = None
+    route: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.route not in (None, *ROUTES):
+            raise ConfigError(f"Calibrated.route must be one of {', '.join(ROUTES)} or None, got {self.route!r}")
+        if self.rank < 1 or self.probes < 1:
+            raise ConfigError(f"Calibrated.rank and .probes must be >= 1, got {self.rank} and {self.probes}")
+
+    @staticmethod
+    def can_sketch(noise: SampleNoise) -> bool:
+        """Whether the sketch route informs on this noise: isotropic (clipped or not; a covariance needs exact) and
+        not zero — without noise its lower bound is 0 by construction (it cannot tell which unseen directions
+        the gradient determines), so its midpoint would be a number without meaning."""
+        return noise.isotropic and not noise.is_zero
 
     def estimate(self, operator: PerSampleOperator, noise: SampleNoise, options: LeakageOptions,
                  generator: torch.Generator | None) -> Estimate:
@@ -411,32 +446,35 @@ class Calibrated:
         prior = _prior_of(options, d_x)
         scale = _value_scale(options, d_x, operator.like)
         extra_clip = options.clipping_norm if self.clip_for_target and noise.clip_norm is None else None
-        if d_x <= self.exact_max_dim:
+        if self.route == "exact" or (self.route is None and d_x <= self.exact_max_dim):
             posterior, clipped = _exact(operator, noise, prior, scale, extra_clip)
             eigenvalues = posterior.eigenvalues
             per_sample = _paper_per_sample(operator, eigenvalues, noise)
             spectra = SpectrumEnds(eigenvalues[:, 0], eigenvalues[:, -1])
             return Estimate(per_sample=per_sample, spectra=spectra, posterior=posterior,
                             clipped=clipped if clipped is not None else (posterior if noise.clip_norm else None))
-        if noise.basis is not None or noise.sampler is not None:
-            raise ConfigError(f"the calibrated estimate of inputs above {self.exact_max_dim} values needs isotropic "
-                              f"noise (this noise is {noise.source!r}); its covariance needs the exact route")
+        if not noise.isotropic:
+            raise ConfigError(f"the calibrated sketch (inputs above {self.exact_max_dim} values, or route='sketch') "
+                              f"needs isotropic noise (this noise is {noise.source!r}); its covariance needs the "
+                              "exact route")
         gen = generator if generator is not None else torch.Generator(device=operator.like.device).manual_seed(0)
-        posterior = self._sketch(operator, noise.clip_norm, noise.std, prior, scale, gen)
+        products = _ReusedProducts(operator)
+        posterior = self._sketch(operator, products, noise.clip_norm, noise.std, prior, scale, gen)
         clipped = None
         if noise.clip_norm is not None:
             clipped = posterior
-        elif extra_clip is not None:
-            clipped = self._sketch(operator, extra_clip, 0.0, prior, scale, gen)
+        elif extra_clip is not None:  # same seed, same vectors: the clipped Gram's products come from the same call
+            clipped = self._sketch(operator, products, extra_clip, 0.0, prior, scale, gen)
         lam = posterior.mu.amax(-1)  # whitened λ_max (of S G S): the sketch's own spectrum
         per_sample = PerSampleLeakage(
             lambda_max=lam, lambda_min=None, trace=None, expected_jdelta=None, lower_bound=None, expected_i2f=None,
             expected_i2f_rmse=None, converged=torch.ones_like(lam, dtype=torch.bool), iterations=self.rank,
             method="nystrom", damping=0.0, labels=operator.y)
-        return Estimate(per_sample=per_sample, posterior=posterior, clipped=clipped)
+        return Estimate(per_sample=per_sample, posterior=posterior, clipped=clipped,
+                        scalars={"sketch_rank": float(posterior.mu.shape[-1])})
 
-    def _sketch(self, operator: PerSampleOperator, clip: float | None, std: float, prior: cal.GaussianPrior,
-                scale: Tensor, generator: torch.Generator) -> cal.NystromSpectrum:
+    def _sketch(self, operator: PerSampleOperator, products: _ReusedProducts, clip: float | None, std: float,
+                prior: cal.GaussianPrior, scale: Tensor, generator: torch.Generator) -> cal.NystromSpectrum:
         like = operator.like
         factor, unit_jtg = None, None
         if clip is not None:  # G_c v = (C/‖g‖)²(Gv − u uᵀv), u = Jᵀĝ, where ‖g‖ > C (clipped_gram, by products)
@@ -446,8 +484,7 @@ class Calibrated:
             factor = torch.where(norm > clip, clip / norm, torch.ones_like(norm)).double()
 
         def apply(v: Tensor) -> Tensor:  # (d, m) → (P, d, m)
-            shared = v.T.to(like).unsqueeze(0).expand(operator.N, -1, -1).contiguous()
-            out = operator.gram(shared).transpose(-1, -2).double()
+            out = products(v)
             if factor is not None:
                 clipped = factor < 1
                 proj = unit_jtg[:, :, None] * (unit_jtg @ v.to(out))[:, None, :]
@@ -457,6 +494,24 @@ class Calibrated:
         return cal.nystrom_spectrum(apply, operator.n, self.rank, prior, scale=std, probes=self.probes,
                                     value_scale=scale, generator=generator.manual_seed(generator.initial_seed()),
                                     precision=like.dtype)
+
+
+class _ReusedProducts:
+    """The per-probe Gram products G V (P, d, m) of a block V shared by every probe, the last block's kept: the
+    clipped sketch for the noise multiplier draws the same vectors and reuses the call."""
+
+    def __init__(self, operator: PerSampleOperator):
+        self.operator = operator
+        self.last: tuple[Tensor, Tensor] | None = None
+
+    def __call__(self, v: Tensor) -> Tensor:
+        if self.last is not None and self.last[0].shape == v.shape and torch.equal(self.last[0], v):
+            return self.last[1]
+        op = self.operator
+        shared = v.T.to(op.like).unsqueeze(0).expand(op.N, -1, -1).contiguous()
+        out = op.gram(shared).transpose(-1, -2).double()
+        self.last = (v, out)
+        return out
 
 
 def _exact(operator: PerSampleOperator, noise: SampleNoise, prior: cal.GaussianPrior, scale: Tensor,
@@ -653,11 +708,23 @@ def _add_spectra(report: LeakageReport, spectra: SpectrumEnds) -> None:
 
 
 @functools.cache
-def warm_up_transforms() -> None:
-    """torch.func's one-off set-up (the explicit Jacobians' vmap over forward-mode products), paid once per process
-    on a tiny model, so that it does not count as the price of a probe."""
+def _warm_up_torch_func() -> None:
     net = nn.Sequential(nn.Flatten(), nn.Linear(2, 2))
     cal.exact_posteriors(net, torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), SampleNoise(std=1.0), 1.0)
+
+
+def warm_up_transforms(model: nn.Module | None = None, x: Tensor | None = None, y: Tensor | None = None,
+                       loss_fn: Callable | None = None) -> None:
+    """torch.func's one-off set-up (the explicit Jacobians' vmap over forward-mode products), paid once per process
+    on a tiny model, so that it does not count as the price of a probe; with ``model`` and a probe ``(x, y)``
+    also the one-off costs of the sketch's block product on that network (a rank-1 sketch of one probe), which
+    would otherwise double the first sketch's price."""
+    _warm_up_torch_func()
+    if model is not None and x is not None and y is not None:
+        device = next(model.parameters()).device
+        leakage_report(model, x[:1].to(device), y[:1].to(device), SampleNoise(std=1.0),
+                       LeakageOptions(prior=1.0, clipping_norm=1.0), Calibrated(route="sketch", rank=1, probes=1),
+                       loss_fn=loss_fn)
 
 
 def measure_leakage(model: nn.Module, x: Tensor, y: Tensor, defense: Defense, step: int, *, method: str = "slq",

@@ -9,6 +9,9 @@ Objects the :class:`callbacks.I2FMonitor` callback drives, unit-tested without a
   per probe; both measured, neither guessed).
 * :class:`OverheadBudget` — ``max_overhead`` × this fit's training time, the training time *measured*
   (seconds per optimizer step so far × the fit's steps).
+* :class:`Plan` — how one evaluation runs: its probes and route, exact Grams or a rank-r Nyström sketch from one
+  block product (priced apart: :meth:`EvaluationPlanner.plan` sketches the middle evaluations where exact
+  Grams for ``AIM_PROBES`` probes do not fit).
 * :class:`EvaluationPlanner` — how many probes each evaluation covers: the most whose cost, with every
   evaluation still scheduled at that size, fits what is left of the budget (the budget is spent evenly, not
   hoarded); fewer only where all cannot fit (the callback then rotates through the probes); the final
@@ -226,6 +229,36 @@ class MonitorSettings:
 
 
 SPEND_FRACTION = 0.95  # of the budget planned: the training time is a projection, and a price a fit
+AIM_PROBES = 8  # an evaluation's aim: per-sample leakage varies widely across samples, so fewer is a noisy figure
+SKETCH_RANKS = (32, 16, 8)  # the middle evaluations' Nyström ranks, the largest that fits first
+SKETCH_RESIDUAL = 8  # Hutchinson vectors per probe for the sketch's residual (its stated bounds)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How an evaluation runs: ``count`` probes (0: skipped) by the calibrated estimate's ``route`` — "exact"
+    (explicit per-probe Jacobians) or "sketch" (a rank-``rank`` Nyström sketch per probe from one block product,
+    ``residual`` vectors for its bounds); ``note`` says why a sketch was not taken where one was wanted."""
+
+    count: int
+    route: str | None = "exact"  # None: the estimator's own choice (exact up to its exact_max_dim, a sketch beyond)
+    rank: int = 0
+    residual: int = 0
+    note: str = ""
+
+    def estimator_options(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`pl_i2f.leakage.Calibrated` for this plan. A sketch skips the clipped Gram's
+        second sketch (the noise multiplier for the target): at these ranks it is off by up to 2× and costs a
+        quarter of the evaluation; the exact evaluations at both ends report it."""
+        if self.route == "sketch":
+            return {"route": "sketch", "rank": self.rank, "probes": self.residual, "clip_for_target": False}
+        return {"route": self.route}
+
+    def describe(self) -> str:
+        if self.route == "sketch":
+            return f"rank-{self.rank} Nyström sketch"
+        return ("exact Grams" if self.route == "exact" else "calibrated estimate") + (
+            f"; {self.note}" if self.note else "")
 
 
 @dataclass(frozen=True)
@@ -274,6 +307,7 @@ class EvaluationPlanner:
         self._start_step = 0
         self._rate_origin: tuple[float, float] | None = None
         self._credit = 0.0  # share of single-probe evaluations earned but not yet run (see probes_for)
+        self.sketch_cost = ProductCost()  # a sketch's seconds over its probe-vectors (probes × (rank + residual))
 
     # -- the fit's training time --------------------------------------------------------------------------
     def start_fit(self, step: int, total_steps: int | None) -> None:
@@ -323,24 +357,90 @@ class EvaluationPlanner:
         if not self.cost.known:
             return 1  # the first evaluation prices itself on one probe
         evaluations = 1 if final else self.budget.remaining(step)
-        left = self.budget.left() - (1 - SPEND_FRACTION) * self.budget.total()
+        left = self._left()
         for count in range(probes, 0, -1):
             if self.price(count) * evaluations <= left:
                 return count
         if final:
             return 1  # the final weights are always evaluated
-        # not even one probe each: single-probe evaluations spread evenly over those still scheduled (a credit
-        # of the affordable share per evaluation), one kept back for the final step
-        affordable = left / self.price(1) - 1
+        return int(self._spread(left, evaluations, self.price(1)))
+
+    def _spread(self, left: float, evaluations: int, unit: float) -> bool:
+        """Not even one smallest evaluation (``unit`` seconds) each: such evaluations spread evenly over those still
+        scheduled (a credit of the affordable share per evaluation), one kept back for the final step."""
+        affordable = left / unit - 1
         self._credit += min(1.0, max(affordable, 0.0) / max(1, evaluations - 1))
         if self._credit >= 1 - 1e-9 and affordable >= 1:
             self._credit -= 1
-            return 1
-        return 0
+            return True
+        return False
 
-    def observe(self, probes: int, seconds: float) -> None:
-        """An evaluation of ``probes`` probes took ``seconds`` (its estimate, not its logging)."""
-        self.cost.observe(1, probes, seconds)
+    def sketch_price(self, probes: int, rank: int, dim: int) -> float:
+        """Predicted seconds of a rank-``rank`` sketch of ``probes`` probes of ``dim`` input values. Before any
+        sketch is priced: the exact price of as many probes as its products make up (an explicit Jacobian is
+        ``dim`` products of the same network), so the first sketch is planned from a measured price too."""
+        vectors = probes * (rank + SKETCH_RESIDUAL)
+        if self.sketch_cost.known:
+            return self.sketch_cost.predict(1, vectors)
+        return self.price(max(1, math.ceil(vectors / max(dim, 1))))
+
+    def _left(self) -> float:
+        return self.budget.left() - (1 - SPEND_FRACTION) * self.budget.total()
+
+    def plan(self, step: int, probes: int, *, final: bool, first: bool = False, dim: int = 0,
+             sketch: bool = False) -> Plan:
+        """How the evaluation at ``step`` runs, of ``probes`` probes with ``dim`` input values each (0: the route is
+        not the planner's to choose — the estimator's own, inputs beyond its exact range sketched anyway). Without
+        ``sketch`` (the noise or the caller does not allow one): exact, :meth:`probes_for`. With it: the first
+        and final evaluations exact (λ_min, the condition number), the first on as many probes as leave every
+        middle evaluation a sketch of ``AIM_PROBES`` probes at the smallest rank and the final as many exact
+        probes as the first; a middle evaluation exact where ``AIM_PROBES`` exact probes fit every evaluation
+        still scheduled, else the sketch on the most probes (then the largest rank) that fits them all, with the
+        final's exact probes kept back (up to ``AIM_PROBES``, as many as the least sketch of every middle one
+        leaves); the first sketch prices itself (``AIM_PROBES`` at the smallest rank, where that fits once); where
+        not even a one-probe sketch fits every one, the cheaper of one exact probe and an ``AIM_PROBES`` sketch,
+        spread evenly (the others skipped). Priorities: no skips, then ``AIM_PROBES`` everywhere, then more
+        probes, then a larger rank."""
+        if self.budget.unlimited or not self.cost.known or final or not sketch or dim < 1:
+            count = self.probes_for(step, probes, final=final)
+            fallback = not (sketch or final or self.needs_pricing or self.budget.unlimited) and dim > 0
+            fallback = fallback and count < min(AIM_PROBES, probes)
+            return Plan(count, "exact" if dim > 0 else None,
+                        note="no sketch for this noise (a covariance, or none)" if fallback else "")
+        aim, evaluations, left = min(AIM_PROBES, probes), self.budget.remaining(step), self._left()
+        if first:
+            middle = max(evaluations - 2, 0)
+            room = left - middle * self.sketch_price(aim, SKETCH_RANKS[-1], dim)
+            count = next((c for c in range(probes, 0, -1) if 2 * self.price(c) <= room), 0)
+            if count:
+                return Plan(count)
+            return Plan(self.probes_for(step, probes, final=False))
+        middle = max(evaluations - 1, 1)  # this one and the others before the final
+        room = left
+        if self.budget.total_steps is not None:  # the final's exact probes kept back: up to the aim, after the least
+            least = left - middle * self.sketch_price(aim, SKETCH_RANKS[-1], dim)  # sketch of every middle one
+            room -= self.price(next((c for c in range(aim, 1, -1) if self.price(c) <= least), 1))
+        if self.price(aim) * middle <= room:
+            return Plan(next(c for c in range(probes, 0, -1) if self.price(c) * middle <= room))
+        if not self.sketch_cost.known and self.sketch_price(aim, SKETCH_RANKS[-1], dim) <= room:
+            return Plan(aim, "sketch", SKETCH_RANKS[-1], SKETCH_RESIDUAL)  # the first sketch prices itself
+        for count in range(probes, 0, -1):
+            for rank in SKETCH_RANKS:
+                if self.sketch_price(count, rank, dim) * middle <= room:
+                    return Plan(count, "sketch", rank, SKETCH_RESIDUAL)
+        # not even a one-probe sketch each: the cheaper of one exact probe and a sketch of the aim, spread evenly
+        one, least = self.price(1), self.sketch_price(aim, SKETCH_RANKS[-1], dim)
+        if not self._spread(left, evaluations, min(one, least)):
+            return Plan(0)
+        return Plan(1) if one <= least else Plan(aim, "sketch", SKETCH_RANKS[-1], SKETCH_RESIDUAL)
+
+    def observe(self, probes: int, seconds: float, plan: Plan | None = None) -> None:
+        """An evaluation of ``probes`` probes (by ``plan``'s route; default exact) took ``seconds`` (its estimate,
+        not its logging)."""
+        if plan is not None and plan.route == "sketch":
+            self.sketch_cost.observe(1, probes * (plan.rank + plan.residual), seconds)
+        else:
+            self.cost.observe(1, probes, seconds)
 
     def skip_message(self, step: int) -> str:
         one, left = self.price(1), max(self.budget.left(), 0.0)
@@ -363,11 +463,12 @@ class EvaluationPlanner:
                 f"skipped{limit}{measured}")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"cost": self.cost.state_dict(), "training_seconds": self.training_seconds,
-                "spent_seconds": self.spent_seconds}
+        return {"cost": self.cost.state_dict(), "sketch_cost": self.sketch_cost.state_dict(),
+                "training_seconds": self.training_seconds, "spent_seconds": self.spent_seconds}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         cost = state.get("cost", {})
         self.cost.load_state_dict(cost if "observations" in cost else {})
+        self.sketch_cost.load_state_dict(state.get("sketch_cost", {}))
         self.earlier_training = float(state.get("training_seconds", 0.0))
         self.earlier_spent = float(state.get("spent_seconds", 0.0))

@@ -365,3 +365,88 @@ def test_exact_posteriors_anisotropic_covariance_by_woodbury():
     cov_n = 0.01 * torch.eye(d_theta, dtype=D) + basis @ torch.diag(extra) @ basis.T
     dense = _kalman(j, 0.3 * torch.eye(12, dtype=D), cov_n)
     torch.testing.assert_close(spec.error(), dense, rtol=1e-6, atol=0)
+
+
+def _small_net_and_probes(d_x: int = 36, probes: int = 4):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(d_x, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    return net, torch.randn(probes, 1, 6, 6, dtype=D), torch.randint(0, 3, (probes,))
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_sketch_route_brackets_the_exact_route_on_small_inputs(clip):
+    """route='sketch' on inputs the exact route also takes (d_x <= 1024): the exact error inside the sketch's stated
+    bounds per probe, the clipped Gram's too; at full rank the bounds close on the exact value."""
+    from pl_i2f.leakage import Calibrated, LeakageOptions, leakage_report
+
+    net, x, y = _small_net_and_probes()
+    noise = SampleNoise(std=0.05, clip_norm=clip)
+    options = LeakageOptions(prior=0.2, clipping_norm=1.0, worst_k=0)
+    exact = leakage_report(net, x, y, noise, options, Calibrated(route="exact"))
+    for rank in (8, 36):
+        sketch = leakage_report(net, x, y, noise, options, Calibrated(route="sketch", rank=rank, probes=16))
+        lo, hi = sketch.posterior.bounds()
+        value = exact.posterior.error()
+        assert bool((value >= lo * (1 - 1e-6)).all() and (value <= hi * (1 + 1e-6)).all()), rank
+        assert sketch.scalars["sketch_rank"] == rank and "error_half_width_db" in sketch.scalars
+        assert "lambda_min" not in sketch.scalars  # the sketch has no exact spectrum
+    assert sketch.scalars["error_half_width_db"] < 1e-3
+    assert sketch.scalars["expected_attack_psnr"] == pytest.approx(exact.scalars["expected_attack_psnr"], abs=1e-3)
+
+
+def test_sketch_route_makes_one_product_call_for_both_sketches(monkeypatch):
+    """Without DP-SGD the sketch also prices the clipped Gram (noise multiplier for the target): the same vectors,
+    so one block product serves the sketch, its residual and the clipped sketch."""
+    from pl_i2f.influence.per_sample import PerSampleOperator
+    from pl_i2f.leakage import Calibrated, LeakageOptions, leakage_report
+
+    calls = []
+    gram = PerSampleOperator.gram
+    monkeypatch.setattr(PerSampleOperator, "gram", lambda self, v: calls.append(v.shape) or gram(self, v))
+    net, x, y = _small_net_and_probes()
+    report = leakage_report(net, x, y, SampleNoise(std=0.05), LeakageOptions(prior=0.2, clipping_norm=1.0),
+                            Calibrated(route="sketch", rank=36, probes=4))
+    assert calls == [(4, 40, 36)]
+    assert "noise_multiplier_for_target" in report.scalars
+
+
+def test_sketch_route_rejects_a_covariance_and_bad_routes():
+    from pl_i2f.leakage import Calibrated, LeakageOptions, leakage_report
+
+    net, x, y = _small_net_and_probes()
+    d_theta = sum(p.numel() for p in net.parameters())
+    basis = torch.linalg.qr(torch.randn(d_theta, 3, dtype=D))[0]
+    noise = SampleNoise(std=0.1, basis=basis, extra_variance=torch.ones(3, dtype=D), source="anisotropic")
+    assert not Calibrated.can_sketch(noise) and Calibrated.can_sketch(SampleNoise(std=1.0, clip_norm=1.0))
+    assert not Calibrated.can_sketch(SampleNoise())  # no noise: the sketch's lower bound is 0 by construction
+    with pytest.raises(ConfigError, match="isotropic"):
+        leakage_report(net, x, y, noise, LeakageOptions(prior=0.2), Calibrated(route="sketch"))
+    with pytest.raises(ConfigError, match="route"):
+        Calibrated(route="lanczos")
+
+
+def test_sketch_logs_sigma_for_target_only_where_its_bounds_there_are_tight():
+    """A rank-2 sketch of 36 values: its σ-for-target sits where its bounds are wide, so it is not logged; at full
+    rank the bounds close and it is, equal to the exact route's."""
+    from pl_i2f.leakage import Calibrated, LeakageOptions, leakage_report
+
+    net, x, y = _small_net_and_probes()
+    options = LeakageOptions(prior=0.2, worst_k=0, target_pixel_rmse=0.05)
+    noise = SampleNoise(std=0.05)
+    exact = leakage_report(net, x, y, noise, options, Calibrated(route="exact"))
+    small = leakage_report(net, x, y, noise, options, Calibrated(route="sketch", rank=2, probes=4))
+    full = leakage_report(net, x, y, noise, options, Calibrated(route="sketch", rank=36, probes=4))
+    assert "sigma_for_target" not in small.scalars and "expected_attack_psnr" in small.scalars
+    assert full.scalars["sigma_for_target"] == pytest.approx(exact.scalars["sigma_for_target"], rel=1e-3)
+
+
+def test_nystrom_survives_a_core_that_rounding_leaves_indefinite():
+    """Products a little below PSD (as float32 rounding leaves a clipped Gram G − uuᵀ that cancels its largest
+    direction): the sketch takes a larger shift for that probe instead of failing its Cholesky factorisation."""
+    d, gen = 20, torch.Generator().manual_seed(3)
+    a = torch.randn(d, 3, generator=gen, dtype=D)
+    gram = a @ a.T - 1e-6 * torch.eye(d, dtype=D)  # rank 3, the rest 1e-6 below zero
+    sk = cal.nystrom_spectrum(lambda v: gram @ v, d, rank=8, prior=1.0, scale=0.1, probes=4, generator=gen)
+    assert bool(torch.isfinite(sk.mu).all()) and bool((sk.mu >= 0).all())
+    top = torch.linalg.eigvalsh(a @ a.T)[-3:]
+    assert torch.allclose(sk.mu[0].sort().values[-3:], top, rtol=1e-3)

@@ -396,6 +396,13 @@ def simulated_run(load: Callable[[int], float], train_load: Callable[[int], floa
             run(count, step)
             evaluated.append(step), counts.append(count)
 
+    drive(planner, evaluate, total, lambda step: setattr(clock, "now", clock.now + step_cost * train_load(step)))
+    return planner.spent_seconds, planner.training_seconds, evaluated, counts
+
+
+def drive(planner, evaluate: Callable[[int, bool], None], total: int, train: Callable[[int], None]) -> None:
+    """The monitor's hooks over a run of ``total`` steps: the step-0 evaluation after 3 warm-up steps, every due
+    step, then the final one (``train(step)`` advances the clock by a training step)."""
     pending = None
     for step in range(total):
         planner.record_training(step)
@@ -407,10 +414,9 @@ def simulated_run(load: Callable[[int], float], train_load: Callable[[int], floa
                 pending = step
             else:
                 evaluate(step, False)
-        clock.now += step_cost * train_load(step)
+        train(step)
     planner.record_training(total)
     evaluate(total, True)
-    return planner.spent_seconds, planner.training_seconds, evaluated, counts
 
 
 @pytest.mark.parametrize(("load", "train_load"), [
@@ -517,3 +523,67 @@ def test_every_logged_key_is_documented(digits_run):
         report = calibrated_leakage(kept[100], x[:3], y[:3], noise, 100, prior=dm.data_prior(),
                                     pixel_std=mean_pixel_std(dm), batch_size=64, clipping_norm=1.0)
         assert set(report.scalars) <= set(LEAKAGE_KEYS), set(report.scalars) - set(LEAKAGE_KEYS)
+
+
+def planned_run(exact_probe: float, sketch_seconds: Callable[[int, int], float], *, sketch: bool = True,
+                total: int = 1200, probes: int = 32, dim: int = 256):
+    """Drive :meth:`EvaluationPlanner.plan` through a run as I2FMonitor does, on an injected clock: exact
+    evaluations cost ``exact_probe`` per probe, a sketch ``sketch_seconds(probes, rank)``; (plans, monitor seconds,
+    training seconds)."""
+    from pl_i2f.monitoring import EvaluationPlanner, Plan
+
+    clock = FakeClock()
+    planner = EvaluationPlanner(0.1, DenseEarlySchedule(), clock=clock)
+    planner.start_fit(0, total)
+    plans: list[Plan] = []
+
+    def run(plan: Plan) -> None:
+        seconds = exact_probe * plan.count if plan.route == "exact" else sketch_seconds(plan.count, plan.rank)
+        clock.now += seconds
+        planner.charge(seconds)
+        planner.observe(plan.count, seconds, plan)
+
+    def evaluate(step: int, final: bool) -> None:
+        first = not plans
+        if planner.needs_pricing:
+            run(Plan(1))
+        plan = planner.plan(step, probes, final=final, first=first, dim=dim, sketch=sketch)
+        if first and plan.count <= 1:
+            plans.append(Plan(1))
+            return
+        if plan.count:
+            run(plan)
+        plans.append(plan)
+
+    drive(planner, evaluate, total, lambda step: setattr(clock, "now", clock.now + 0.015))
+    return plans, planner.spent_seconds, planner.training_seconds
+
+
+def test_middle_evaluations_are_sketched_where_exact_fits_one_probe():
+    """Exact Grams priced so that about one probe per evaluation fits, a rank-8 sketch of 8 probes far less: the
+    middle evaluations are sketched on >= 8 probes, none skipped, the first and final exact, within the budget."""
+    def sketch_seconds(probes: int, rank: int) -> float:
+        return 0.002 + 0.0002 * probes * (rank + 8)
+
+    plans, spent, training = planned_run(0.08, sketch_seconds)
+    assert len(plans) == 17 and min(p.count for p in plans) >= 1, plans
+    middle = plans[1:-1]
+    assert all(p.route == "sketch" and p.count >= 8 and p.rank >= 8 for p in middle), middle
+    assert plans[0].route == plans[-1].route == "exact" and plans[-1].count >= 1
+    assert spent <= 0.1 * training, (spent, training)
+
+
+def test_without_a_sketch_the_middle_evaluations_stay_exact_and_say_why():
+    """Noise with a covariance, or none (no sketch): exact on fewer probes, the plan saying why."""
+    plans, spent, training = planned_run(0.08, lambda probes, rank: 0.001, sketch=False)
+    middle = [p for p in plans[1:-1] if p.count]
+    assert middle and all(p.route == "exact" and p.count < 8 for p in middle), middle
+    assert all("no sketch for this noise" in p.describe() for p in middle)
+    assert spent <= 0.1 * training, (spent, training)
+
+
+def test_cheap_exact_grams_need_no_sketch():
+    """Where exact Grams for 8 probes fit every evaluation, every evaluation is exact."""
+    plans, spent, training = planned_run(0.001, lambda probes, rank: 0.0001)
+    assert all(p.route == "exact" for p in plans) and min(p.count for p in plans[1:]) >= 8, plans
+    assert spent <= 0.1 * training, (spent, training)
