@@ -31,7 +31,7 @@ COMMON = [
 DEFENSES = {"none": ["defense=none"], "gaussian": ["defense=gaussian", "defense.sigma=0.05"],
             "dpsgd": ["defense=dpsgd", "defense.noise_multiplier=1.0"]}
 # the leakage autopilot under DDP: σ re-planned from every rank-0 evaluation (every 2 steps, all 4 probes)
-AUTOPILOT = {"target_psnr": 28.0, "sigma_min": 0.5, "sigma_max": 8.0, "min_probes": 4, "monitor_every_n_steps": 2}
+AUTOPILOT = {"target_psnr": 28.0, "sigma_min": 0.01, "sigma_max": 8.0, "min_probes": 4, "monitor_every_n_steps": 2}
 DEFENSES["autopilot"] = [*DEFENSES["dpsgd"], "noise_schedule=leakage_target",
                          *(f"noise_schedule.{k}={v}" for k, v in AUTOPILOT.items())]
 

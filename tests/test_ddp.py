@@ -78,7 +78,7 @@ def test_ddp_replicas_agree_and_match_the_single_process_run(ddp_runs, tmp_path,
         assert ranks[0]["metrics"]["privacy/epsilon"] == pytest.approx(metrics["privacy/epsilon"], rel=1e-9)
         assert ranks[1]["metrics"]["privacy/epsilon"] == pytest.approx(metrics["privacy/epsilon"], rel=1e-9)
     # the rank-0 callbacks ran: leakage estimates logged, one trade-off summary, last.ckpt per epoch
-    assert "leakage/expected_i2f" in ranks[0]["metrics"]
+    assert "leakage/expected_pixel_rmse" in ranks[0]["metrics"]
     assert (ddp_runs / name / "summary.json").exists()
     assert (ddp_runs / name / "checkpoints" / "last.ckpt").exists()
 
