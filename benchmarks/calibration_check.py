@@ -20,6 +20,7 @@ import time
 import torch
 
 from pl_i2f import calibrated as cal
+from pl_i2f import prior as prior_module
 from pl_i2f.attacks import invert
 from pl_i2f.data import build_datamodule
 from pl_i2f.gradients import batch_loss_fn, flatten, trainable_parameters
@@ -72,7 +73,7 @@ def main() -> None:
     dm = build_datamodule("digits")
     full_prior = dm.data_prior()
     priors = {"full": full_prior, "isotropic": full_prior.isotropic()}
-    scale = cal.value_scale(dm.std, dm.input_shape)
+    scale = prior_module.value_scale(dm.std, dm.input_shape)
     x, y = dm.probe_batch(args.samples)
     x = x.double()
     rows = []

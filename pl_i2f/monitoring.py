@@ -24,55 +24,16 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
-from pl_i2f.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class DenseEarlySchedule:
-    """Evaluation steps: 0; ``first_step``·``growth``^k below ``every_n_steps``; every multiple of
-    ``every_n_steps``; and the final step of the run (``total_steps``: the weights training ends with)."""
-
-    every_n_steps: int = 100
-    first_step: int = 10
-    growth: float = 2.0
-
-    def __post_init__(self) -> None:
-        if self.every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be >= 1, got {self.every_n_steps}")
-        if self.first_step < 1:
-            raise ValueError(f"first_step must be >= 1, got {self.first_step}")
-        if not self.growth > 1:
-            raise ValueError(f"growth must be > 1, got {self.growth}")
-
-    def early_steps(self) -> list[int]:
-        steps: list[int] = []
-        s = float(self.first_step)
-        while round(s) < self.every_n_steps:
-            if not steps or round(s) > steps[-1]:
-                steps.append(round(s))
-            s *= self.growth
-        return steps
-
-    def due(self, step: int, total_steps: int | None = None) -> bool:
-        """Whether ``step`` is an evaluation step (``total_steps``, the run's final step, always is)."""
-        if step < 0:
-            return False
-        return step == 0 or step % self.every_n_steps == 0 or step == total_steps or step in self.early_steps()
-
-    def steps(self, total_steps: int) -> list[int]:
-        """Every evaluation step of a run of ``total_steps`` optimizer steps, the final one included."""
-        if total_steps < 0:
-            raise ValueError(f"total_steps must be >= 0, got {total_steps}")
-        early = [s for s in self.early_steps() if s < total_steps]
-        regular = range(self.every_n_steps, total_steps, self.every_n_steps)
-        return sorted({0, *early, *regular, total_steps})
-
-    def remaining(self, step: int, total_steps: int) -> int:
-        """How many evaluation steps are >= ``step`` (this one included)."""
-        return sum(1 for s in self.steps(total_steps) if s >= step)
+from pl_i2f.monitor_settings import (  # noqa: F401  (re-exported: the monitor's settings and schedule)
+    INTEGER_MINIMA,
+    RETIRED_SETTINGS,
+    DenseEarlySchedule,
+    MonitorSettings,
+    OverheadBudget,
+)
 
 
 class ProductCost:
@@ -125,107 +86,6 @@ class ProductCost:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.observations = [tuple(o) for o in state.get("observations", [])]  # type: ignore[misc]
-
-
-class OverheadBudget:
-    """The monitor's share of a fit's time, from measured seconds.
-
-    ``record_training(steps, seconds)``: optimizer steps done in this fit and the training seconds they took
-    (wall time minus the monitor's own). ``charge(seconds)``: the monitor's own time (evaluations, snapshots,
-    logging). The budget is ``max_overhead`` × seconds-per-step × ``total_steps``; ``left()`` what remains.
-    ``max_overhead=None``: no limit.
-    """
-
-    def __init__(self, max_overhead: float | None, schedule: DenseEarlySchedule, total_steps: int | None = None):
-        if max_overhead is not None and not (max_overhead > 0 and math.isfinite(max_overhead)):
-            raise ValueError(f"max_overhead must be a finite number > 0 or None, got {max_overhead}")
-        self.max_overhead = max_overhead
-        self.schedule = schedule
-        self.total_steps = total_steps
-        self.spent = 0.0
-        self.train_steps = 0
-        self.train_seconds = 0.0
-
-    def record_training(self, steps: int, seconds: float) -> None:
-        self.train_steps, self.train_seconds = max(0, int(steps)), max(0.0, float(seconds))
-
-    def charge(self, seconds: float) -> None:
-        self.spent += max(0.0, float(seconds))
-
-    def due(self, step: int) -> bool:
-        return self.schedule.due(step, self.total_steps)
-
-    @property
-    def unlimited(self) -> bool:
-        return self.max_overhead is None
-
-    def training_estimate(self) -> float | None:
-        """This fit's training seconds: measured seconds per step × its steps (None before any step)."""
-        if self.train_steps <= 0:
-            return None
-        total = self.train_steps if self.total_steps is None else max(self.total_steps, self.train_steps)
-        return self.train_seconds / self.train_steps * total
-
-    def total(self) -> float:
-        """Seconds the monitor may spend in this fit (inf without a limit, 0 before any training step)."""
-        if self.max_overhead is None:
-            return math.inf
-        estimate = self.training_estimate()
-        return 0.0 if estimate is None else self.max_overhead * estimate
-
-    def left(self) -> float:
-        return self.total() - self.spent
-
-    def remaining(self, step: int) -> int:
-        """Evaluations still scheduled from ``step`` on (this one included); 1 when the run's length is unknown."""
-        return 1 if self.total_steps is None else max(1, self.schedule.remaining(step, self.total_steps))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"schedule": asdict(self.schedule)}
-
-
-INTEGER_MINIMA = {"worst_k": 0, "warmup_steps": 1}
-RETIRED_SETTINGS = ("damping", "relative_damping", "method", "lanczos_steps", "exact_spectrum_probes", "noise_draws",
-                    "spectrum_samples", "samples")  # the damped Lanczos estimate's knobs: the headline needs none
-
-
-@dataclass
-class MonitorSettings:
-    """The leakage monitor's settings (:class:`callbacks.I2FMonitor`'s keyword arguments), checked on
-    construction: a one-line ConfigError names a bad one."""
-
-    every_n_steps: int = 100
-    first_step: int = 10
-    growth: float = 2.0
-    probe_size: int | None = None  # None: the datamodule's probe batch
-    log_per_sample_media: bool = True
-    worst_k: int = 5
-    max_overhead: float | None = 0.1  # the monitor's time as a fraction of the training time; None: no limit
-    warmup_steps: int = 3
-    batch_of_one: bool = False  # DLG's federated setting: noise on one sample's gradient, no 1/B
-    target_pixel_rmse: float = 0.1  # = pl_i2f.leakage.DEFAULT_TARGET_PIXEL_RMSE (≈ 20 dB PSNR)
-    clipping_norm: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        who = "I2FMonitor"
-        try:
-            OverheadBudget(self.max_overhead, self.schedule())
-        except ValueError as exc:
-            raise ConfigError(f"{who}: {exc}") from exc
-        for name, low in INTEGER_MINIMA.items():
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < low:
-                raise ConfigError(f"{who}.{name} must be an integer >= {low}, got {value!r}")
-        if self.probe_size is not None and self.probe_size < 1:
-            raise ConfigError(f"{who}.probe_size must be >= 1 or null, got {self.probe_size}")
-        if not (0 < self.target_pixel_rmse < math.inf):
-            raise ConfigError(f"{who}.target_pixel_rmse must be > 0, got {self.target_pixel_rmse}")
-        if not (0 < self.clipping_norm < math.inf):
-            raise ConfigError(f"{who}.clipping_norm must be > 0, got {self.clipping_norm}")
-
-    def schedule(self) -> DenseEarlySchedule:
-        return DenseEarlySchedule(self.every_n_steps, self.first_step, self.growth)
 
 
 SPEND_FRACTION = 0.95  # of the budget planned: the training time is a projection, and a price a fit

@@ -22,7 +22,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from pl_i2f.calibrated import GaussianPrior, isotropic_prior, value_scale
 from pl_i2f.defenses.base import analysis_model, has_opacus_hooks
 from pl_i2f.errors import ConfigError
 from pl_i2f.gradients import LossFn, default_loss
@@ -36,6 +35,7 @@ from pl_i2f.noise_sources import (  # noqa: F401  (re-exported: the callbacks' o
     resolve_noise,
     unwrap_optimizer,
 )
+from pl_i2f.prior import GaussianPrior, isotropic_prior, value_scale
 
 Probe = tuple[Tensor, Tensor]
 ProbeSpec = tuple[Tensor, Tensor] | Dataset | DataLoader

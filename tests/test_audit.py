@@ -12,6 +12,7 @@ import torch
 import train
 from callbacks import AttackAudit
 from pl_i2f import calibrated as cal
+from pl_i2f import prior as prior_module
 from pl_i2f.attacks import PRESETS
 from pl_i2f.errors import ConfigError
 from pl_i2f.gradients import flat_gradient
@@ -113,7 +114,7 @@ def test_the_audit_compares_the_attack_with_the_headline_under_noise(make_cfg):
     x, y = audit._sources.probe[0][:2], audit._sources.probe[1][:2]
     noise = SampleNoise(std=0.01 * batch)
     spectrum = cal.exact_posteriors(module.model, x, y, noise, dm.data_prior(),
-                                    value_scale=cal.value_scale(dm.std, dm.input_shape))
+                                    value_scale=prior_module.value_scale(dm.std, dm.input_shape))
     assert m["audit/predicted_psnr"] == pytest.approx(float(spectrum.psnr()), abs=1e-3)
     pairs = audit.pairs
     assert [p["sample"] for p in pairs] == [0, 1] and all(isinstance(p["converged"], bool) for p in pairs)

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from pl_i2f import calibrated as cal
+from pl_i2f import prior as prior_module
+from pl_i2f import sketch as sketch_module
 from pl_i2f.errors import ConfigError
 from pl_i2f.threat import SampleNoise
 
@@ -235,7 +237,7 @@ def test_nystrom_brackets_the_exact_error(prior_kind):
     prior = cal.isotropic_prior(0.0, 0.3, dim=d) if prior_kind == "iso" else cal.covariance_prior(
         torch.zeros(d, dtype=D), _spd(d, seed=16))
     exact = cal.posterior_spectrum(gram, prior)
-    sk = cal.nystrom_spectrum(lambda v: gram @ v, d, rank=25, prior=prior, probes=30, generator=gen)
+    sk = sketch_module.nystrom_spectrum(lambda v: gram @ v, d, rank=25, prior=prior, probes=30, generator=gen)
     for s in (1e-4, 1e-2, 1.0, 10.0):
         lo, hi = sk.bounds(s)
         want = exact.error(s)
@@ -244,7 +246,7 @@ def test_nystrom_brackets_the_exact_error(prior_kind):
         assert (want >= lo - slack - 1e-9).all()
         assert ((sk.error(s) - want).abs() <= sk.half_width(s) + slack + 1e-9).all()
     # full rank: the sketch is exact
-    full = cal.nystrom_spectrum(lambda v: gram @ v, d, rank=d, prior=prior, probes=4, generator=gen)
+    full = sketch_module.nystrom_spectrum(lambda v: gram @ v, d, rank=d, prior=prior, probes=4, generator=gen)
     torch.testing.assert_close(full.error(0.1), exact.error(0.1), rtol=1e-6, atol=1e-9)
 
 
@@ -263,10 +265,10 @@ def test_estimate_prior_full_and_ppca():
 
 
 def test_value_scale_per_channel():
-    s = cal.value_scale((0.5, 0.25), (2, 2, 2))
+    s = prior_module.value_scale((0.5, 0.25), (2, 2, 2))
     assert s.tolist() == [0.5] * 4 + [0.25] * 4
     with pytest.raises(ConfigError):
-        cal.value_scale((0.5, 0.25, 0.1), (2, 2, 2))
+        prior_module.value_scale((0.5, 0.25, 0.1), (2, 2, 2))
 
 
 def test_defenses_describe_their_sample_noise():
@@ -446,7 +448,7 @@ def test_nystrom_survives_a_core_that_rounding_leaves_indefinite():
     d, gen = 20, torch.Generator().manual_seed(3)
     a = torch.randn(d, 3, generator=gen, dtype=D)
     gram = a @ a.T - 1e-6 * torch.eye(d, dtype=D)  # rank 3, the rest 1e-6 below zero
-    sk = cal.nystrom_spectrum(lambda v: gram @ v, d, rank=8, prior=1.0, scale=0.1, probes=4, generator=gen)
+    sk = sketch_module.nystrom_spectrum(lambda v: gram @ v, d, rank=8, prior=1.0, scale=0.1, probes=4, generator=gen)
     assert bool(torch.isfinite(sk.mu).all()) and bool((sk.mu >= 0).all())
     top = torch.linalg.eigvalsh(a @ a.T)[-3:]
     assert torch.allclose(sk.mu[0].sort().values[-3:], top, rtol=1e-3)

@@ -240,7 +240,8 @@ def test_monitor_headline_equals_exact_posteriors_on_the_same_weights(make_cfg):
     """The logged headline is :func:`pl_i2f.calibrated.exact_posteriors` on the final weights, the defense's
     sample noise (gaussian: Bσ), the datamodule's prior and per-channel pixel scale — to 1e-6 — and its PSNR is
     20·log10(1/RMSE) of the same pooled MSE."""
-    from pl_i2f.calibrated import exact_posteriors, value_scale
+    from pl_i2f.calibrated import exact_posteriors
+    from pl_i2f.prior import value_scale
 
     cfg = make_cfg([*SMALL, *CALLBACKS, "defense=gaussian", "trainer.max_epochs=1", "~callbacks.attack_audit"])
     datamodule, module, trainer = train.build(cfg)

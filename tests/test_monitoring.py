@@ -299,6 +299,7 @@ def test_one_evaluation_builds_the_per_sample_operator_once(digits_run, monkeypa
     """A default monitor evaluation — basis, Monte Carlo over an anisotropic sampler's draws, exact spectra — and a
     full-precision one each build the per-sample operator once and share it."""
     import pl_i2f.leakage as leakage
+    import pl_i2f.leakage.api  # noqa: F401  (leakage.api: where leakage_report builds the operator)
     from pl_i2f.defenses import build as build_defense
     from pl_i2f.influence import PerSampleOperator
 
@@ -310,7 +311,7 @@ def test_one_evaluation_builds_the_per_sample_operator_once(digits_run, monkeypa
             built.append(1)
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(leakage, "PerSampleOperator", Counted)
+    monkeypatch.setattr(leakage.api, "PerSampleOperator", Counted)  # where leakage_report builds it
     defense = build_defense(name=defense_name, **({"sigma": 0.01} if defense_name != "none" else {}))
     if defense_name == "anisotropic":
         defense.noise.set_reference_from(dm)

@@ -35,12 +35,13 @@ from typing import Any
 import torch
 
 from pl_i2f.attacks import invert
-from pl_i2f.calibrated import DTYPE, GaussianPrior, exact_posteriors, value_scale
+from pl_i2f.calibrated import exact_posteriors
 from pl_i2f.data import build_datamodule
 from pl_i2f.errors import ConfigError
 from pl_i2f.gradients import flat_gradient
 from pl_i2f.influence.jacobian import per_sample_grams
 from pl_i2f.models import build_model
+from pl_i2f.prior import DTYPE, GaussianPrior, value_scale
 from pl_i2f.studies.common import StudyResult, float64_copy, median, probe_model, run_study_units
 from pl_i2f.studies.figures import pyplot, save_figure
 from pl_i2f.threat import SampleNoise
