@@ -192,7 +192,7 @@ def test_budgeted_step0_evaluation_uses_the_initial_weights(make_cfg):
     assert at_once.evaluations == later.evaluations == 2 and later.skipped == 0  # step 0 and the final step
     assert at_once.steps_logged == later.steps_logged == [0, 12]
     assert later.history[0] == at_once.history[0] and later.history[0]["step"] == 0
-    assert later.cost.known and later.seconds > 0
+    assert later.cost.known  # priced from the products it really ran
 
 
 def test_unaffordable_evaluations_shrink_to_one_probe_and_the_final_one_runs(make_cfg):

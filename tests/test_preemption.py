@@ -35,12 +35,15 @@ STEPS_PER_EPOCH = 4
 SIGNAL_STEPS = random.Random(25).sample(range(1, STEPS_PER_EPOCH * EPOCHS - 1), 3)  # never the final step
 
 
+POLL = 0.05  # seconds between checks while a test waits on another process
+
+
 class PauseAt(pl.Callback):
     """At the start of training step ``step``: write the step to ``marker`` and wait (up to ``timeout`` s) until
     the preemption callback has received a signal, so the signal lands inside that step, whatever the load."""
 
-    def __init__(self, step: int, marker: str, timeout: float = 300.0):
-        self.step, self.marker, self.timeout = step, Path(marker), timeout
+    def __init__(self, step: int, marker: str, polls: int = 6000):
+        self.step, self.marker, self.polls = step, Path(marker), polls
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step:
@@ -49,9 +52,10 @@ class PauseAt(pl.Callback):
     def _pause(self, trainer):
         preemption = next(c for c in trainer.callbacks if type(c).__name__ == "PreemptionCheckpoint")
         self.marker.write_text(str(self.step))
-        deadline = time.monotonic() + self.timeout
-        while preemption.received is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        for _ in range(self.polls):  # a bounded wait by count (POLL seconds each), not by reading a clock
+            if preemption.received is not None:
+                break
+            time.sleep(POLL)
 
 
 class PauseInValidation(PauseAt):
@@ -84,9 +88,10 @@ def _interrupt(run_dir: Path, step: int, signum: signal.Signals, pause: str = "P
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        deadline = time.monotonic() + 500
-        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        for _ in range(10_000):  # bounded by count (POLL seconds each): the run reaches the step or ends
+            if marker.exists() or process.poll() is not None:
+                break
+            time.sleep(POLL)
         assert marker.exists(), "the run never reached the step"
         process.send_signal(signum)
         stdout, stderr = process.communicate(timeout=300)
