@@ -35,6 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SCENARIOS = {
     "digits": ("default digits run (lenet_zhu, 30 epochs)", []),
+    "gaussian": ("default digits run under defense=gaussian (σ 0.01)", ["defense=gaussian"]),
+    "dpsgd": ("digits under defense=dpsgd, 3 epochs (the README's DP-SGD recipe)",
+              ["defense=dpsgd", "trainer.max_epochs=3"]),
+    "anisotropic": ("digits under defense=anisotropic defense.sigma=0.01, 30 epochs",
+                    ["defense=anisotropic", "defense.sigma=0.01"]),
+    "anisotropic2": ("the same, 2 epochs", ["defense=anisotropic", "defense.sigma=0.01", "trainer.max_epochs=2"]),
     "resnet18": (
         "resnet18, CIFAR-size fake data (3x32x32), 2 epochs",
         ["data=fake", "data.input_shape=[3,32,32]", "model=resnet18", "optim=sgd", "trainer.max_epochs=2"],
@@ -152,15 +158,20 @@ def main() -> None:
         share = statistics.median(r["monitor"] / r["training"] for r in with_runs)
         steps = statistics.median(len(r["steps"]) for r in with_runs)
         ends = all(r["steps"][:1] == [0] for r in with_runs)
+        probes = [r["probes"] or [0] for r in with_runs]
+        coverage = (f"{statistics.median(statistics.median(p) for p in probes):g} / "
+                    f"{statistics.median(p[0] for p in probes):g} / {statistics.median(p[-1] for p in probes):g}")
+        spectra = statistics.median(len(r["spectra"]) for r in with_runs)
         rows.append((label, w, wo, w / wo, paired, statistics.median(r["monitor"] for r in with_runs), share, steps,
-                     ends, sum(r["skipped"] for r in with_runs)))
+                     ends, sum(r["skipped"] for r in with_runs), coverage, spectra))
     print(f"\nload average before: {load_before[0]:.2f}, after: {os.getloadavg()[0]:.2f}\n")
     print("| scenario | with callbacks (s) | without (s) | ratio of medians | median paired ratio | monitor's own "
-          "time (s) | monitor / training | leakage steps logged | step 0 logged | skipped |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for label, w, wo, ratio, paired, monitor, share, steps, ends, skipped in rows:
+          "time (s) | monitor / training | leakage steps logged | step 0 logged | skipped | probes: median / first "
+          "/ last | steps with exact spectra |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for label, w, wo, ratio, paired, monitor, share, steps, ends, skipped, coverage, spectra in rows:
         print(f"| {label} | {w:.1f} | {wo:.1f} | {ratio:.3f} | {paired:.3f} | {monitor:.2f} | {share:.1%} | "
-              f"{steps:g} | {'yes' if ends else 'no'} | {skipped} |")
+              f"{steps:g} | {'yes' if ends else 'no'} | {skipped} | {coverage} | {spectra:g} |")
 
 
 if __name__ == "__main__":

@@ -51,11 +51,10 @@ class I2FMonitor(Callback):
     chart and the worst samples' images at the first and last.
 
     **Budget** (``max_overhead`` × the training time; ``None``: no limit): :class:`pl_i2f.monitoring.EvaluationPlanner`
-    prices every evaluation before it runs and covers as many probes as the budget allows for every evaluation
-    still scheduled — the first and final exact, the others sketched (:class:`pl_i2f.monitoring.Plan`, rank and
-    route in the log) where exact Grams for 8 probes do not fit and the noise is isotropic and non-zero; where
-    not all fit, a rotating subset (each probe's last-measured step in :attr:`probe_steps`). The final weights are
-    always evaluated; step 0 on a snapshot, after ``warmup_steps`` steps (seconds per step measured first).
+    prices every evaluation before it runs and covers as many probes as fit every evaluation still scheduled —
+    exact (on the data's span where the prior is singular), sketched where the noise is isotropic and a sketch
+    fits more (:class:`pl_i2f.monitoring.Plan`); where not all fit, a rotating subset (each probe's last-measured
+    step in :attr:`probe_steps`). The final weights are always evaluated; step 0 on a snapshot after ``warmup_steps``.
 
     **Any LightningModule and data** (:mod:`pl_i2f.sources`): probes from ``probe`` (an ``(x, y)`` pair, or a
     held-out Dataset/DataLoader: ``probe_size`` samples, seeded) or this package's datamodule; the network is the
@@ -96,9 +95,7 @@ class I2FMonitor(Callback):
             raise ConfigError(f"I2FMonitor: {exc}") from exc
         self.schedule = self.settings.schedule()
         # progress (saved with checkpoints)
-        self.last_step = -1
-        self.evaluations = self.reduced = self.skipped = 0
-        self.seconds = 0.0
+        self.last_step, self.evaluations, self.reduced, self.skipped, self.seconds = -1, 0, 0, 0, 0.0
         self.steps_logged: list[int] = []
         self.history: list[dict[str, float]] = []  # {"step": s, **scalars} per evaluation (small; checkpointed)
         self.probe_steps: list[int] = []  # each probe's last-measured step (-1: not yet)
@@ -145,9 +142,10 @@ class I2FMonitor(Callback):
 
     def _snapshot(self, pl_module: pl.LightningModule, step: int, copy_weights: bool = False) -> lk.Snapshot:
         """The network's weights at ``step`` (hook-free; a copy with ``copy_weights``) and the noise there."""
-        network, model = network_of(pl_module), analysis_network(pl_module)
-        if copy_weights and model is network:
+        network, model, start = network_of(pl_module), analysis_network(pl_module), self.planner.clock()
+        if copy_weights and model is network:  # the copy counts against the budget; the noise is the defense's work
             model = copy_network(model)
+            self._spend(self.planner.clock() - start)
         return lk.Snapshot(step=step, model=model,
                            noise=lk.noise_of(self.noise_source(pl_module.trainer, pl_module), step, model))
 
@@ -178,9 +176,7 @@ class I2FMonitor(Callback):
         budget = self.planner.budget
         if not budget.unlimited and budget.train_steps == 0 and self._pending is None:
             # nothing measured yet this fit: evaluate this step's weights once seconds per step are known
-            start = self.planner.clock()
             self._pending = self._snapshot(pl_module, step, copy_weights=True)
-            self._spend(self.planner.clock() - start)  # the copy counts against the budget too
         else:
             self._evaluate_within_budget(pl_module, self._snapshot(pl_module, step))
 
@@ -200,11 +196,13 @@ class I2FMonitor(Callback):
     # -- evaluation -----------------------------------------------------------------------------------
     def _evaluate_within_budget(self, pl_module: pl.LightningModule, snapshot: lk.Snapshot,
                                 final: bool = False) -> None:
-        planner, total, dim = self.planner, len(self._probe[0]), self._probe[0][0].numel()
-        dim = dim if dim <= lk.EXACT_MAX_DIM else 0  # 0: no route to choose (beyond, the estimator sketches all)
+        planner, total, d = self.planner, len(self._probe[0]), self._probe[0][0].numel()
+        prior = gaussian_prior(self._sources.prior, d)  # dim: products per exact probe; 0: all sketched (d_x > 1024)
+        dim = lk.Calibrated.exact_columns(prior, d) if d <= lk.EXACT_MAX_DIM else 0
         sketch, report, route = lk.Calibrated.can_sketch(snapshot.noise) and dim > 0, None, "exact" if dim else None
         if planner.needs_pricing:  # the first evaluation prices itself on one probe (one-off set-ups charged, unpriced)
-            start = planner.clock(), lk.warm_up_transforms(*(snapshot.model, *self._probe) if sketch else ())
+            start = planner.clock(), lk.warm_up_transforms(snapshot.model, *self._probe, route=route or "sketch",
+                                                           loss_fn=self._sources.loss, prior=prior)
             self._spend(planner.clock() - start[0])
             report = self._run(pl_module, snapshot, mon.Coverage(self.cursor, 1, total), mon.Plan(1, route))
         plan = planner.plan(snapshot.step, total, final=final, first=self.evaluations == 0, dim=dim, sketch=sketch)
@@ -288,8 +286,8 @@ class I2FMonitor(Callback):
             expected = getattr(getattr(source, "defense", None), "batch_size", None)
         return int(expected) if expected else getattr(trainer.datamodule, "batch_size", None)
 
-    _STATE = ("last_step", "evaluations", "reduced", "skipped", "seconds", "steps_logged", "history", "probe_steps",
-              "cursor")
+    _STATE = ("last_step", "evaluations", "reduced", "skipped", "seconds", "steps_logged", "history",
+              "probe_steps", "cursor")
 
     def state_dict(self) -> dict[str, Any]:
         return {**{name: copy.copy(getattr(self, name)) for name in self._STATE}, "planner": self.planner.state_dict()}

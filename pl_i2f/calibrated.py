@@ -123,7 +123,14 @@ def noise_gram(jacobian: Tensor, noise: SampleNoise, gradient: Tensor | None = N
     g = j.transpose(-1, -2) @ j
     if noise.basis is None:
         return NoiseGram(gram=g, exact=None, scale=float(noise.std))
-    return woodbury_gram(g, noise.basis.to(DTYPE).T @ j, noise)
+    return woodbury_gram(g, _project(noise.basis, j), noise)
+
+
+def _project(basis: Tensor, jacobian: Tensor) -> Tensor:
+    """Vᵀ J per probe (P, k, r) for V (d_θ, k) and J (P, d_θ, r), as one float64 matrix product over all probes."""
+    p, d_theta, r = jacobian.shape
+    flat = jacobian.transpose(0, 1).reshape(d_theta, p * r)
+    return (basis.to(DTYPE).T @ flat).reshape(-1, p, r).transpose(0, 1)
 
 
 def woodbury_gram(gram: Tensor, basis_jacobian: Tensor, noise: SampleNoise) -> NoiseGram:
@@ -218,13 +225,15 @@ def _whitened(gram: Tensor, prior: GaussianPrior | Tensor) -> tuple[Tensor, Tens
 
 def posterior_spectrum(gram: Tensor | NoiseGram, prior: GaussianPrior | Tensor | float,
                        *, scale: float | None = None, value_scale: Tensor | None = None,
-                       rtol: float = RANK_RTOL) -> PosteriorSpectrum:
+                       rtol: float = RANK_RTOL, dim: int | None = None) -> PosteriorSpectrum:
     """The per-probe spectrum of the prior-aware error from an x-side Gram.
 
     ``gram``: G = JᵀJ (P, d_x, d_x) or (d_x, d_x) — noise s²I on the sample's gradient, s = ``scale`` — or a
     :class:`NoiseGram` (non-isotropic / clipped noise, its own scale). ``prior``: a :class:`GaussianPrior`, a
     scalar τ² (zero mean, τ²I), or a dense covariance (d, d) / per-probe (P, d, d). ``value_scale`` (d,): the
-    per-value output scale D (pixel std), so errors come out in pixels.
+    per-value output scale D (pixel std), so errors come out in pixels; or a (d_out, d) map from the Gram's
+    coordinates to output values (the data span's basis, scaled: see :func:`exact_posterior_pair`), with
+    ``dim`` = d_out the number of values per-value means divide by (default: the Gram's size).
     """
     exact = None
     if isinstance(gram, NoiseGram):
@@ -241,8 +250,7 @@ def posterior_spectrum(gram: Tensor | NoiseGram, prior: GaussianPrior | Tensor |
     s = s.expand(p, d, d) if s.dim() == 2 else s
     prior_total = None
     if exact is not None:
-        scaled = s if value_scale is None else value_scale.to(DTYPE)[:, None] * s
-        prior_total = scaled.pow(2).sum((-2, -1))
+        prior_total = _to_values(s, value_scale).pow(2).sum((-2, -1))
         # condition the prior on the noiseless directions: drop the whitened directions they observe
         eta, u = torch.linalg.eigh(_sym(s @ exact @ s))
         seen = eta > rtol * eta[..., -1:].clamp_min(torch.finfo(DTYPE).tiny)
@@ -250,14 +258,19 @@ def posterior_spectrum(gram: Tensor | NoiseGram, prior: GaussianPrior | Tensor |
         posterior_cov = s @ keep @ keep.transpose(-1, -2) @ s
         s, m = _whitened(g, posterior_cov)
     mu, u = torch.linalg.eigh(_sym(m))
-    su = s @ u
-    if value_scale is not None:
-        su = value_scale.to(DTYPE)[:, None] * su
-    weights = su.pow(2).sum(-2)
+    weights = _to_values(s @ u, value_scale).pow(2).sum(-2)
     lam = torch.linalg.eigvalsh(_sym(g if exact is None else g + exact))
     determined = lam[..., 0] > rtol * lam[..., -1].clamp_min(torch.finfo(DTYPE).tiny)
-    return PosteriorSpectrum(mu=mu, weights=weights, scale=float(scale or 0.0), dim=d, determined=determined,
-                             eigenvalues=lam, prior_total=prior_total)
+    return PosteriorSpectrum(mu=mu, weights=weights, scale=float(scale or 0.0), dim=dim or d,
+                             determined=determined, eigenvalues=lam, prior_total=prior_total)
+
+
+def _to_values(m: Tensor, value_scale: Tensor | None) -> Tensor:
+    """Columns of ``m`` (…, d, k) in output values: D·m for a per-value scale (d,), A·m for a map (d_out, d)."""
+    if value_scale is None:
+        return m
+    v = value_scale.to(DTYPE)
+    return v[:, None] * m if v.dim() == 1 else v @ m
 
 
 def concat_spectra(parts: Sequence[PosteriorSpectrum]) -> PosteriorSpectrum:
@@ -274,32 +287,48 @@ def concat_spectra(parts: Sequence[PosteriorSpectrum]) -> PosteriorSpectrum:
 
 def exact_posteriors(model: torch.nn.Module, x: Tensor, y: Tensor, noise: SampleNoise,
                      prior: GaussianPrior | float, *, value_scale: Tensor | None = None,
-                     loss_fn: Callable | None = None, max_numbers: int | None = None) -> PosteriorSpectrum:
+                     loss_fn: Callable | None = None, max_numbers: int | None = None,
+                     span: bool = True) -> PosteriorSpectrum:
     """The prior-aware posterior spectrum of every probe ``(x[i], y[i])`` (each its own private input) from its
     explicit Jacobian (:mod:`pl_i2f.influence.jacobian`), one chunk of Jacobians alive at a time: the Gram of
     the clipped gradient when ``noise.clip_norm`` is set, Woodbury-whitened when ``noise.basis`` is, then
     :func:`posterior_spectrum`. One batched :class:`PosteriorSpectrum` (row i: probe i); the model runs in eval
     mode and is never changed. For inputs of up to ~1024 values (:data:`pl_i2f.leakage.EXACT_MAX_DIM`)."""
     return exact_posterior_pair(model, x, y, noise, prior, value_scale=value_scale, loss_fn=loss_fn,
-                                max_numbers=max_numbers)[0]
+                                max_numbers=max_numbers, span=span)[0]
 
 
 def exact_posterior_pair(model: torch.nn.Module, x: Tensor, y: Tensor, noise: SampleNoise,
                          prior: GaussianPrior | float, *, clip: float | None = None, value_scale: Tensor | None = None,
-                         loss_fn: Callable | None = None,
-                         max_numbers: int | None = None) -> tuple[PosteriorSpectrum, PosteriorSpectrum | None]:
+                         loss_fn: Callable | None = None, max_numbers: int | None = None,
+                         span: bool = True) -> tuple[PosteriorSpectrum, PosteriorSpectrum | None]:
     """:func:`exact_posteriors`, and with ``clip`` C also the spectrum of the gradient clipped at C (noise shape
     I, for DP-SGD's noise multiplier of a run that does not clip) from the same Jacobians: one x-side Gram per
-    probe, clipped by a rank-one update (:func:`clipped_gram`)."""
+    probe, clipped by a rank-one update (:func:`clipped_gram`).
+
+    ``span`` (default): where the prior is singular (:func:`prior_support`: the data vary in r < d_x
+    directions), each Jacobian is formed on that span only — r forward-mode products per probe instead of d_x,
+    an r × r Gram instead of d_x × d_x — and the error is the same: directions with no prior variance are known
+    to the attacker and cost nothing. The spectra (``eigenvalues``, ``determined``) are then those of JᵀJ on the
+    span."""
     from pl_i2f.influence.jacobian import iter_per_sample_jacobians
     from pl_i2f.influence.settings import EXACT_BLOCK_NUMBERS
 
+    support = prior_support(prior) if span and isinstance(prior, GaussianPrior) else None
+    tangents, dim = None, int(x[0].numel())
+    if support is not None:
+        basis, variances = support
+        tangents = basis.T
+        value_scale = basis if value_scale is None else value_scale.to(DTYPE)[:, None] * basis
+        r = variances.numel()
+        prior = GaussianPrior(mean=torch.zeros(r, dtype=DTYPE), basis=torch.eye(r, dtype=DTYPE),
+                              eigenvalues=variances)
     main, clipped = [], []
-    for chunk in iter_per_sample_jacobians(model, x, y, loss_fn=loss_fn,
+    for chunk in iter_per_sample_jacobians(model, x, y, loss_fn=loss_fn, tangents=tangents,
                                            max_numbers=max_numbers or EXACT_BLOCK_NUMBERS):
         if noise.basis is not None or noise.sampler is not None:
             main.append(posterior_spectrum(noise_gram(chunk.jacobians, noise, chunk.gradients), prior,
-                                           value_scale=value_scale))
+                                           value_scale=value_scale, dim=dim))
             if clip is None:
                 continue
         j, g = chunk.jacobians.to(DTYPE), chunk.gradients.to(DTYPE)
@@ -307,10 +336,31 @@ def exact_posterior_pair(model: torch.nn.Module, x: Tensor, y: Tensor, noise: Sa
         jtg, norm = (j.transpose(-1, -2) @ g[..., None])[..., 0], g.norm(dim=-1)
         if noise.basis is None and noise.sampler is None:
             own = gram if noise.clip_norm is None else clipped_gram(gram, jtg, norm, noise.clip_norm)
-            main.append(posterior_spectrum(own, prior, scale=noise.std, value_scale=value_scale))
+            main.append(posterior_spectrum(own, prior, scale=noise.std, value_scale=value_scale, dim=dim))
         if clip is not None:
-            clipped.append(posterior_spectrum(clipped_gram(gram, jtg, norm, clip), prior, value_scale=value_scale))
+            clipped.append(posterior_spectrum(clipped_gram(gram, jtg, norm, clip), prior, value_scale=value_scale,
+                                              dim=dim))
     return concat_spectra(main), concat_spectra(clipped) if clipped else None
+
+
+#: Prior variances at or below this share of the largest count as none (rounding of a singular covariance).
+SUPPORT_RTOL = 1e-10
+
+
+def prior_support(prior: GaussianPrior, rtol: float = SUPPORT_RTOL) -> tuple[Tensor, Tensor] | None:
+    """The directions the data prior varies in, when they are fewer than its d values: (Q (d, r) orthonormal,
+    the variances along them (r,)); None when the prior spans every direction (an isotropic or PPCA remainder,
+    or a full-rank covariance). Bundled 8×8 digits upsampled to 16×16 vary in 60 of 256 directions."""
+    d = prior.dim
+    if prior.rest > 0 and prior.basis.shape[1] < d:
+        return None
+    e = prior.eigenvalues.to(DTYPE).clamp_min(0)
+    if e.numel() == 0 or not float(e.max()) > 0:
+        return None
+    keep = e > rtol * e.max()
+    if int(keep.sum()) >= d:
+        return None
+    return prior.basis.to(DTYPE)[:, keep], e[keep]
 
 
 def _sym(a: Tensor) -> Tensor:

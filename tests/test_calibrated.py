@@ -452,3 +452,70 @@ def test_nystrom_survives_a_core_that_rounding_leaves_indefinite():
     assert bool(torch.isfinite(sk.mu).all()) and bool((sk.mu >= 0).all())
     top = torch.linalg.eigvalsh(a @ a.T)[-3:]
     assert torch.allclose(sk.mu[0].sort().values[-3:], top, rtol=1e-3)
+
+
+# -- the data span: a singular prior's Jacobians on the directions the data vary in ------------------------
+def _singular_prior(d: int = 12, rank: int = 5, seed: int = 4) -> tuple[torch.Tensor, cal.GaussianPrior]:
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, rank, generator=gen, dtype=D)
+    cov = a @ a.T / rank  # rank 5 of 12: inputs vary in 5 directions only (e.g. small images upsampled)
+    return cov, cal.covariance_prior(torch.zeros(d, dtype=D), cov)
+
+
+def test_prior_support_finds_the_span_and_none_for_full_rank_priors():
+    cov, prior = _singular_prior()
+    basis, variances = cal.prior_support(prior)
+    assert basis.shape == (12, 5) and variances.shape == (5,)
+    torch.testing.assert_close(basis @ torch.diag(variances) @ basis.T, cov, rtol=1e-9, atol=1e-12)
+    assert cal.prior_support(cal.covariance_prior(torch.zeros(12, dtype=D), _spd(12))) is None
+    assert cal.prior_support(cal.isotropic_prior(0.0, 0.3, dim=12)) is None
+
+
+@pytest.mark.parametrize("noise", [
+    SampleNoise(std=0.05),
+    SampleNoise(),
+    SampleNoise(std=0.4, clip_norm=0.05),
+], ids=["gaussian", "none", "dpsgd"])
+def test_span_route_equals_the_full_route_and_dense_algebra(noise):
+    net, x, y = _net_and_probes(4)
+    cov, prior = _singular_prior()
+    scale = torch.linspace(0.5, 2.0, 12, dtype=D)  # a per-value pixel scale
+    full, full_clip = cal.exact_posterior_pair(net, x, y, noise, prior, clip=0.1, value_scale=scale, span=False)
+    span, span_clip = cal.exact_posterior_pair(net, x, y, noise, prior, clip=0.1, value_scale=scale)
+    assert span.mu.shape == (4, 5) and full.mu.shape == (4, 12)  # 5 forward-mode products per probe, not 12
+    assert span.dim == full.dim == 12
+    for s in (1e-3, 0.05, 1.0):
+        torch.testing.assert_close(span.error(s), full.error(s), rtol=1e-6, atol=1e-14)
+        torch.testing.assert_close(span_clip.error(s), full_clip.error(s), rtol=1e-6, atol=1e-14)
+    if noise.std > 0 and noise.clip_norm is None:
+        j, _ = _jacobians(net, x, y)
+        scaled_cov = scale[:, None] * cov * scale[None, :]
+        d_theta = j.shape[1]
+        dense = _kalman(j / scale[None, None, :], scaled_cov, noise.std ** 2 * torch.eye(d_theta, dtype=D))
+        torch.testing.assert_close(span.error(), dense, rtol=1e-6, atol=0)
+    # without noise: every direction of the span determined, error exactly 0 (no rounding of the unseen ones)
+    assert float(span.error(0.0).abs().max()) == 0.0
+    torch.testing.assert_close(span.prior_error(), full.prior_error(), rtol=1e-9, atol=0)
+
+
+def test_span_route_anisotropic_covariance_and_noiseless_directions():
+    net, x, y = _net_and_probes(3)
+    _, prior = _singular_prior()
+    d_theta = sum(p.numel() for p in net.parameters())
+    basis = torch.linalg.qr(torch.randn(d_theta, 4, dtype=D, generator=torch.Generator().manual_seed(2)))[0]
+    for std in (0.1, 0.0):  # 0: only the span of the basis carries noise, the rest is observed exactly
+        noise = SampleNoise(std=std, basis=basis, extra_variance=torch.tensor([0.5, 2.0, 1.0, 0.3], dtype=D))
+        full = cal.exact_posteriors(net, x, y, noise, prior, span=False)
+        span = cal.exact_posteriors(net, x, y, noise, prior)
+        assert span.mu.shape[-1] == 5
+        torch.testing.assert_close(span.error(), full.error(), rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(span.error(10.0), full.error(10.0), rtol=1e-6, atol=1e-12)
+
+
+def test_exact_columns_prices_the_span():
+    from pl_i2f.leakage import Calibrated
+
+    _, prior = _singular_prior()
+    assert Calibrated.exact_columns(prior, 12) == 5
+    assert Calibrated.exact_columns(0.3, 12) == 12
+    assert Calibrated.exact_columns(cal.isotropic_prior(0.0, 0.3, dim=12), 12) == 12

@@ -69,12 +69,14 @@ def test_offline_wandb_run_holds_leakage_audit_and_media(make_cfg, tmp_path):
                 "leakage/determined_fraction", "leakage/sigma_for_target", "leakage/noise_multiplier_for_target",
                 "leakage/expected_pixel_rmse_stderr", "leakage/probes", "leakage/oldest_probe_step",
                 "leakage/lambda_max", "leakage/lambda_min", "leakage/condition_number",
-                "leakage/unfairness_p90_p10", "leakage/unfairness_cv",
+                "leakage/unfairness_cv",
                 "audit/rmse", "audit/psnr", "audit/ssim", "audit/predicted_pixel_rmse", "audit/noise_std",
                 "audit/determined_fraction"):
         assert key in run.history_keys, key
-    # no noise: the gradient determines the probes (predicted PSNR ∞), so no gap to the attack and no ranking
-    assert not {"audit/rank_correlation", "audit/gap_db", "audit/predicted_psnr"} & set(run.history_keys)
+    # no noise: the gradient determines the probes (predicted PSNR ∞), so no gap to the attack and no ranking;
+    # every probe's expected error is exactly 0 (on the data's span), so no percentile ratio of them either
+    assert not {"audit/rank_correlation", "audit/gap_db", "audit/predicted_psnr",
+                "leakage/unfairness_p90_p10", "leakage/expected_attack_psnr"} & set(run.history_keys)
     # defense=none (σ = 0): no noise level and no per-unit-σ figure (the paper's keys need a noise)
     assert not {k for k in run.history_keys if k.startswith("leakage/paper/")} | (
         {"leakage/noise_std"} & set(run.history_keys))

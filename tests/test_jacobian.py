@@ -72,6 +72,20 @@ def test_chunks_cover_the_batch_in_order():
     assert _close(torch.cat([c.jacobians for c in chunks]), J, 1e-12)
 
 
+@pytest.mark.parametrize("max_numbers", [1 << 25, 1])  # one call; tangent blocks of 1
+def test_tangents_give_the_jacobian_on_a_subspace(max_numbers: int):
+    model = _bn_convnet()
+    x, y = _batch(3)
+    tangents = torch.linalg.qr(torch.randn(25, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3)))[0].T
+    chunks = list(iter_per_sample_jacobians(model, x, y, tangents=tangents, max_numbers=max_numbers))
+    on_span = torch.cat([c.jacobians for c in chunks])
+    full, _ = per_sample_jacobians(model, x, y)
+    assert on_span.shape == (3, full.shape[1], 4)
+    assert _close(on_span, full @ tangents.T, 1e-10)
+    with pytest.raises(ValueError, match="tangents must be"):
+        next(iter_per_sample_jacobians(model, x, y, tangents=torch.zeros(4, 24, dtype=torch.float64)))
+
+
 def test_grams_match_dense_algebra_and_spectrum():
     model = _bn_convnet()
     x, y = _batch()

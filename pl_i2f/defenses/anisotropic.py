@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from pl_i2f.threat import SampleNoise
 
 WHICH = ("smallest", "largest")
+FLOAT64_BASIS_NUMBERS = 1 << 25  # largest direction set kept as a float64 copy for the leakage estimate
 
 
 def reference_row_space(model: nn.Module, x: Tensor, y: Tensor, *, dense_max_dim: int = 2048,
@@ -131,6 +132,7 @@ class AnisotropicNoise:
         self.y_ref: Tensor | None = None
         self.eigenvalues: Tensor | None = None  # λᵢ of the reference JJᵀ, ascending
         self.vectors: Tensor | None = None  # (k, d_θ) orthonormal rows
+        self._basis64: Tensor | None = None  # their float64 transpose, for the leakage estimate (see covariance)
         self.weights: Tensor | None = None  # wᵢ, sum 1
         self.refreshed_at: int | None = None
         # the model's weights at the last refresh (on the CPU): the checkpoint carries these (d_θ values)
@@ -168,7 +170,7 @@ class AnisotropicNoise:
         lam, v = reference_row_space(model, self.x_ref.to(device), self.y_ref.to(device),
                                      dense_max_dim=self.dense_max_dim, k=self.directions, which=self.which,
                                      rcond=self.rcond)
-        self.eigenvalues, self.vectors = lam, v
+        self.eigenvalues, self.vectors, self._basis64 = lam, v, None
         eps = self.effective_damping(float(lam.max()), self.x_ref.numel(), v.dtype)
         self.weights = self._weights(lam, eps)
 
@@ -250,9 +252,19 @@ class AnisotropicNoise:
             raise ValueError("anisotropic noise has no directions yet: call refresh(model) first")
         d = self.vectors.shape[1]
         w = self.weights.double()
+        basis = self._float64_basis()
         if energy is None:
-            return std * math.sqrt(1 - self.span_fraction), self.vectors.T, std ** 2 * self.span_fraction * d * w
-        return 0.0, self.vectors.T, std ** 2 * energy * d * w
+            return std * math.sqrt(1 - self.span_fraction), basis, std ** 2 * self.span_fraction * d * w
+        return 0.0, basis, std ** 2 * energy * d * w
+
+    def _float64_basis(self) -> Tensor:
+        """Vᵀ for the leakage estimate, which works in float64: converted once per refresh (not at every
+        evaluation) while the copy stays under FLOAT64_BASIS_NUMBERS numbers, else the directions themselves."""
+        if self.vectors.numel() > FLOAT64_BASIS_NUMBERS:
+            return self.vectors.T
+        if self._basis64 is None:
+            self._basis64 = self.vectors.T.to(torch.float64)
+        return self._basis64
 
     def describe(self) -> dict[str, Any]:
         return {"directions": self.directions, "which": self.which, "power": self.power, "damping": self.damping,
@@ -269,7 +281,7 @@ class AnisotropicNoise:
                 "refresh_weights": self.refresh_weights}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.eigenvalues = self.vectors = self.weights = None  # rebuilt from refresh_weights on first use
+        self.eigenvalues = self.vectors = self.weights = self._basis64 = None  # rebuilt from refresh_weights
         # checkpoints written before the directions were rebuilt on resume still carry them: used as they are
         for key in ("x_ref", "y_ref", "eigenvalues", "vectors", "weights", "refreshed_at", "refresh_weights"):
             if key in state:

@@ -53,8 +53,12 @@ class PerSampleGrams:
 
 
 def iter_per_sample_jacobians(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: LossFn | None = None,
-                              max_numbers: int = EXACT_BLOCK_NUMBERS) -> Iterator[JacobianChunk]:
+                              max_numbers: int = EXACT_BLOCK_NUMBERS,
+                              tangents: Tensor | None = None) -> Iterator[JacobianChunk]:
     """Every probe's J_i (d_θ × d_x) and g_i, a chunk of probes at a time (see :class:`JacobianChunk`).
+
+    ``tangents`` (r, d_x), rows shared by every probe: J_i Tᵀ (d_θ × r) instead — the Jacobian on a subspace
+    of inputs (e.g. the span the data varies in), r forward-mode products per probe instead of d_x.
 
     A chunk holds as many probes as fit in ``max_numbers`` numbers (at least one); a probe whose own
     Jacobian exceeds it is built from tangent blocks of that size. Consume each chunk before the next one to
@@ -64,11 +68,18 @@ def iter_per_sample_jacobians(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn
     params, xs, ys = per_sample_batch(model, x, y)
     N, d_x = xs.shape[0], xs[0].numel()
     d_theta = sum(p.numel() for p in params.values())
-    if d_theta * d_x > MAX_JACOBIAN_NUMBERS:
-        raise ValueError(f"an explicit per-sample Jacobian of d_θ × d_x = {d_theta} × {d_x} numbers is too large "
-                         f"(limit {MAX_JACOBIAN_NUMBERS}); use the matrix-free products of pl_i2f.influence")
     loss = batch_loss_fn(model, loss_fn)
-    eye = torch.eye(d_x, dtype=xs.dtype, device=xs.device).reshape(d_x, *xs.shape[1:])
+    if tangents is None:
+        eye = torch.eye(d_x, dtype=xs.dtype, device=xs.device).reshape(d_x, *xs.shape[1:])
+    else:
+        if tangents.dim() != 2 or tangents.shape[1] != d_x or tangents.shape[0] < 1:
+            raise ValueError(f"tangents must be (r, d_x = {d_x}) with r >= 1, got {tuple(tangents.shape)}")
+        eye = tangents.to(dtype=xs.dtype, device=xs.device).reshape(-1, *xs.shape[1:])
+    columns_count = eye.shape[0]
+    if d_theta * columns_count > MAX_JACOBIAN_NUMBERS:
+        raise ValueError(f"an explicit per-sample Jacobian of d_θ × {columns_count} = {d_theta} × {columns_count} "
+                         f"numbers is too large (limit {MAX_JACOBIAN_NUMBERS}); use the matrix-free products of "
+                         "pl_i2f.influence")
 
     def columns(xi: Tensor, yi: Tensor, tangents: Tensor) -> tuple[Tensor, Tensor]:
         def g1(z: Tensor) -> Tensor:
@@ -77,15 +88,15 @@ def iter_per_sample_jacobians(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn
         g, cols = vmap(lambda t: jvp(g1, (xi,), (t,)))(tangents)
         return g[0], cols  # the primal g_i, the same along every tangent (as torch.func.jacfwd's aux)
 
-    per_probe = d_theta * d_x
+    per_probe = d_theta * columns_count
     probes = max(1, min(N, max_numbers // per_probe))
-    block = d_x if per_probe <= max_numbers else max(1, max_numbers // d_theta)
+    block = columns_count if per_probe <= max_numbers else max(1, max_numbers // d_theta)
     batched = vmap(columns, in_dims=(0, 0, None))
     with eval_mode(model):
         for s in range(0, N, probes):
             xc, yc = xs[s: s + probes], ys[s: s + probes]
             g, cols = None, []
-            for t in range(0, d_x, block):
+            for t in range(0, columns_count, block):
                 g, c = batched(xc, yc, eye[t: t + block])  # (n, d_θ), (n, block, d_θ)
                 cols.append(c)
             J = (cols[0] if len(cols) == 1 else torch.cat(cols, 1)).transpose(1, 2)

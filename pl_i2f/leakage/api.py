@@ -99,17 +99,18 @@ def _warm_up_torch_func() -> None:
 
 
 def warm_up_transforms(model: nn.Module | None = None, x: Tensor | None = None, y: Tensor | None = None,
-                       loss_fn: Callable | None = None) -> None:
+                       loss_fn: Callable | None = None, *, route: str = "sketch",
+                       prior: cal.GaussianPrior | float = 1.0) -> None:
     """torch.func's one-off set-up (the explicit Jacobians' vmap over forward-mode products), paid once per process
     on a tiny model, so that it does not count as the price of a probe; with ``model`` and a probe ``(x, y)``
-    also the one-off costs of the sketch's block product on that network (a rank-1 sketch of one probe), which
-    would otherwise double the first sketch's price."""
+    also the one-off costs of ``route`` on that network — a rank-1 sketch of one probe, or one probe's exact
+    estimate under ``prior`` (its data span) — which would otherwise inflate the first price several times."""
     _warm_up_torch_func()
     if model is not None and x is not None and y is not None:
         device = next(model.parameters()).device
+        estimator = Calibrated(route="sketch", rank=1, probes=1) if route == "sketch" else Calibrated(route="exact")
         leakage_report(model, x[:1].to(device), y[:1].to(device), SampleNoise(std=1.0),
-                       LeakageOptions(prior=1.0, clipping_norm=1.0), Calibrated(route="sketch", rank=1, probes=1),
-                       loss_fn=loss_fn)
+                       LeakageOptions(prior=prior, clipping_norm=1.0), estimator, loss_fn=loss_fn)
 
 
 def measure_leakage(model: nn.Module, x: Tensor, y: Tensor, defense: Defense, step: int, *, method: str = "slq",

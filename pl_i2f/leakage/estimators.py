@@ -67,7 +67,12 @@ class Calibrated:
     noise itself is not clipped, so a run without DP-SGD gets a noise multiplier for its target too.
 
     ``route``: ``"exact"`` or ``"sketch"`` forces one (the monitor sketches its middle evaluations when exact
-    Grams for enough probes do not fit its budget); ``None`` picks by ``exact_max_dim``."""
+    Grams for enough probes do not fit its budget); ``None`` picks by ``exact_max_dim``.
+
+    ``span`` (exact route): where the prior is singular, the Jacobians on the data's span only — the same error,
+    several times cheaper (:func:`pl_i2f.calibrated.exact_posterior_pair`); λ_min, λ_max and the condition number
+    are then those of JᵀJ on that span, and the paper's full-space figures (undamped I²F, its lower bound) are
+    not formed (``span=False`` forms them, over every input value)."""
 
     exact_max_dim: int = EXACT_MAX_DIM
     rank: int = NYSTROM_RANK
@@ -75,12 +80,20 @@ class Calibrated:
     clip_for_target: bool = True
     dtype: torch.dtype | None = None
     route: str | None = None
+    span: bool = True
 
     def __post_init__(self) -> None:
         if self.route not in (None, *ROUTES):
             raise ConfigError(f"Calibrated.route must be one of {', '.join(ROUTES)} or None, got {self.route!r}")
         if self.rank < 1 or self.probes < 1:
             raise ConfigError(f"Calibrated.rank and .probes must be >= 1, got {self.rank} and {self.probes}")
+
+    @staticmethod
+    def exact_columns(prior: cal.GaussianPrior | float, d_x: int) -> int:
+        """Forward-mode products per probe of the exact route: the data span's rank where the prior is singular
+        (``span``), else d_x — what the monitor prices an exact probe in."""
+        support = cal.prior_support(prior) if isinstance(prior, cal.GaussianPrior) else None
+        return d_x if support is None else int(support[1].numel())
 
     @staticmethod
     def can_sketch(noise: SampleNoise) -> bool:
@@ -96,7 +109,7 @@ class Calibrated:
         scale = _value_scale(options, d_x, operator.like)
         extra_clip = options.clipping_norm if self.clip_for_target and noise.clip_norm is None else None
         if self.route == "exact" or (self.route is None and d_x <= self.exact_max_dim):
-            posterior, clipped = _exact(operator, noise, prior, scale, extra_clip)
+            posterior, clipped = _exact(operator, noise, prior, scale, extra_clip, self.span)
             eigenvalues = posterior.eigenvalues
             per_sample = _paper_per_sample(operator, eigenvalues, noise)
             spectra = SpectrumEnds(eigenvalues[:, 0], eigenvalues[:, -1])
@@ -164,19 +177,26 @@ class _ReusedProducts:
 
 
 def _exact(operator: PerSampleOperator, noise: SampleNoise, prior: cal.GaussianPrior, scale: Tensor,
-           extra_clip: float | None) -> tuple[cal.PosteriorSpectrum, cal.PosteriorSpectrum | None]:
+           extra_clip: float | None, span: bool) -> tuple[cal.PosteriorSpectrum, cal.PosteriorSpectrum | None]:
     """:func:`pl_i2f.calibrated.exact_posterior_pair` on the operator's probes (with ``extra_clip``: the clipped
     Gram's spectrum too, noise shape I: only its scale-free σ-for-target is read)."""
     return cal.exact_posterior_pair(operator.model, operator.x, operator.y, noise, prior, clip=extra_clip,
-                                    value_scale=scale, loss_fn=operator.loss_fn)
+                                    value_scale=scale, loss_fn=operator.loss_fn, span=span)
 
 
 def _paper_per_sample(operator: PerSampleOperator, eigenvalues: Tensor, noise: SampleNoise) -> PerSampleLeakage:
     """The paper's per-sample figures from the noise-whitened Gram's exact spectrum (per unit noise scale):
-    undamped I²F s·√(Σ1/λ) over the eigenvalues above the rank threshold, ‖Jδ‖ = s·√tr, lower bound ‖Jδ‖/λ_max."""
+    undamped I²F s·√(Σ1/λ) over the eigenvalues above the rank threshold, ‖Jδ‖ = s·√tr, lower bound ‖Jδ‖/λ_max.
+    A spectrum on the data's span only (fewer eigenvalues than input values) gives λ_max and λ_min alone: the
+    paper's figures sum over every input direction."""
     n = operator.n
-    s = float(noise.std) if noise.std > 0 else 1.0
     lam = eigenvalues.double()
+    if lam.shape[-1] < n:
+        return PerSampleLeakage(
+            lambda_max=lam[:, -1], lambda_min=lam[:, 0], trace=None, expected_jdelta=None, lower_bound=None,
+            expected_i2f=None, expected_i2f_rmse=None, converged=torch.ones_like(lam[:, 0], dtype=torch.bool),
+            iterations=lam.shape[-1], method="exact_posterior_span", damping=0.0, labels=operator.y)
+    s = float(noise.std) if noise.std > 0 else 1.0
     kept = lam > default_rcond(n, torch.float64) * lam[:, -1:]
     inverse_sum = torch.where(kept, 1.0 / lam.where(kept, torch.ones_like(lam)), 0.0).sum(-1)
     lam_max, trace = lam[:, -1], lam.clamp_min(0).sum(-1)

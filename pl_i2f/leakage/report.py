@@ -40,7 +40,8 @@ LEAKAGE_KEYS: dict[str, str] = {
     "prior_pixel_rmse": "the same RMSE of guessing the data mean (nothing learned from the gradient)",
     "prior_psnr": "20·log10(1/prior_pixel_rmse)",
     "gain_over_prior_db": "expected_attack_psnr − prior_psnr: what the released gradient adds to the prior",
-    "determined_fraction": "share of probes whose input the noiseless gradient determines (rank JᵀJ = d_x)",
+    "determined_fraction": "share of probes whose input the noiseless gradient determines (rank JᵀJ = d_x; on the "
+                           "data's span where the prior is singular: the directions the inputs vary in)",
     "sigma_for_target": "Gaussian σ on the mean gradient of a batch of B (σ on the sample with batch_of_one) that "
                         "brings expected_pixel_rmse to target_pixel_rmse (isotropic unclipped noise only; the "
                         "*_for_target keys of a sketch only where its bounds there are within 1 dB)",
@@ -56,13 +57,14 @@ LEAKAGE_KEYS: dict[str, str] = {
     "sketch_rank": "rank of the Nyström sketch (sketched evaluations only)",
     "probes": "probes this evaluation covered", "measured_at_step": "the step evaluated",
     "oldest_probe_step": "monitor: the oldest last-measured step among the probes (rotating subsets)",
-    "lambda_max": "mean λ_max of the (noise-whitened) JᵀJ", "lambda_min": "mean λ_min (exact route)",
-    "condition_number": "median λ_max/λ_min (exact route)",
+    "lambda_max": "mean λ_max of the (noise-whitened) JᵀJ — on the data's span where the prior is singular",
+    "lambda_min": "mean λ_min (exact route; on the data's span likewise)",
+    "condition_number": "median λ_max/λ_min (exact route; on the data's span likewise)",
     "worst_k_pixel_rmse": "pooled expected pixel RMSE of the worst_k most exposed probes",
     "unfairness_p90_p10": "90th/10th percentile ratio of the probes' expected RMSEs",
     "unfairness_cv": "their coefficient of variation",
     "paper/expected_i2f_pixel_rmse": "the paper's undamped I²F σ·√(Σ1/λ)/√d_x·pixel std (the unbiased attacker); "
-                                     "with noise only",
+                                     "with noise only, over every input value (not from a data-span estimate)",
     "paper/lower_bound_pixel_rmse": "the paper's lower bound σ·√tr(JᵀJ)/λ_max, same scale; never above the I²F "
                                     "it bounds (the prior-aware headline can be below both: it uses the prior)",
 }
