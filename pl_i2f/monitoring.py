@@ -263,6 +263,8 @@ class EvaluationPlanner:
         probes, then a larger rank."""
         if self.budget.unlimited or not self.cost.known or final or not sketch or dim < 1:
             count = self.probes_for(step, probes, final=final)
+            if not (self.budget.unlimited or not self.cost.known or final):
+                count = self._ends_first(step, probes, count, first)
             fallback = not (sketch or final or self.needs_pricing or self.budget.unlimited) and dim > 0
             fallback = fallback and count < min(AIM_PROBES, probes)
             return Plan(count, "exact" if dim > 0 else None,
@@ -293,6 +295,24 @@ class EvaluationPlanner:
         if not self._spread(left, evaluations, min(one, least)):
             return Plan(0)
         return Plan(1) if one <= least else Plan(aim, "sketch", SKETCH_RANKS[-1], SKETCH_RESIDUAL)
+
+    def _ends_first(self, step: int, probes: int, even: int, first: bool) -> int:
+        """Exact evaluations only: the first and final evaluations get up to ``AIM_PROBES`` probes (their spectra
+        and the run's summary come from them) where every other evaluation still keeps one probe; ``even`` (the
+        even share, :meth:`probes_for`) otherwise and wherever it is larger. A middle evaluation keeps back the
+        final's share: the most probes whose price over the middle ones still scheduled leaves it."""
+        evaluations, left = self.budget.remaining(step), self._left()
+        if self.budget.total_steps is None or evaluations < 2:
+            return even
+        aim, ends = min(AIM_PROBES, probes), 2 if first else 1
+        end = next((c for c in range(aim, 0, -1)
+                    if ends * self.price(c) + (evaluations - ends) * self.price(1) <= left), 0)
+        if first:
+            return max(even, end)
+        if end <= even:
+            return even
+        return next((c for c in range(probes, 0, -1)
+                     if self.price(c) * (evaluations - 1) + self.price(max(c, end)) <= left), even)
 
     def observe(self, probes: int, seconds: float, plan: Plan | None = None) -> None:
         """An evaluation of ``probes`` probes (by ``plan``'s route; default exact) took ``seconds`` (its estimate,

@@ -588,3 +588,15 @@ def test_cheap_exact_grams_need_no_sketch():
     plans, spent, training = planned_run(0.001, lambda probes, rank: 0.0001)
     assert all(p.route == "exact" for p in plans) and min(p.count for p in plans[1:]) >= 8, plans
     assert spent <= 0.1 * training, (spent, training)
+
+
+def test_exact_only_runs_give_the_ends_the_aim_first():
+    """No sketch and probes too dear for 8 everywhere: the first and final evaluations (their spectra and the run's
+    summary) get 8 probes while every middle one keeps at least one, within the budget; with cheap probes the
+    ends get at least the even share."""
+    plans, spent, training = planned_run(0.04, lambda probes, rank: 0.001, sketch=False)
+    assert len(plans) == 17 and plans[0].count >= 8 and plans[-1].count >= 8, plans
+    assert all(1 <= p.count < 8 for p in plans[1:-1]), plans
+    assert spent <= 0.1 * training, (spent, training)
+    plans, spent, training = planned_run(0.001, lambda probes, rank: 0.0001, sketch=False)
+    assert min(p.count for p in plans[1:]) >= 8 and plans[-1].count >= plans[1].count, plans
