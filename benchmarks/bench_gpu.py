@@ -26,7 +26,9 @@ untrained weights, float32, the backend's default TF32 settings, which the heade
 Per-probe measurements run the probes in calls of as many as fit in device memory (each probe is its own
 private input, so the calls' results are those of one call over all probes): the first call tries a size from
 the free memory, a call that runs out of memory is retried with half as many, and the table says the probe count
-and the call size. Times are medians of up to ``--repeats`` runs after one warm-up call, with
+and the call size. "products / s" counts per-probe vector products: one per probe for the λ_max product, r + 8
+per probe for a sketch of rank r, d_x Jacobian columns per probe for the exact route, the basis steps for WarmBasis;
+for the I²F product, batch products. Times are medians of up to ``--repeats`` runs after one warm-up call, with
 ``torch.cuda.synchronize`` around each. ``--budget-seconds`` bounds the whole run: a measurement measures fewer
 probes or fewer runs where its share does not fit (the table says so), and once the budget is spent the rest are
 reported as skipped. A measurement that fails (out of memory at one probe per call, or any other error) is
@@ -113,10 +115,7 @@ class Bench:
         times: list[float] = []
         began, last = time.perf_counter(), first
         while len(times) < self.repeats:
-            spent = time.perf_counter() - began
-            if times and (spent + last > share or last > self.remaining()):
-                break
-            if not times and last > self.remaining():
+            if last > self.remaining() or (times and time.perf_counter() - began + last > share):
                 break
             last = self.timed(fn)
             times.append(last)
@@ -132,6 +131,7 @@ class Bench:
                 run(row)
             except Exception as err:  # one failed measurement must not end the run
                 if out_of_memory(err):
+                    print(f"bench_gpu: {row.model}, {row.what}: {one_line(err)}", file=sys.stderr)
                     row.note = "out of device memory"
                 else:
                     traceback.print_exc(file=sys.stderr)
@@ -280,7 +280,7 @@ def bench_model(bench: Bench, name: str, probes: int, batch: int, steps: int, ra
 
         def calibrated(s: int, e: int, estimator: Calibrated = estimator) -> object:
             return leakage_report(model, x[s:e], y[s:e], noise, options, estimator,
-                                  generator=torch.Generator().manual_seed(0))
+                                  generator=torch.Generator(device).manual_seed(0))  # as the monitor seeds it
 
         bench.per_probe(Row(label, what), probes, vectors, cap, calibrated, vectors)
 
@@ -346,7 +346,10 @@ def header(device: torch.device, args: argparse.Namespace) -> str:
         props = torch.cuda.get_device_properties(device)
         label = f"{props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}, " \
                 f"cuDNN {torch.backends.cudnn.version()}"
-        tf32 = f"TF32: matmul {torch.backends.cuda.matmul.allow_tf32}, cuDNN {torch.backends.cudnn.allow_tf32}"
+        try:  # the legacy flags; a torch that only keeps the newer precision settings still gets its table
+            tf32 = f"TF32: matmul {torch.backends.cuda.matmul.allow_tf32}, cuDNN {torch.backends.cudnn.allow_tf32}"
+        except (AttributeError, RuntimeError):
+            tf32 = "TF32: see the torch defaults"
     else:
         label, tf32 = f"cpu ({torch.get_num_threads()} threads)", "TF32: n/a"
     return (f"torch {torch.__version__}; device {label}; {tf32}; {when}\n"
