@@ -4,7 +4,8 @@ header naming torch, the device and the date); asserts nothing. Without CUDA it 
 
     PYTHONPATH=. python benchmarks/bench_gpu.py --out gpu.md          # every model, 32 probes, on cuda
     python benchmarks/bench_gpu.py --models resnet18 --probes 8
-    python benchmarks/bench_gpu.py --device cpu --models lenet_zhu,resnet18 --probes 2 --steps 2 --repeats 1  # smoke
+    # CPU smoke run:
+    python benchmarks/bench_gpu.py --device cpu --models lenet_zhu,resnet18 --probes 2 --steps 2 --repeats 1 --ranks 4
 
 Needs torch, torchvision and the library only (no Opacus, W&B or Hydra). Per model (random images, 10 classes,
 untrained weights, float32, the backend's default TF32 settings, which the header states):
@@ -13,8 +14,8 @@ untrained weights, float32, the backend's default TF32 settings, which the heade
 * one calibrated evaluation (the monitor's headline, :func:`pl_i2f.leakage.leakage_report` with
   :class:`~pl_i2f.leakage.Calibrated`) of ``--probes`` probes under Gaussian noise of std 1 on the sample's
   gradient, isotropic prior τ² = 1 (the random images' own variance), clipping norm 1 for the noise multiplier:
-  the Nyström sketch at ranks 64 (``NYSTROM_RANK``) and 16 for the ResNets (inputs beyond ``EXACT_MAX_DIM``),
-  the exact route for LeNet-Zhu;
+  the Nyström sketch at ranks 64 (``NYSTROM_RANK``) and 16 (``--ranks``) for the ResNets (inputs beyond
+  ``EXACT_MAX_DIM``), the exact route for LeNet-Zhu;
 * the paper's monitor evaluation (:func:`pl_i2f.leakage.monitor_leakage`, :class:`~pl_i2f.leakage.WarmBasis`):
   fresh (a Lanczos basis of ``--steps`` sequential vmapped products) and warm-started from that basis (two block
   products of ``--steps`` vectors per probe, the monitor's usual evaluation);
@@ -24,7 +25,7 @@ untrained weights, float32, the backend's default TF32 settings, which the heade
   batch I²F, x₀ = the whole probe batch).
 
 Per-probe measurements run the probes in calls of as many as fit in device memory (each probe is its own
-private input, so the calls' results are those of one call over all probes): the first call tries a size from
+private input, so the calls do the work of one call over all probes): the first call tries a size from
 the free memory, a call that runs out of memory is retried with half as many, and the table says the probe count
 and the call size. "products / s" counts per-probe vector products: one per probe for the λ_max product, r + 8
 per probe for a sketch of rank r, d_x Jacobian columns per probe for the exact route, the basis steps for WarmBasis;
@@ -302,8 +303,10 @@ def bench_model(bench: Bench, name: str, probes: int, batch: int, steps: int, ra
         bench.per_probe(Row(label, f"monitor evaluation (WarmBasis), warm: 2 block products × {steps} vectors"),
                         covered, steps, cap, warm, 2 * steps)
     else:
-        bench.left -= 1
-        bench.rows.append(Row(label, "monitor evaluation (WarmBasis), warm", note="skipped: no fresh basis"))
+        def no_basis(r: Row) -> None:
+            r.note = "skipped: no fresh basis to start from"
+
+        bench.measure(Row(label, "monitor evaluation (WarmBasis), warm"), no_basis)
     bases.clear()
 
     v = torch.randn(probes, 1, x[0].numel(), generator=gen).to(device)
