@@ -92,11 +92,14 @@ def nystrom_spectrum(apply: Apply, dim: int, rank: int, prior: GaussianPrior | f
         out = apply(sq(v).to(DTYPE)).to(DTYPE)
         return sq(out if out.dim() == 3 else out[None])
 
-    omega = torch.linalg.qr(torch.randn(dim, k, generator=gen, dtype=DTYPE))[0]
-    z = torch.randn(dim, probes, generator=gen, dtype=DTYPE)
+    # drawn on the generator's device; the algebra then runs where ``apply`` returns its products (a GPU
+    # operator's), so a CPU generator with GPU products and a GPU generator both work
+    omega = torch.linalg.qr(torch.randn(dim, k, generator=gen, dtype=DTYPE, device=gen.device))[0]
+    z = torch.randn(dim, probes, generator=gen, dtype=DTYPE, device=gen.device)
     # one product call for the sketch and the residual's vectors: z does not depend on the sketch, and each call
     # carries a fixed cost that dominates small blocks
     both = whitened(torch.cat([omega, z], dim=1))
+    omega, z = omega.to(both.device), z.to(both.device)
     y, mz = both[..., :k], both[..., k:]
     nu = math.sqrt(dim) * torch.finfo(precision).eps * y.norm(dim=(-2, -1)).clamp_min(torch.finfo(DTYPE).tiny)
     for _ in range(SHIFT_RETRIES):
@@ -115,10 +118,11 @@ def nystrom_spectrum(apply: Apply, dim: int, rank: int, prior: GaussianPrior | f
     mu = (sv.pow(2) - nu[:, None]).clamp_min(0)
     su = sq(u)
     if value_scale is not None:
-        su = value_scale.to(DTYPE)[:, None] * su
+        su = value_scale.to(su)[:, None] * su
     weights = su.pow(2).sum(-2)
-    scale_sq = value_scale.to(DTYPE).pow(2) if value_scale is not None else torch.ones(dim, dtype=DTYPE)
-    prior_total = float((scale_sq * prior.diagonal()).sum())
+    diagonal = prior.diagonal()
+    scale_sq = value_scale.to(diagonal).pow(2) if value_scale is not None else torch.ones_like(diagonal)
+    prior_total = float((scale_sq * diagonal).sum())
     prior_norm = prior.norm * float(scale_sq.max())
     mhat_z = u @ (mu[..., None] * (u.transpose(-1, -2) @ z))
     quad = (z * (mz - mhat_z)).sum(-2)  # (P, probes)
