@@ -8,3 +8,5 @@ mkdir -p "$OUT"
 nvidia-smi
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
 PYTHONPATH=. PYTHONUNBUFFERED=1 python3 benchmarks/bench_gpu.py --out "$OUT/gpu.md" "$@" 2>&1 | tee "$OUT/log.txt"
+# the calibrated estimate's CUDA paths against the CPU on the default model and data (exact route, data span)
+PYTHONPATH=. PYTHONUNBUFFERED=1 timeout 120 python3 benchmarks/gpu_paths.py --probes 32 2>&1 | tee "$OUT/paths.txt"

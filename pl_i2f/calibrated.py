@@ -130,7 +130,7 @@ def _project(basis: Tensor, jacobian: Tensor) -> Tensor:
     """Vᵀ J per probe (P, k, r) for V (d_θ, k) and J (P, d_θ, r), as one float64 matrix product over all probes."""
     p, d_theta, r = jacobian.shape
     flat = jacobian.transpose(0, 1).reshape(d_theta, p * r)
-    return (basis.to(DTYPE).T @ flat).reshape(-1, p, r).transpose(0, 1)
+    return (basis.to(flat.device, DTYPE).T @ flat).reshape(-1, p, r).transpose(0, 1)
 
 
 def woodbury_gram(gram: Tensor, basis_jacobian: Tensor, noise: SampleNoise) -> NoiseGram:
@@ -138,7 +138,7 @@ def woodbury_gram(gram: Tensor, basis_jacobian: Tensor, noise: SampleNoise) -> N
     V = ``noise.basis`` — for engines that form Grams and a few projections rather than the whole J."""
     g = gram.to(DTYPE)
     b = basis_jacobian.to(DTYPE)
-    extra = noise.extra_variance.to(DTYPE).reshape(-1)
+    extra = noise.extra_variance.to(g.device, DTYPE).reshape(-1)
     if noise.std > 0:
         a = extra / noise.std ** 2
         f = g - b.transpose(-1, -2) @ ((a / (1 + a))[:, None] * b)
@@ -168,7 +168,7 @@ class PosteriorSpectrum:
     def error(self, scale: float | Tensor | None = None) -> Tensor:
         """Expected squared error per probe (P,) at noise scale s (default: the current one); a (S,) tensor of
         scales gives (S, P)."""
-        s = torch.as_tensor(self.scale if scale is None else scale, dtype=DTYPE)
+        s = torch.as_tensor(self.scale if scale is None else scale, dtype=DTYPE, device=self.mu.device)
         s2 = s.reshape(-1, 1, 1) ** 2
         mu = self.mu.clamp_min(0)[None]
         # s = 0: the unobserved directions (μ ≈ 0 to RANK_RTOL) keep their prior weight, the others cost nothing
@@ -216,9 +216,9 @@ def psnr(rmse: Tensor | float) -> Tensor:
 def _whitened(gram: Tensor, prior: GaussianPrior | Tensor) -> tuple[Tensor, Tensor]:
     """(S, S G S) with S = Σ_x^{1/2} (dense; a per-probe (P, d, d) covariance is allowed)."""
     if isinstance(prior, GaussianPrior):
-        s = prior.sqrt()
+        s = prior.sqrt_apply(torch.eye(prior.dim, dtype=DTYPE, device=gram.device))
     else:
-        e, q = torch.linalg.eigh(prior.to(DTYPE))
+        e, q = torch.linalg.eigh(prior.to(gram.device, DTYPE))
         s = (q * e.clamp_min(0).sqrt()[..., None, :]) @ q.transpose(-1, -2)
     return s, s @ gram @ s
 
@@ -269,7 +269,7 @@ def _to_values(m: Tensor, value_scale: Tensor | None) -> Tensor:
     """Columns of ``m`` (…, d, k) in output values: D·m for a per-value scale (d,), A·m for a map (d_out, d)."""
     if value_scale is None:
         return m
-    v = value_scale.to(DTYPE)
+    v = value_scale.to(m)
     return v[:, None] * m if v.dim() == 1 else v @ m
 
 
