@@ -600,3 +600,13 @@ def test_exact_only_runs_give_the_ends_the_aim_first():
     assert spent <= 0.1 * training, (spent, training)
     plans, spent, training = planned_run(0.001, lambda probes, rank: 0.0001, sketch=False)
     assert min(p.count for p in plans[1:]) >= 8 and plans[-1].count >= plans[1].count, plans
+
+
+def test_sketched_runs_keep_the_final_evaluation_at_least_the_middle_ones():
+    """With a sketch allowed: exact Grams cheap enough for every evaluation give the final weights at least as
+    many probes as any middle one; dearer ones leave the final its 8 exact probes beside sketched middles."""
+    plans, spent, _ = planned_run(0.006, lambda probes, rank: 0.002 + 0.0004 * probes * (rank + 8))
+    assert all(p.route == "exact" for p in plans) and plans[-1].count >= max(p.count for p in plans[1:-1]), plans
+    plans, spent, training = planned_run(0.08, lambda probes, rank: 0.002 + 0.0002 * probes * (rank + 8))
+    assert plans[-1].route == "exact" and plans[-1].count >= 8, plans
+    assert spent <= 0.1 * training
