@@ -2,14 +2,15 @@
 which inits leak less at equal accuracy (the paper's §5.3).
 
 Runs: ``python train.py experiment=init_study`` (six ``model.init`` schemes × 3 seeds, no defense). Without a
-defense the I2FMonitor's values are per unit gradient noise: the expected reconstruction RMSE ([0, 1] pixels)
-an attacker would reach if N(0, σ²I) noise with σ = 1 were added — it scales linearly with σ, so comparing
-inits at σ = 1 compares them at any σ. Higher = harder to invert = less leakage.
+defense the released gradient determines each probe to first order (the expected error is 0), so inits are
+compared by the noise it would take to protect them: ``leakage/sigma_for_target``, the Gaussian σ on the mean
+gradient of a batch that holds the prior-aware attacker at the target pixel RMSE (:mod:`pl_i2f.calibrated`).
+Higher = the init leaks more (it needs more noise).
 
-Rows (``init_study.csv``): ``kind=run`` (one per job: init, seed, final accuracy, leakage at step 0 and at the
+Rows (``init_study.csv``): ``kind=run`` (one per job: init, seed, final accuracy, that σ at step 0 and at the
 end) and ``kind=evaluation`` (one per job and monitor evaluation: the curve). Summary: per init the mean and
 spread over seeds, and the "privacy-preferred" inits — those within ``ACCURACY_TOLERANCE`` of the best mean
-accuracy, ordered by their leakage at the end (most expected error first).
+accuracy, ordered by the σ they need at the end (least first).
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from typing import Any
 
 from pl_i2f.studies.figures import pyplot, save_figure
 from pl_i2f.studies.stats import spearman
-from pl_i2f.studies.training import HEADLINE, TrainingRun, finite, mean_and_spread, std
+from pl_i2f.studies.training import TrainingRun, finite, mean_and_spread, std
 
 NAME = "init_study"
 #: inits whose mean final validation accuracy is within this of the best count as "equal accuracy"
 ACCURACY_TOLERANCE = 0.02
-LEAKAGE_LABEL = "expected reconstruction RMSE per unit noise σ\n([0,1] pixels at σ = 1; higher = leaks less)"
+#: what the study compares: the noise each init needs (the expected error itself is 0 without a defense)
+KEY = "sigma_for_target"
+LEAKAGE_LABEL = "Gaussian σ on the mean gradient for the target RMSE\n(the noise it needs; higher = leaks more)"
 
 
 def _init_name(run: TrainingRun) -> str:
@@ -36,15 +39,15 @@ def analyse(runs: list[TrainingRun]) -> tuple[list[dict[str, Any]], dict[str, An
     records: list[dict[str, Any]] = []
     for run in runs:
         init, seed = _init_name(run), run.setting("seed")
-        first = run.first()
-        curve = run.curve()
+        first = run.first(KEY)
+        curve = run.curve(KEY)
         last_eval = run.last_evaluation()
         records.append({
             "kind": "run", "init": init, "seed": seed, "run": run.path.name,
             "val_acc": run.final.get("val/acc"), "test_acc": run.final.get("test/acc"),
             "leakage_init": first[1] if first and first[0] == 0 else None,
             "leakage_first_step": first[0] if first else None,
-            "leakage_end": curve[-1][1] if curve else run.final.get(f"leakage/{HEADLINE}"),
+            "leakage_end": curve[-1][1] if curve else run.final.get(f"leakage/{KEY}"),
             "leakage_end_step": curve[-1][0] if curve else None,
             "lambda_max_init": run.at_step(0, "lambda_max"),
             "lambda_max_end": last_eval.get("lambda_max"),
@@ -75,16 +78,17 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     accurate = {k: v for k, v in per_init.items() if finite(v["val_acc"]["mean"])}
     best = max((v["val_acc"]["mean"] for v in accurate.values()), default=math.nan)
     equal = [k for k, v in accurate.items() if v["val_acc"]["mean"] >= best - ACCURACY_TOLERANCE]
-    preferred = sorted(equal, key=lambda k: -(per_init[k]["leakage_end"]["mean"]
-                                              if finite(per_init[k]["leakage_end"]["mean"]) else -math.inf))
+    preferred = sorted(equal, key=lambda k: (per_init[k]["leakage_end"]["mean"]
+                                             if finite(per_init[k]["leakage_end"]["mean"]) else math.inf))
+    least, most = (per_init[preferred[0]]["leakage_end"]["mean"], per_init[preferred[-1]]["leakage_end"]["mean"]) \
+        if preferred else (math.nan, math.nan)
     return {
         "per_init": per_init,
         "best_val_acc": best,
         "accuracy_tolerance": ACCURACY_TOLERANCE,
-        "privacy_preferred": preferred,  # equal accuracy, most expected reconstruction error first
-        "ratio_end_best_to_worst_at_equal_accuracy": (
-            per_init[preferred[0]]["leakage_end"]["mean"] / per_init[preferred[-1]]["leakage_end"]["mean"]
-            if len(preferred) > 1 else None),
+        "privacy_preferred": preferred,  # equal accuracy, least noise needed (least leakage) first
+        "ratio_end_worst_to_best_at_equal_accuracy": (
+            most / least if len(preferred) > 1 and finite(most) and finite(least) and least > 0 else None),
         "rank_correlation_init_vs_end": spearman(
             [per_init[k]["leakage_init"]["mean"] for k in per_init],
             [per_init[k]["leakage_end"]["mean"] for k in per_init]),
