@@ -326,14 +326,17 @@ def exact_posterior_pair(model: torch.nn.Module, x: Tensor, y: Tensor, noise: Sa
     main, clipped = [], []
     for chunk in iter_per_sample_jacobians(model, x, y, loss_fn=loss_fn, tangents=tangents,
                                            max_numbers=max_numbers or EXACT_BLOCK_NUMBERS):
+        # the Jacobians' products where they are (a GPU's); the small d × d algebra on the CPU, where a root
+        # finder's many tiny evaluations do not each wait on a device
         if noise.basis is not None or noise.sampler is not None:
-            main.append(posterior_spectrum(noise_gram(chunk.jacobians, noise, chunk.gradients), prior,
-                                           value_scale=value_scale, dim=dim))
+            f = noise_gram(chunk.jacobians, noise, chunk.gradients)
+            f = NoiseGram(gram=f.gram.cpu(), exact=None if f.exact is None else f.exact.cpu(), scale=f.scale)
+            main.append(posterior_spectrum(f, prior, value_scale=value_scale, dim=dim))
             if clip is None:
                 continue
         j, g = chunk.jacobians.to(DTYPE), chunk.gradients.to(DTYPE)
-        gram = _sym(j.transpose(-1, -2) @ j)
-        jtg, norm = (j.transpose(-1, -2) @ g[..., None])[..., 0], g.norm(dim=-1)
+        gram = _sym(j.transpose(-1, -2) @ j).cpu()
+        jtg, norm = (j.transpose(-1, -2) @ g[..., None])[..., 0].cpu(), g.norm(dim=-1).cpu()
         if noise.basis is None and noise.sampler is None:
             own = gram if noise.clip_norm is None else clipped_gram(gram, jtg, norm, noise.clip_norm)
             main.append(posterior_spectrum(own, prior, scale=noise.std, value_scale=value_scale, dim=dim))
