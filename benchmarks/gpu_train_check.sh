@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The monitor in whole `python train.py` runs on a lent GPU (accelerator auto → cuda): the default digits run,
 # the same under defense=gaussian and defense=anisotropic, and ResNet-18 on CIFAR-size fake data for 2 epochs.
-# The GPU machine has no Hydra: its wheels travel in .whl (hydra-core, omegaconf, antlr4), installed to /tmp/site.
-# Prints each run's I2FMonitor lines and leakage summary; measures, asserts nothing.
+# Where the machine has no Hydra, put its wheels (hydra-core, omegaconf, antlr4-python3-runtime) in .whl/: they are
+# installed to /tmp/site first. Prints each run's I2FMonitor line and leakage summary; measures, asserts nothing.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+fi
 export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 OUT="${OUT:-/tmp/gpu_train}"
 mkdir -p "$OUT"
