@@ -205,10 +205,8 @@ class I2FMonitor(Callback):
                                                            loss_fn=self._sources.loss, prior=prior)
             self._spend(planner.clock() - start[0])
             report = self._run(pl_module, snapshot, mon.Coverage(self.cursor, 1, total), mon.Plan(1, route))
-            if planner.wants_second_price() and total > 1:  # a second size: the fixed part apart from the per-probe
-                report = self._run(pl_module, snapshot, mon.Coverage(self.cursor, 2, total), mon.Plan(2, route))
         plan = planner.plan(snapshot.step, total, final=final, first=self.evaluations == 0, dim=dim, sketch=sketch)
-        if report is not None and plan.count <= report.coverage.count:
+        if report is not None and plan.count <= 1:
             return self._finish(pl_module.trainer, report, final)
         if (count := plan.count) == 0:
             self.skipped += 1
