@@ -59,9 +59,11 @@ class OverheadBudget:
     """The monitor's share of a fit's time, from measured seconds.
 
     ``record_training(steps, seconds)``: optimizer steps done in this fit and the training seconds they took
-    (wall time minus the monitor's own). ``charge(seconds)``: the monitor's own time (evaluations, snapshots,
-    logging). The budget is ``max_overhead`` × seconds-per-step × ``total_steps``; ``left()`` what remains.
-    ``max_overhead=None``: no limit.
+    (wall time minus the monitor's own); ``one_off_seconds`` of ``one_off_steps`` steps measured apart (the first
+    step's set-ups — the first batch's loading, a defense's first refresh: training time, counted once, never
+    extrapolated as a rate). ``charge(seconds)``: the monitor's own time (evaluations, snapshots, logging). The
+    budget is ``max_overhead`` × (the one-off seconds + seconds-per-step × the other steps of ``total_steps``);
+    ``left()`` what remains. ``max_overhead=None``: no limit.
     """
 
     def __init__(self, max_overhead: float | None, schedule: DenseEarlySchedule, total_steps: int | None = None):
@@ -73,9 +75,17 @@ class OverheadBudget:
         self.spent = 0.0
         self.train_steps = 0
         self.train_seconds = 0.0
+        self.one_off_steps = 0
+        self.one_off_seconds = 0.0
 
-    def record_training(self, steps: int, seconds: float) -> None:
+    def record_training(self, steps: int, seconds: float, one_off_seconds: float = 0.0, one_off_steps: int = 0) -> None:
         self.train_steps, self.train_seconds = max(0, int(steps)), max(0.0, float(seconds))
+        self.one_off_steps, self.one_off_seconds = max(0, int(one_off_steps)), max(0.0, float(one_off_seconds))
+
+    @property
+    def measured_seconds(self) -> float:
+        """This fit's training seconds so far (the one-off ones included)."""
+        return self.one_off_seconds + self.train_seconds
 
     def charge(self, seconds: float) -> None:
         self.spent += max(0.0, float(seconds))
@@ -88,11 +98,13 @@ class OverheadBudget:
         return self.max_overhead is None
 
     def training_estimate(self) -> float | None:
-        """This fit's training seconds: measured seconds per step × its steps (None before any step)."""
+        """This fit's training seconds: the one-off seconds + measured seconds per step × its other steps (None
+        before any step)."""
         if self.train_steps <= 0:
             return None
-        total = self.train_steps if self.total_steps is None else max(self.total_steps, self.train_steps)
-        return self.train_seconds / self.train_steps * total
+        done = self.train_steps + self.one_off_steps
+        total = done if self.total_steps is None else max(self.total_steps, done)
+        return self.one_off_seconds + self.train_seconds / self.train_steps * (total - self.one_off_steps)
 
     def total(self) -> float:
         """Seconds the monitor may spend in this fit (inf without a limit, 0 before any training step)."""

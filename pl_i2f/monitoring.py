@@ -176,8 +176,9 @@ class EvaluationPlanner:
         self._started, self._start_step, self._rate_origin = self.clock(), step, None
 
     def record_training(self, step: int) -> None:
-        """Training reached ``step``: seconds per step from the end of the fit's first step on (its one-off
-        costs — the first batch's loading and allocations — would inflate the rate and with it the budget)."""
+        """Training reached ``step``: seconds per step from the end of the fit's first step on; the first step's
+        own seconds (its one-off costs — the first batch's loading, allocations, a defense's first refresh) count
+        once as training time, not as a rate that would inflate the budget of every later step."""
         steps, now = step - self._start_step, self.clock()
         if steps >= 1 and self._rate_origin is None:
             self._rate_origin = (now, self.budget.spent)
@@ -185,7 +186,8 @@ class EvaluationPlanner:
             self.budget.record_training(steps, now - self._started - self.budget.spent)
         else:
             origin, spent = self._rate_origin
-            self.budget.record_training(steps - 1, now - origin - (self.budget.spent - spent))
+            self.budget.record_training(steps - 1, now - origin - (self.budget.spent - spent),
+                                        one_off_seconds=origin - self._started - spent, one_off_steps=1)
 
     def charge(self, seconds: float) -> None:
         self.budget.charge(seconds)
@@ -196,7 +198,7 @@ class EvaluationPlanner:
     @property
     def training_seconds(self) -> float:
         """Training seconds of the whole run so far (earlier fits and this one)."""
-        return self.earlier_training + self.budget.train_seconds
+        return self.earlier_training + self.budget.measured_seconds
 
     @property
     def spent_seconds(self) -> float:

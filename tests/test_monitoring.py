@@ -69,6 +69,27 @@ def test_budget_is_a_fraction_of_the_measured_training_time():
     assert OverheadBudget(None, DenseEarlySchedule()).left() == math.inf
 
 
+def test_first_step_one_off_seconds_count_once_as_training_time():
+    """A defense's first refresh (seconds, in the fit's first step) is training time: counted once in the budget,
+    not extrapolated over every step as a rate, and not dropped either (a short run would then get no budget)."""
+    from pl_i2f.monitoring import EvaluationPlanner
+
+    clock = FakeClock()
+    planner = EvaluationPlanner(0.1, DenseEarlySchedule(), clock=clock)
+    planner.start_fit(0, 80)
+    planner.record_training(0)
+    clock.now = 3.5  # step 0: the anisotropic directions' refresh
+    planner.record_training(1)
+    clock.now += 0.01 * 9  # then 10 ms a step
+    planner.record_training(10)
+    assert planner.budget.training_estimate() == pytest.approx(3.5 + 0.01 * 79)
+    assert planner.training_seconds == pytest.approx(3.59)
+    planner.charge(0.2)
+    clock.now += 0.2 + 0.01 * 10  # an evaluation, then ten more steps: the monitor's seconds are not training
+    planner.record_training(20)
+    assert planner.training_seconds == pytest.approx(3.69)
+
+
 # --- the cheap evaluation against full precision ---------------------------------------------------------
 
 
@@ -475,7 +496,7 @@ def test_resumed_run_reports_its_share_over_the_whole_run():
     first = EvaluationPlanner(0.1, DenseEarlySchedule(), clock=clock)
     first.start_fit(0, 1200)
     clock.now = 0.02
-    first.record_training(1)  # the first step's one-off costs are left out
+    first.record_training(1)  # the first step's one-off costs: counted once, not as the rate
     clock.now = 20.0
     first.record_training(1000)
     resumed = EvaluationPlanner(0.1, DenseEarlySchedule(), clock=clock)
@@ -485,7 +506,7 @@ def test_resumed_run_reports_its_share_over_the_whole_run():
     resumed.record_training(1001)
     clock.now += 3.98
     resumed.record_training(1200)
-    assert resumed.training_seconds == pytest.approx(19.98 + 3.98)
+    assert resumed.training_seconds == pytest.approx(20.0 + 4.0)
     line = resumed.summary(17, 17, 2.0, 0, 0, 1200)
     assert "(8.3% of 24.0s training)" in line and line.endswith("leakage last measured at step 1200")
 
