@@ -311,7 +311,7 @@ def exact_posterior_pair(model: torch.nn.Module, x: Tensor, y: Tensor, noise: Sa
     an r × r Gram instead of d_x × d_x — and the error is the same: directions with no prior variance are known
     to the attacker and cost nothing. The spectra (``eigenvalues``, ``determined``) are then those of JᵀJ on the
     span."""
-    from pl_i2f.influence.jacobian import iter_per_sample_jacobians
+    from pl_i2f.influence.jacobian import gram_terms, iter_per_sample_jacobians
     from pl_i2f.influence.settings import EXACT_BLOCK_NUMBERS
 
     support = prior_support(prior) if span and isinstance(prior, GaussianPrior) else None
@@ -334,9 +334,7 @@ def exact_posterior_pair(model: torch.nn.Module, x: Tensor, y: Tensor, noise: Sa
             main.append(posterior_spectrum(f, prior, value_scale=value_scale, dim=dim))
             if clip is None:
                 continue
-        j, g = chunk.jacobians.to(DTYPE), chunk.gradients.to(DTYPE)
-        gram = _sym(j.transpose(-1, -2) @ j).cpu()
-        jtg, norm = (j.transpose(-1, -2) @ g[..., None])[..., 0].cpu(), g.norm(dim=-1).cpu()
+        gram, jtg, norm = (t.cpu() for t in gram_terms(chunk.jacobians, chunk.gradients, DTYPE))
         if noise.basis is None and noise.sampler is None:
             own = gram if noise.clip_norm is None else clipped_gram(gram, jtg, norm, noise.clip_norm)
             main.append(posterior_spectrum(own, prior, scale=noise.std, value_scale=value_scale, dim=dim))

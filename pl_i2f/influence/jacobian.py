@@ -26,7 +26,7 @@ from pl_i2f.gradients import LossFn, batch_loss_fn, eval_mode, flatten
 from pl_i2f.influence.per_sample import per_sample_batch
 from pl_i2f.influence.settings import EXACT_BLOCK_NUMBERS
 
-__all__ = ["JacobianChunk", "PerSampleGrams", "iter_per_sample_jacobians", "per_sample_grams",
+__all__ = ["JacobianChunk", "PerSampleGrams", "gram_terms", "iter_per_sample_jacobians", "per_sample_grams",
            "per_sample_jacobians"]
 
 MAX_JACOBIAN_NUMBERS = 1 << 28
@@ -111,6 +111,25 @@ def per_sample_jacobians(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: Los
     return torch.cat([c.jacobians for c in chunks]), torch.cat([c.gradients for c in chunks])
 
 
+def gram_terms(jacobians: Tensor, gradients: Tensor, dtype: torch.dtype | None = torch.float64
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """Every probe's G_i = J_iᵀJ_i (n, r, r), J_iᵀg_i (n, r) and ‖g_i‖ (n,) from a chunk's ``jacobians``
+    (n, d_θ, r) and ``gradients`` (n, d_θ), accumulated in ``dtype`` (``None``: the Jacobians' own).
+
+    One probe is converted at a time: a whole chunk's float64 copy is tens of MB, which the allocator maps
+    afresh (and the kernel zero-fills) at every call — it used to cost more than the Gram's products."""
+    n, _, r = jacobians.shape
+    dtype = dtype or jacobians.dtype
+    grams = torch.empty(n, r, r, dtype=dtype, device=jacobians.device)
+    jtg = torch.empty(n, r, dtype=dtype, device=jacobians.device)
+    g = gradients.to(dtype)
+    for i in range(n):
+        j = jacobians[i].to(dtype)
+        torch.mm(j.T, j, out=grams[i])
+        torch.mv(j.T, g[i], out=jtg[i])
+    return (grams + grams.transpose(1, 2)) / 2, jtg, g.norm(dim=1)
+
+
 def per_sample_grams(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: LossFn | None = None,
                      clipping_norm: float | None = None, dtype: torch.dtype | None = torch.float64,
                      max_numbers: int = EXACT_BLOCK_NUMBERS) -> PerSampleGrams:
@@ -124,21 +143,17 @@ def per_sample_grams(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: LossFn 
 
     ``clipping_norm`` C: the Jacobian of the *clipped* gradient clip(g_i) = g_i·min(1, C/‖g_i‖), the one
     DP-SGD releases: where ‖g_i‖ > C it is (C/‖g_i‖)(I − ĝ_iĝ_iᵀ)J_i, whose Gram is
-    (C/‖g_i‖)²(G_i − u_iu_iᵀ) with u_i = J_iᵀĝ_i; elsewhere clipping is the identity."""
+    (C/‖g_i‖)²(G_i − u_iu_iᵀ) with u_i = J_iᵀĝ_i (:func:`pl_i2f.calibrated.clipped_gram`); elsewhere clipping
+    is the identity."""
+    from pl_i2f.calibrated import clipped_gram
+
     if clipping_norm is not None and not clipping_norm > 0:
         raise ValueError(f"clipping_norm must be > 0, got {clipping_norm}")
     grams, grads = [], []
     for chunk in iter_per_sample_jacobians(model, x, y, loss_fn=loss_fn, max_numbers=max_numbers):
-        J = chunk.jacobians if dtype is None else chunk.jacobians.to(dtype)
-        G = J.transpose(1, 2) @ J
+        G, jtg, norm = gram_terms(chunk.jacobians, chunk.gradients, dtype)
         if clipping_norm is not None:
-            g = chunk.gradients.to(J.dtype)
-            norm = g.norm(dim=1).clamp_min(torch.finfo(J.dtype).tiny)
-            u = (J.transpose(1, 2) @ (g / norm[:, None]).unsqueeze(-1)).squeeze(-1)  # (n, d_x)
-            clipped = norm > clipping_norm
-            scale = torch.where(clipped, clipping_norm / norm, torch.ones_like(norm))
-            G = torch.where(clipped[:, None, None], G - u.unsqueeze(-1) * u.unsqueeze(-2), G)
-            G = G * scale[:, None, None] ** 2
-        grams.append((G + G.transpose(1, 2)) / 2)
+            G = clipped_gram(G, jtg, norm, clipping_norm)
+        grams.append(G)
         grads.append(chunk.gradients)
     return PerSampleGrams(torch.cat(grams), torch.cat(grads))
