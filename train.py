@@ -23,6 +23,7 @@ from pl_i2f import cli as steps
 from pl_i2f.errors import is_config_exception, one_line
 from pl_i2f.resolvers import register_resolvers
 from pl_i2f.runs import RESOLVED_CONFIG, discard_run_dir
+from pl_i2f.sampling import leave_process_group
 
 if TYPE_CHECKING:  # torch, Lightning and W&B take seconds to import: only after the config is checked
     import pytorch_lightning as pl
@@ -111,6 +112,8 @@ def cli() -> None:
             raise
         print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        leave_process_group()  # trainer=ddp: every job of the command done (a multirun's too)
 
 
 if __name__ == "__main__":

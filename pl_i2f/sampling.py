@@ -18,6 +18,14 @@ def distributed_rank() -> tuple[int, int]:
     return 0, 1
 
 
+def leave_process_group() -> None:
+    """Destroy this process's ``torch.distributed`` group, if any, before the interpreter exits: Lightning leaves
+    it in place after a multi-process fit, and a gloo group still alive at exit can abort the process
+    ("terminate called without an active exception") after a run that finished well."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     # distinct, reproducible streams per epoch (the DistributedSampler convention, seed + epoch)
     return int(seed) + int(epoch)

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train.py
 
 import train
 from conftest import compose_config
+from pl_i2f.sampling import leave_process_group
 
 COMMON = [
     "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=2",
@@ -107,4 +108,7 @@ def main(out: Path, names: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2].split(","))
+    try:
+        main(Path(sys.argv[1]), sys.argv[2].split(","))
+    finally:
+        leave_process_group()  # as train.py does: no gloo group left alive at exit

@@ -58,10 +58,9 @@ def run_command(program: str, argv: list[str], cwd: Path) -> tuple[int, str]:
 def _forget_distributed(environ: dict[str, str]) -> None:
     """After a multi-process command (``trainer=ddp``): leave its process group and the variables Lightning set
     (``MASTER_PORT``, ``WORLD_SIZE`` …), as a fresh ``python`` process for the next command would."""
-    import torch.distributed as dist
+    from pl_i2f.sampling import leave_process_group
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    leave_process_group()
     os.environ.clear()
     os.environ.update(environ)
 
