@@ -56,7 +56,7 @@ from pl_i2f.prior import (  # noqa: F401  (re-exported: the estimator's prior, i
     isotropic_prior,
     prior_from_dataset,
 )
-from pl_i2f.threat import SampleNoise
+from pl_i2f.threat import SampleNoise, clipped_gram, clipped_jacobian
 
 #: Relative eigenvalue threshold (× the largest, per probe) under which a direction counts as not observed.
 RANK_RTOL = 1e-10
@@ -65,26 +65,6 @@ Apply = Callable[[Tensor], Tensor]
 
 
 # -- the threat model: which Jacobian, which noise ----------------------------------------------------
-def clipped_jacobian(jacobian: Tensor, gradient: Tensor, clip: float) -> Tensor:
-    """The Jacobian of clip_C(g) = g·min(1, C/‖g‖): (C/‖g‖)(I − ĝĝᵀ)J where ‖g‖ > C, J otherwise.
-
-    ``jacobian`` (…, d_θ, d_x), ``gradient`` (…, d_θ) the unclipped per-sample gradient."""
-    norm = gradient.norm(dim=-1, keepdim=True)
-    unit = gradient / norm.clamp_min(torch.finfo(gradient.dtype).tiny)
-    projected = jacobian - unit[..., :, None] * (unit[..., None, :] @ jacobian)
-    clipped = (norm > clip)[..., None]
-    return torch.where(clipped, (clip / norm)[..., None] * projected, jacobian)
-
-
-def clipped_gram(gram: Tensor, jtg: Tensor, grad_norm: Tensor, clip: float) -> Tensor:
-    """G_c = (C/‖g‖)²(G − vvᵀ), v = Jᵀg/‖g‖, where ‖g‖ > C; G otherwise. Needs only the x-side Gram
-    G = JᵀJ (…, d_x, d_x), Jᵀg (…, d_x) and ‖g‖ (…), so a Gram-only engine can price DP-SGD's clipping."""
-    norm = torch.as_tensor(grad_norm, dtype=gram.dtype, device=gram.device)
-    v = jtg / norm[..., None].clamp_min(torch.finfo(gram.dtype).tiny)
-    projected = (clip / norm)[..., None, None] ** 2 * (gram - v[..., :, None] * v[..., None, :])
-    return torch.where((norm > clip)[..., None, None], projected, gram)
-
-
 def sample_noise_scale(std_on_mean: float, batch_size: int, *, batch_of_one: bool = False) -> float:
     """The noise std on one sample's own gradient when N(0, σ²I) is added to the mean gradient of a batch of B:
     Bσ (the sample's share of the mean is gᵢ/B). ``batch_of_one``: DLG's federated setting, σ itself."""

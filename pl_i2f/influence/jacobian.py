@@ -25,6 +25,7 @@ from torch.func import grad, jvp, vmap
 from pl_i2f.gradients import LossFn, batch_loss_fn, eval_mode, flatten
 from pl_i2f.influence.per_sample import per_sample_batch
 from pl_i2f.influence.settings import EXACT_BLOCK_NUMBERS
+from pl_i2f.threat import clipped_gram
 
 __all__ = ["JacobianChunk", "PerSampleGrams", "gram_terms", "iter_per_sample_jacobians", "per_sample_grams",
            "per_sample_jacobians"]
@@ -143,10 +144,8 @@ def per_sample_grams(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: LossFn 
 
     ``clipping_norm`` C: the Jacobian of the *clipped* gradient clip(g_i) = g_i·min(1, C/‖g_i‖), the one
     DP-SGD releases: where ‖g_i‖ > C it is (C/‖g_i‖)(I − ĝ_iĝ_iᵀ)J_i, whose Gram is
-    (C/‖g_i‖)²(G_i − u_iu_iᵀ) with u_i = J_iᵀĝ_i (:func:`pl_i2f.calibrated.clipped_gram`); elsewhere clipping
+    (C/‖g_i‖)²(G_i − u_iu_iᵀ) with u_i = J_iᵀĝ_i (:func:`pl_i2f.threat.clipped_gram`); elsewhere clipping
     is the identity."""
-    from pl_i2f.calibrated import clipped_gram
-
     if clipping_norm is not None and not clipping_norm > 0:
         raise ValueError(f"clipping_norm must be > 0, got {clipping_norm}")
     grams, grads = [], []
