@@ -40,7 +40,8 @@ SCENARIOS = {
               ["defense=dpsgd", "trainer.max_epochs=3"]),
     "anisotropic": ("digits under defense=anisotropic defense.sigma=0.01, 30 epochs",
                     ["defense=anisotropic", "defense.sigma=0.01"]),
-    "anisotropic2": ("the same, 2 epochs", ["defense=anisotropic", "defense.sigma=0.01", "trainer.max_epochs=2"]),
+    "anisotropic2": ("digits under defense=anisotropic defense.sigma=0.01, 2 epochs",
+                     ["defense=anisotropic", "defense.sigma=0.01", "trainer.max_epochs=2"]),
     "resnet18": (
         "resnet18, CIFAR-size fake data (3x32x32), 2 epochs",
         ["data=fake", "data.input_shape=[3,32,32]", "model=resnet18", "optim=sgd", "trainer.max_epochs=2"],
