@@ -205,8 +205,12 @@ class I2FMonitor(Callback):
                                                            loss_fn=self._sources.loss, prior=prior)
             self._spend(planner.clock() - start[0])
             report = self._run(pl_module, snapshot, mon.Coverage(self.cursor, 1, total), mon.Plan(1, route))
-        plan = planner.plan(snapshot.step, total, final=final, first=self.evaluations == 0, dim=dim, sketch=sketch)
-        if report is not None and plan.count <= 1:
+        replan = functools.partial(planner.plan, snapshot.step, total, final=final, first=self.evaluations == 0,
+                                   dim=dim, sketch=sketch)
+        if (plan := replan()).count <= 1 and report is not None and total > 1 and planner.wants_second_price():
+            report = self._run(pl_module, snapshot, mon.Coverage(self.cursor, 2, total), mon.Plan(2, route))
+            plan = replan()  # two sizes priced: the evaluation's fixed part told from its part per probe
+        if report is not None and plan.count <= report.coverage.count:
             return self._finish(pl_module.trainer, report, final)
         if (count := plan.count) == 0:
             self.skipped += 1
@@ -281,9 +285,8 @@ class I2FMonitor(Callback):
 
     @staticmethod
     def _batch_size(trainer: pl.Trainer, source: Any) -> int | None:
-        expected = getattr(source, "expected_batch_size", None)
-        if expected is None:
-            expected = getattr(getattr(source, "defense", None), "batch_size", None)
+        expected = getattr(source, "expected_batch_size", None) or getattr(getattr(source, "defense", None),
+                                                                           "batch_size", None)
         return int(expected) if expected else getattr(trainer.datamodule, "batch_size", None)
 
     _STATE = ("last_step", "evaluations", "reduced", "skipped", "seconds", "steps_logged", "history",

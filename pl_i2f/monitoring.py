@@ -92,6 +92,7 @@ SPEND_FRACTION = 0.95  # of the budget planned: the training time is a projectio
 AIM_PROBES = 8  # an evaluation's aim: per-sample leakage varies widely across samples, so fewer is a noisy figure
 SKETCH_RANKS = (32, 16, 8)  # the middle evaluations' Nyström ranks, the largest that fits first
 SKETCH_RESIDUAL = 8  # Hutchinson vectors per probe for the sketch's residual (its stated bounds)
+SECOND_PRICE_SHARE = 0.25  # of the budget left, at most, for pricing a second evaluation size (wants_second_price)
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,15 @@ class EvaluationPlanner:
     @property
     def needs_pricing(self) -> bool:
         return not self.budget.unlimited and not self.cost.known
+
+    def wants_second_price(self) -> bool:
+        """After the first price (one probe): whether to price two probes too, separating an evaluation's fixed
+        part from its part per probe — with one size seen the fit charges everything per probe, which keeps a
+        call-overhead-bound evaluation (a small model on a GPU) at one probe for good. Only where two probes cost
+        at most ``SECOND_PRICE_SHARE`` of what is left of the budget."""
+        sizes = {round(v / c, 6) for c, v, _ in self.cost.observations}
+        return (not self.budget.unlimited and len(sizes) == 1 and
+                2 * self.price(1) <= SECOND_PRICE_SHARE * max(self._left(), 0.0))
 
     def price(self, probes: int) -> float:
         return self.cost.predict(1, probes) if self.cost.known else math.inf

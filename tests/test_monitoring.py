@@ -631,3 +631,30 @@ def test_sketched_runs_keep_the_final_evaluation_at_least_the_middle_ones():
     plans, spent, training = planned_run(0.08, lambda probes, rank: 0.002 + 0.0002 * probes * (rank + 8))
     assert plans[-1].route == "exact" and plans[-1].count >= 8, plans
     assert spent <= 0.1 * training
+
+
+def test_a_second_price_separates_the_fixed_part_of_an_evaluation():
+    """One size seen, the fit charges everything per probe: a call-overhead-bound evaluation (0.1 s whatever its
+    probes, a small model on a GPU) would stay at one probe. Where two probes are cheap against the budget left,
+    a second size is priced and the fit then knows that 32 probes cost little more than one."""
+    from pl_i2f.monitoring import EvaluationPlanner
+
+    clock = FakeClock()
+    planner = EvaluationPlanner(0.1, DenseEarlySchedule(), clock=clock)
+    planner.start_fit(0, 1200)
+    for step in (1, 2, 3):  # 0.1 s a step: a 120 s run, a 12 s budget
+        clock.now = 0.1 * step
+        planner.record_training(step)
+    assert not planner.wants_second_price()  # nothing priced yet
+    planner.observe(1, 0.100)
+    assert planner.wants_second_price() and planner.price(32) == pytest.approx(3.2)
+    planner.observe(2, 0.102)
+    assert not planner.wants_second_price()  # two sizes seen
+    assert planner.price(32) == pytest.approx(0.098 + 32 * 0.002)
+    tight = EvaluationPlanner(0.1, DenseEarlySchedule(), clock=FakeClock())
+    tight.start_fit(0, 100)
+    for step in (1, 2, 3):  # 0.01 s a step: a 1 s run, 0.1 s of budget, two probes at 0.1 s would take it all
+        tight.clock.now = 0.01 * step
+        tight.record_training(step)
+    tight.observe(1, 0.100)
+    assert not tight.wants_second_price()
