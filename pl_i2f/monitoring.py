@@ -151,8 +151,9 @@ class EvaluationPlanner:
     evaluation: :meth:`probes_for` — while no evaluation is priced, one probe (the first evaluation prices
     itself); then the most probes p with price(p) × (evaluations still scheduled) within what is left, so the
     whole budget is spent evenly; at the final step at least one probe (never skipped). Where not even one
-    probe per evaluation fits, single-probe evaluations are spread evenly over those still scheduled and the
-    others skipped (0), the final one's kept back. ``training_seconds`` and
+    probe per evaluation fits, evaluations are spread evenly over those still scheduled and the others skipped
+    (0), the final one's kept back; each that runs covers the most probes that keep as many affordable (one where
+    the cost is per probe, many where it is mostly fixed). ``training_seconds`` and
     ``spent_seconds`` sum over every fit of the run (a resumed run's share is over its whole training time)."""
 
     def __init__(self, max_overhead: float | None, schedule: DenseEarlySchedule, *,
@@ -235,7 +236,12 @@ class EvaluationPlanner:
                 return count
         if final:
             return 1  # the final weights are always evaluated
-        return int(self._spread(left, evaluations, self.price(1)))
+        if not self._spread(left, evaluations, self.price(1)):
+            return 0
+        # a spread evaluation may cost what leaves as many of them affordable: more probes where an evaluation's
+        # cost is mostly fixed (a small model on a GPU), one where it is mostly per probe
+        allowance = left / max(1, math.floor(left / self.price(1)))
+        return next(c for c in range(probes, 0, -1) if c == 1 or self.price(c) <= allowance)
 
     def _spread(self, left: float, evaluations: int, unit: float) -> bool:
         """Not even one smallest evaluation (``unit`` seconds) each: such evaluations spread evenly over those still

@@ -273,3 +273,51 @@ def test_anisotropic_run_logs_leakage_at_every_scheduled_step_from_its_covarianc
     assert len(monitor.steps_logged) >= 5 and monitor.steps_logged[-1] == trainer.global_step
     assert monitor.last_report.noise.basis is not None and monitor.skipped == 0
     assert all("expected_pixel_rmse" in h and "prior_psnr" in h for h in monitor.history)
+
+
+def overhead_bound_run(make_cfg, monkeypatch, second_price: bool) -> I2FMonitor:
+    """A run on an injected clock: 0.2 s a training step, 0.1 s an evaluation whatever its probes (a small model
+    on a GPU: launch-bound), an evaluation due at every step and a budget for fewer; ``second_price`` False: the
+    planner never prices a second size."""
+    import pytorch_lightning as pl
+
+    from pl_i2f.monitoring import EvaluationPlanner
+
+    clock = type("Clock", (), {"now": 0.0, "__call__": lambda self: self.now})()
+
+    class Tick(pl.Callback):
+        def on_train_batch_end(self, *args) -> None:
+            clock.now += 0.2
+
+    measure = I2FMonitor.measure
+
+    def fixed_cost_measure(self, *args, **kwargs):
+        clock.now += 0.1
+        return measure(self, *args, **kwargs)
+
+    monkeypatch.setattr(I2FMonitor, "measure", fixed_cost_measure)
+    if not second_price:
+        monkeypatch.setattr(EvaluationPlanner, "wants_second_price", lambda self: False)
+    cfg = make_cfg([*SMALL, *CALLBACKS, "~callbacks.attack_audit", "callbacks.i2f_monitor.every_n_steps=1",
+                    "callbacks.i2f_monitor.first_step=1000", "callbacks.i2f_monitor.max_overhead=0.48",
+                    "callbacks.i2f_monitor.log_per_sample_media=false"])
+    datamodule, module, trainer = train.build(cfg)
+    trainer.callbacks.append(Tick())
+    monitor = next(cb for cb in trainer.callbacks if isinstance(cb, I2FMonitor))
+    monitor.planner.clock = clock
+    trainer.fit(module, datamodule=datamodule)
+    return monitor
+
+
+def test_overhead_bound_evaluations_price_a_second_size_and_cover_more_probes(make_cfg, monkeypatch):
+    """One probe priced, a fixed-cost evaluation looks as dear per probe as it is in all, and the run stays at one
+    probe; a second size (two probes) tells the fixed part apart, and the same budget then covers many probes."""
+    without = overhead_bound_run(make_cfg, monkeypatch, second_price=False)
+    monkeypatch.undo()
+    with_second = overhead_bound_run(make_cfg, monkeypatch, second_price=True)
+    sizes = sorted({int(vectors) for _, vectors, _ in with_second.planner.cost.observations})
+    assert sizes[:2] == [1, 2] and with_second.history[0]["probes"] > 1, with_second.history
+    assert without.history[0]["probes"] == 1, without.history
+    assert sum(h["probes"] for h in with_second.history) > 2 * sum(h["probes"] for h in without.history)
+    for monitor in (without, with_second):
+        assert monitor.steps_logged[-1] == 12 and monitor.seconds <= 0.48 * monitor.planner.training_seconds

@@ -658,3 +658,30 @@ def test_a_second_price_separates_the_fixed_part_of_an_evaluation():
         tight.record_training(step)
     tight.observe(1, 0.100)
     assert not tight.wants_second_price()
+
+
+@pytest.mark.parametrize(("fixed", "per_probe", "expected"), [(0.1, 0.0, 32), (0.0, 0.1, 1)],
+                         ids=["cost-mostly-fixed", "cost-per-probe"])
+def test_spread_evaluations_cover_the_most_probes_that_keep_as_many_affordable(fixed, per_probe, expected):
+    """Not every evaluation fits: those spread over the run each cover as many probes as cost no more than the
+    budget left shared over the evaluations it affords — all 32 where an evaluation's cost is fixed, one where
+    it is per probe — and the share spent stays within the limit."""
+    from pl_i2f.monitoring import EvaluationPlanner
+
+    clock = FakeClock()
+    planner = EvaluationPlanner(0.1, DenseEarlySchedule(), clock=clock)
+    planner.start_fit(0, 1200)
+    for size in (1, 2):
+        planner.observe(size, fixed + per_probe * size)
+    counts = []
+    for step in range(1201):
+        clock.now += 0.005  # 6 s of training: 0.6 s of budget, 17 evaluations of >= 0.1 s do not all fit
+        planner.record_training(step)
+        if planner.budget.due(step):
+            count = planner.probes_for(step, 32, final=step == 1200)
+            if count:
+                counts.append(count)
+                planner.charge(fixed + per_probe * count)
+                clock.now += fixed + per_probe * count
+    assert 2 <= len(counts) < 17 and set(counts[:-1]) == {expected}, counts
+    assert planner.spent_seconds <= 0.1 * planner.training_seconds, (planner.spent_seconds, planner.training_seconds)
