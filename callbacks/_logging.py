@@ -78,13 +78,13 @@ def warn_once(caught: list[warnings.WarningMessage], category: type[Warning], se
 def log_leakage_media(trainer: pl.Trainer, report: Any, probes: Tensor, index: Tensor, tables: bool,
                       to_pixels: Any) -> None:
     """The per-sample leakage media of a :class:`pl_i2f.leakage.LeakageReport` on the probe samples
-    ``probes[index]`` (``to_pixels`` maps model inputs to [0, 1] images): a histogram of the per-sample errors,
-    and with ``tables`` (files: first and last evaluation only) the per-class table and bar chart and the worst
-    samples' images."""
+    ``probes[index]`` (``to_pixels`` maps model inputs to [0, 1] images): a histogram of the per-sample errors
+    (of two probes or more: one value has no distribution, and its scalar is logged anyway), and with ``tables``
+    (files: first and last evaluation only) the per-class table and bar chart and the worst samples' images."""
     import wandb
 
     values = report.pixel_rmse.detach().cpu().double().numpy()
-    payload: dict[str, Any] = {"leakage/per_sample_histogram": wandb.Histogram(values)}
+    payload: dict[str, Any] = {"leakage/per_sample_histogram": wandb.Histogram(values)} if len(values) > 1 else {}
     if tables:
         per_class = wandb.Table(columns=["class", "expected_pixel_rmse"],
                                 data=[[c, v] for c, v in sorted(report.per_class.items())])
@@ -99,7 +99,8 @@ def log_leakage_media(trainer: pl.Trainer, report: Any, probes: Tensor, index: T
                 for img, (i, v) in zip(images, report.worst)
             ],
         })
-    log_media(trainer, payload, step=report.step)
+    if payload:
+        log_media(trainer, payload, step=report.step)
 
 
 class WandbLogger(_LightningWandbLogger):
