@@ -320,4 +320,5 @@ def test_overhead_bound_evaluations_price_a_second_size_and_cover_more_probes(ma
     assert without.history[0]["probes"] == 1, without.history
     assert sum(h["probes"] for h in with_second.history) > 2 * sum(h["probes"] for h in without.history)
     for monitor in (without, with_second):
-        assert monitor.steps_logged[-1] == 12 and monitor.seconds <= 0.48 * monitor.planner.training_seconds
+        share = monitor.seconds / monitor.planner.training_seconds  # both on the injected clock
+        assert monitor.steps_logged[-1] == 12 and share <= 0.48
