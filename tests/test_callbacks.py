@@ -11,6 +11,7 @@ import torch
 
 import train
 from callbacks import AttackAudit, I2FMonitor, TradeoffTracker
+from conftest import TickingClock
 from wandb_offline import offline_runs, read_offline_run
 
 # A short digits run (8x8 inputs keep every analysis cheap) with every callback firing at least twice.
@@ -283,7 +284,7 @@ def overhead_bound_run(make_cfg, monkeypatch, second_price: bool) -> I2FMonitor:
 
     from pl_i2f.monitoring import EvaluationPlanner
 
-    clock = type("Clock", (), {"now": 0.0, "__call__": lambda self: self.now})()
+    clock = TickingClock(tick=0.0)  # moved only by the training steps and evaluations below
 
     class Tick(pl.Callback):
         def on_train_batch_end(self, *args) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from conftest import TickingClock
 from pl_i2f.monitoring import Coverage, DenseEarlySchedule, OverheadBudget, ProductCost
 
 # --- schedule ---------------------------------------------------------------------------------------
@@ -378,12 +379,9 @@ def test_undamped_leakage_equals_dense_float64_algebra_on_trained_weights(digits
 # --- the planner, on explicit numbers (no Trainer, an injected clock) ------------------------------------------
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+def FakeClock() -> TickingClock:
+    """A clock that reads ``now`` and moves only when a test sets it."""
+    return TickingClock(tick=0.0)
 
 
 def simulated_run(load: Callable[[int], float], train_load: Callable[[int], float] | None = None, total: int = 1200,
