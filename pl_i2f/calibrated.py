@@ -60,6 +60,7 @@ from pl_i2f.threat import SampleNoise, clipped_gram, clipped_jacobian
 
 #: Relative eigenvalue threshold (× the largest, per probe) under which a direction counts as not observed.
 RANK_RTOL = 1e-10
+BRACKET_POINTS = 49  # noise scales 1e-12 … 1e12, two a decade: where scale_for_target brackets its root first
 
 Apply = Callable[[Tensor], Tensor]
 
@@ -185,7 +186,18 @@ class PosteriorSpectrum:
 
     def scale_for_target(self, target_rmse: float) -> float:
         """The noise scale s at which the pooled RMSE reaches ``target_rmse`` (see :func:`scale_for_target`)."""
-        return scale_for_target(self.rmse, target_rmse, float(self.rmse(0.0)), float(self.rmse(math.inf)))
+        at_zero, at_infinity = float(self.rmse(0.0)), float(self.rmse(math.inf))
+        if not at_zero < target_rmse < at_infinity:
+            return scale_for_target(self.rmse, target_rmse, at_zero, at_infinity)
+        # bracket the root on a grid of scales in one batched evaluation, then brentq inside the bracket (a few
+        # evaluations, where the full range took dozens of separate ones)
+        grid = torch.logspace(-12, 12, BRACKET_POINTS, dtype=DTYPE)
+        above = (self.rmse(grid) >= target_rmse).nonzero()
+        first = int(above[0]) if len(above) else 0
+        if first == 0:
+            return scale_for_target(self.rmse, target_rmse, at_zero, at_infinity)
+        return scale_for_target(self.rmse, target_rmse, at_zero, at_infinity, lo=float(grid[first - 1]),
+                                hi=float(grid[first]))
 
 
 def psnr(rmse: Tensor | float) -> Tensor:
@@ -205,7 +217,7 @@ def _whitened(gram: Tensor, prior: GaussianPrior | Tensor) -> tuple[Tensor, Tens
 
 def posterior_spectrum(gram: Tensor | NoiseGram, prior: GaussianPrior | Tensor | float,
                        *, scale: float | None = None, value_scale: Tensor | None = None,
-                       rtol: float = RANK_RTOL, dim: int | None = None) -> PosteriorSpectrum:
+                       rtol: float = RANK_RTOL, dim: int | None = None, eigenvalues: bool = True) -> PosteriorSpectrum:
     """The per-probe spectrum of the prior-aware error from an x-side Gram.
 
     ``gram``: G = JᵀJ (P, d_x, d_x) or (d_x, d_x) — noise s²I on the sample's gradient, s = ``scale`` — or a
@@ -213,7 +225,9 @@ def posterior_spectrum(gram: Tensor | NoiseGram, prior: GaussianPrior | Tensor |
     scalar τ² (zero mean, τ²I), or a dense covariance (d, d) / per-probe (P, d, d). ``value_scale`` (d,): the
     per-value output scale D (pixel std), so errors come out in pixels; or a (d_out, d) map from the Gram's
     coordinates to output values (the data span's basis, scaled: see :func:`exact_posterior_pair`), with
-    ``dim`` = d_out the number of values per-value means divide by (default: the Gram's size).
+    ``dim`` = d_out the number of values per-value means divide by (default: the Gram's size). Without
+    ``eigenvalues`` the Gram's own spectrum (λ_min, the condition number) is not computed — only the error
+    needs none — and ``determined`` is read from the whitened spectrum (of the same rank).
     """
     exact = None
     if isinstance(gram, NoiseGram):
@@ -239,8 +253,9 @@ def posterior_spectrum(gram: Tensor | NoiseGram, prior: GaussianPrior | Tensor |
         s, m = _whitened(g, posterior_cov)
     mu, u = torch.linalg.eigh(_sym(m))
     weights = _to_values(s @ u, value_scale).pow(2).sum(-2)
-    lam = torch.linalg.eigvalsh(_sym(g if exact is None else g + exact))
-    determined = lam[..., 0] > rtol * lam[..., -1].clamp_min(torch.finfo(DTYPE).tiny)
+    lam = torch.linalg.eigvalsh(_sym(g if exact is None else g + exact)) if eigenvalues else None
+    ranked = lam if lam is not None else mu
+    determined = ranked[..., 0] > rtol * ranked[..., -1].clamp_min(torch.finfo(DTYPE).tiny)
     return PosteriorSpectrum(mu=mu, weights=weights, scale=float(scale or 0.0), dim=dim or d,
                              determined=determined, eigenvalues=lam, prior_total=prior_total)
 
@@ -304,7 +319,7 @@ def exact_posterior_pair(model: torch.nn.Module, x: Tensor, y: Tensor, noise: Sa
         prior = GaussianPrior(mean=torch.zeros(r, dtype=DTYPE), basis=torch.eye(r, dtype=DTYPE),
                               eigenvalues=variances)
     main, clipped = [], []
-    for chunk in iter_per_sample_jacobians(model, x, y, loss_fn=loss_fn, tangents=tangents,
+    for chunk in iter_per_sample_jacobians(model, x, y, loss_fn=loss_fn, tangents=tangents, reuse_buffers=True,
                                            max_numbers=max_numbers or EXACT_BLOCK_NUMBERS):
         # the Jacobians' products where they are (a GPU's); the small d × d algebra on the CPU, where a root
         # finder's many tiny evaluations do not each wait on a device
@@ -320,7 +335,7 @@ def exact_posterior_pair(model: torch.nn.Module, x: Tensor, y: Tensor, noise: Sa
             main.append(posterior_spectrum(own, prior, scale=noise.std, value_scale=value_scale, dim=dim))
         if clip is not None:
             clipped.append(posterior_spectrum(clipped_gram(gram, jtg, norm, clip), prior, value_scale=value_scale,
-                                              dim=dim))
+                                              dim=dim, eigenvalues=False))  # only its error is reported
     return concat_spectra(main), concat_spectra(clipped) if clipped else None
 
 

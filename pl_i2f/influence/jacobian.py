@@ -15,6 +15,7 @@ be passed through :func:`pl_i2f.defenses.base.analysis_model` first (``torch.fun
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -23,6 +24,8 @@ from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
 from pl_i2f.gradients import LossFn, batch_loss_fn, eval_mode, flatten
+from pl_i2f.influence import settings
+from pl_i2f.influence.chain import ChainProducts, chain_of
 from pl_i2f.influence.per_sample import per_sample_batch
 from pl_i2f.influence.settings import EXACT_BLOCK_NUMBERS
 from pl_i2f.threat import clipped_gram
@@ -55,11 +58,14 @@ class PerSampleGrams:
 
 def iter_per_sample_jacobians(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: LossFn | None = None,
                               max_numbers: int = EXACT_BLOCK_NUMBERS,
-                              tangents: Tensor | None = None) -> Iterator[JacobianChunk]:
+                              tangents: Tensor | None = None, reuse_buffers: bool = False) -> Iterator[JacobianChunk]:
     """Every probe's J_i (d_θ × d_x) and g_i, a chunk of probes at a time (see :class:`JacobianChunk`).
 
     ``tangents`` (r, d_x), rows shared by every probe: J_i Tᵀ (d_θ × r) instead — the Jacobian on a subspace
     of inputs (e.g. the span the data varies in), r forward-mode products per probe instead of d_x.
+
+    ``reuse_buffers``: a chain network's chunks (:mod:`pl_i2f.influence.chain`) share buffers kept between calls
+    for the same model — each chunk is overwritten by the next one, and by the next call.
 
     A chunk holds as many probes as fit in ``max_numbers`` numbers (at least one); a probe whose own
     Jacobian exceeds it is built from tangent blocks of that size. Consume each chunk before the next one to
@@ -93,6 +99,10 @@ def iter_per_sample_jacobians(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn
     probes = max(1, min(N, max_numbers // per_probe))
     block = columns_count if per_probe <= max_numbers else max(1, max_numbers // d_theta)
     batched = vmap(columns, in_dims=(0, 0, None))
+    chain = chain_of(model, tuple(xs.shape[1:]), loss_fn) if settings.CHAIN_PRODUCTS and is_class_labels(ys) else None
+    if chain is not None:  # the same columns by batched matrix products (a chain network's fast route)
+        reuse = reuse_buffers and block == columns_count  # one call per chunk: nothing to concatenate
+        batched = functools.partial(_chain_columns, ChainProducts(chain, reuse=reuse))
     with eval_mode(model):
         for s in range(0, N, probes):
             xc, yc = xs[s: s + probes], ys[s: s + probes]
@@ -102,6 +112,15 @@ def iter_per_sample_jacobians(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn
                 cols.append(c)
             J = (cols[0] if len(cols) == 1 else torch.cat(cols, 1)).transpose(1, 2)
             yield JacobianChunk(s, J, g)
+
+
+def _chain_columns(products: ChainProducts, x: Tensor, y: Tensor, tangents: Tensor) -> tuple[Tensor, Tensor]:
+    return products.columns(x, y, tangents)
+
+
+def is_class_labels(y: Tensor) -> bool:
+    """Integer class indices, one per sample (not soft labels): what the chain route's cross-entropy takes."""
+    return y.dim() == 1 and not y.is_floating_point() and not y.is_complex() and bool((y >= 0).all())
 
 
 def per_sample_jacobians(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: LossFn | None = None,
@@ -117,18 +136,20 @@ def gram_terms(jacobians: Tensor, gradients: Tensor, dtype: torch.dtype | None =
     """Every probe's G_i = J_iᵀJ_i (n, r, r), J_iᵀg_i (n, r) and ‖g_i‖ (n,) from a chunk's ``jacobians``
     (n, d_θ, r) and ``gradients`` (n, d_θ), accumulated in ``dtype`` (``None``: the Jacobians' own).
 
-    One probe is converted at a time: a whole chunk's float64 copy is tens of MB, which the allocator maps
-    afresh (and the kernel zero-fills) at every call — it used to cost more than the Gram's products."""
-    n, _, r = jacobians.shape
+    One product per probe: the Gram of [J_i g_i], whose last row is J_iᵀg_i (‖g_i‖ is taken from g_i itself, as
+    every other path does: clipping compares it with C). Each probe
+    is converted into one buffer reused for all of them: a fresh float64 copy per probe is megabytes that the
+    allocator maps afresh (and the kernel zero-fills) every time — it used to cost more than the products."""
+    n, d, r = jacobians.shape
     dtype = dtype or jacobians.dtype
-    grams = torch.empty(n, r, r, dtype=dtype, device=jacobians.device)
-    jtg = torch.empty(n, r, dtype=dtype, device=jacobians.device)
-    g = gradients.to(dtype)
+    out = torch.empty(n, r + 1, r + 1, dtype=dtype, device=jacobians.device)
+    rows = torch.empty(r + 1, d, dtype=dtype, device=jacobians.device)
     for i in range(n):
-        j = jacobians[i].to(dtype)
-        torch.mm(j.T, j, out=grams[i])
-        torch.mv(j.T, g[i], out=jtg[i])
-    return (grams + grams.transpose(1, 2)) / 2, jtg, g.norm(dim=1)
+        rows[:r].copy_(jacobians[i].T)
+        rows[r].copy_(gradients[i])
+        torch.mm(rows, rows.T, out=out[i])
+    grams = out[:, :r, :r]
+    return (grams + grams.transpose(1, 2)) / 2, out[:, r, :r].clone(), gradients.to(dtype).norm(dim=1)
 
 
 def per_sample_grams(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: LossFn | None = None,

@@ -39,6 +39,10 @@ GRAM_CHUNK = 256
 """Columns of the identity pushed through the operator per call when a dense matrix is formed."""
 EXACT_BLOCK_NUMBERS = 1 << 25
 """Per-sample exact path: columns per call are bounded so (samples × columns × d_θ) stays about this many numbers."""
+CHAIN_PRODUCTS = True
+"""Per-sample Jacobians of chain networks (convolutions, linear layers, elementwise activations) by batched
+matrix products (:mod:`pl_i2f.influence.chain`) instead of ``vmap`` over ``torch.func``; False: always the
+latter (same columns to float32 rounding)."""
 DEFAULT_ROW_SPACE_RCOND = 1e-10
 """``row_space``: eigen-directions with λ ≤ this·λ_max are dropped (float64 eigen-decomposition)."""
 
