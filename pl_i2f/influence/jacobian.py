@@ -15,7 +15,6 @@ be passed through :func:`pl_i2f.defenses.base.analysis_model` first (``torch.fun
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -25,13 +24,13 @@ from torch.func import grad, jvp, vmap
 
 from pl_i2f.gradients import LossFn, batch_loss_fn, eval_mode, flatten
 from pl_i2f.influence import settings
-from pl_i2f.influence.chain import ChainProducts, chain_of
+from pl_i2f.influence.chain import Chain, ChainProducts, chain_of
 from pl_i2f.influence.per_sample import per_sample_batch
 from pl_i2f.influence.settings import EXACT_BLOCK_NUMBERS
 from pl_i2f.threat import clipped_gram
 
-__all__ = ["JacobianChunk", "PerSampleGrams", "gram_terms", "iter_per_sample_jacobians", "per_sample_grams",
-           "per_sample_jacobians"]
+__all__ = ["JacobianChunk", "PerSampleGrams", "chain_route", "gram_terms", "iter_per_sample_jacobians",
+           "per_sample_grams", "per_sample_jacobians"]
 
 MAX_JACOBIAN_NUMBERS = 1 << 28
 """Largest single-probe Jacobian (d_θ × d_x numbers) the explicit route forms; beyond it (a ResNet on CIFAR
@@ -99,10 +98,10 @@ def iter_per_sample_jacobians(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn
     probes = max(1, min(N, max_numbers // per_probe))
     block = columns_count if per_probe <= max_numbers else max(1, max_numbers // d_theta)
     batched = vmap(columns, in_dims=(0, 0, None))
-    chain = chain_of(model, tuple(xs.shape[1:]), loss_fn) if settings.CHAIN_PRODUCTS and is_class_labels(ys) else None
+    chain = chain_route(model, xs, ys, loss_fn)
     if chain is not None:  # the same columns by batched matrix products (a chain network's fast route)
         reuse = reuse_buffers and block == columns_count  # one call per chunk: nothing to concatenate
-        batched = functools.partial(_chain_columns, ChainProducts(chain, reuse=reuse))
+        batched = ChainProducts(chain, reuse=reuse).columns
     with eval_mode(model):
         for s in range(0, N, probes):
             xc, yc = xs[s: s + probes], ys[s: s + probes]
@@ -114,13 +113,12 @@ def iter_per_sample_jacobians(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn
             yield JacobianChunk(s, J, g)
 
 
-def _chain_columns(products: ChainProducts, x: Tensor, y: Tensor, tangents: Tensor) -> tuple[Tensor, Tensor]:
-    return products.columns(x, y, tangents)
-
-
-def is_class_labels(y: Tensor) -> bool:
-    """Integer class indices, one per sample (not soft labels): what the chain route's cross-entropy takes."""
-    return y.dim() == 1 and not y.is_floating_point() and not y.is_complex() and bool((y >= 0).all())
+def chain_route(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn | None = None) -> Chain | None:
+    """The chain :func:`iter_per_sample_jacobians` runs ``model`` as on the batch ``(x, y)`` (integer class labels;
+    soft labels take the generic route), or None: the generic route, also whenever
+    ``pl_i2f.influence.settings.CHAIN_PRODUCTS`` is off."""
+    labels = y.dim() == 1 and not y.is_floating_point() and not y.is_complex() and bool((y >= 0).all())
+    return chain_of(model, tuple(x.shape[1:]), loss_fn) if settings.CHAIN_PRODUCTS and labels else None
 
 
 def per_sample_jacobians(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: LossFn | None = None,

@@ -16,6 +16,8 @@ from pl_i2f.defenses import Defense
 from pl_i2f.defenses.base import analysis_model
 from pl_i2f.errors import ConfigError
 from pl_i2f.gradients import eval_mode
+from pl_i2f.influence import settings as influence_settings
+from pl_i2f.influence.jacobian import chain_route
 from pl_i2f.influence.per_sample import PerSampleOperator
 from pl_i2f.influence.warm import exact_spectra
 from pl_i2f.leakage.estimators import Calibrated, ExactSpectra, FullPrecision, WarmBasis
@@ -95,7 +97,11 @@ def _add_spectra(report: LeakageReport, spectra: SpectrumEnds) -> None:
 @functools.cache
 def _warm_up_torch_func() -> None:
     net = nn.Sequential(nn.Flatten(), nn.Linear(2, 2))
-    cal.exact_posteriors(net, torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), SampleNoise(std=1.0), 1.0)
+    previous, influence_settings.CHAIN_PRODUCTS = influence_settings.CHAIN_PRODUCTS, False  # torch.func's route
+    try:
+        cal.exact_posteriors(net, torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), SampleNoise(std=1.0), 1.0)
+    finally:
+        influence_settings.CHAIN_PRODUCTS = previous
 
 
 def warm_up_transforms(model: nn.Module | None = None, x: Tensor | None = None, y: Tensor | None = None,
@@ -104,8 +110,11 @@ def warm_up_transforms(model: nn.Module | None = None, x: Tensor | None = None, 
     """torch.func's one-off set-up (the explicit Jacobians' vmap over forward-mode products), paid once per process
     on a tiny model, so that it does not count as the price of a probe; with ``model`` and a probe ``(x, y)``
     also the one-off costs of ``route`` on that network — a rank-1 sketch of one probe, or one probe's exact
-    estimate under ``prior`` (its data span) — which would otherwise inflate the first price several times."""
-    _warm_up_torch_func()
+    estimate under ``prior`` (its data span) — which would otherwise inflate the first price several times. A chain
+    network's exact route (:mod:`pl_i2f.influence.chain`) runs without torch.func: only its own one-off costs."""
+    if not (route == "exact" and model is not None and x is not None and y is not None
+            and chain_route(model, x, y, loss_fn) is not None):
+        _warm_up_torch_func()
     if model is not None and x is not None and y is not None:
         device = next(model.parameters()).device
         estimator = Calibrated(route="sketch", rank=1, probes=1) if route == "sketch" else Calibrated(route="exact")
