@@ -87,6 +87,8 @@ def timed_run(overrides: list[str]) -> dict:
     if found:
         out.update(monitor=float(found.group(3)), training=float(found.group(5) or "nan"),
                    reduced=int(found.group(6)), skipped=int(found.group(7)))
+        if found.group(4):  # the monitor's own share, from unrounded seconds (the line rounds them to 0.1 s)
+            out["share"] = float(found.group(4)) / 100
     reductions = re.findall(r"I2FMonitor: step \d+ evaluated on ([^,]+(?:, [^,]+)*?), to stay within", done.stdout
                             + done.stderr)
     out["how"] = "; ".join(dict.fromkeys(reductions))
@@ -145,7 +147,8 @@ def main() -> None:
                 if watched:
                     with_runs.append(run)
                     print(f"{name}: with {run['wall']:.1f}s (monitor {run['monitor']:.2f}s of "
-                          f"{run['training']:.1f}s training; leakage at {len(run['steps'])} steps "
+                          f"{run['training']:.1f}s training, {run.get('share', math.nan):.1%}; leakage at "
+                          f"{len(run['steps'])} steps "
                           f"{run['steps'][:3]}..{run['steps'][-1:]}; {run['reduced']} reduced, "
                           f"{run['skipped']} skipped{'; ' + run['how'] if run['how'] else ''})", flush=True)
                     print(f"    probes per evaluation {run['probes']}; exact spectra at steps {run['spectra']}",
@@ -156,7 +159,7 @@ def main() -> None:
         w = statistics.median(r["wall"] for r in with_runs)
         wo = statistics.median(without_times)
         paired = statistics.median(r["wall"] / b for r, b in zip(with_runs, without_times))
-        share = statistics.median(r["monitor"] / r["training"] for r in with_runs)
+        share = statistics.median(r.get("share", r["monitor"] / r["training"]) for r in with_runs)
         steps = statistics.median(len(r["steps"]) for r in with_runs)
         ends = all(r["steps"][:1] == [0] for r in with_runs)
         probes = [r["probes"] or [0] for r in with_runs]

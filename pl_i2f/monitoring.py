@@ -269,18 +269,17 @@ class EvaluationPlanner:
              sketch: bool = False) -> Plan:
         """How the evaluation at ``step`` runs, of ``probes`` probes with ``dim`` input values each (0: the route is
         not the planner's to choose — the estimator's own, inputs beyond its exact range sketched anyway). Without
-        ``sketch`` (the noise or the caller does not allow one): exact, :meth:`probes_for`, the first and final
-        evaluations up to ``AIM_PROBES`` where every middle one keeps a probe (:meth:`_ends_first`). With it: the
-        first and final evaluations exact (λ_min, the condition number; the run's summary), the first on as many
-        probes as leave every middle evaluation its least sketch (one probe at the smallest rank) and the final as
-        many exact probes as the first; a middle evaluation exact where ``AIM_PROBES`` exact probes fit every
-        evaluation still scheduled, else the sketch on the most probes (then the largest rank) that fits them
-        all, with the final's exact probes kept back (up to ``AIM_PROBES``, as many as the least sketch of every
-        middle one leaves); the first sketch prices itself (``AIM_PROBES`` at the smallest rank, where that fits
+        ``sketch`` (the noise or the caller does not allow one), and always for the first and final evaluations:
+        exact, :meth:`probes_for`, the first and final evaluations up to ``AIM_PROBES`` where every middle one keeps a
+        probe (:meth:`_ends_first`). With it, a middle evaluation: exact on the most probes that fit every
+        evaluation still scheduled (with the final's exact probes kept back: up to ``AIM_PROBES``, as many as the
+        least sketch of every middle one leaves) where that is ``AIM_PROBES`` or more, else the sketch on the most
+        probes (then the largest rank) that fits them all where that covers more probes than exact Grams would,
+        else exact; the first sketch prices itself (``AIM_PROBES`` at the smallest rank, where that fits
         once); where not even a one-probe sketch fits every one, the cheaper of one exact probe and an
         ``AIM_PROBES`` sketch, spread evenly (the others skipped). Priorities: no skips, then the ends, then
         ``AIM_PROBES`` everywhere, then more probes, then a larger rank."""
-        if self.budget.unlimited or not self.cost.known or final or not sketch or dim < 1:
+        if self.budget.unlimited or not self.cost.known or final or first or not sketch or dim < 1:
             count = self.probes_for(step, probes, final=final)
             if not (self.budget.unlimited or not self.cost.known or final):
                 count = self._ends_first(step, probes, count, first)
@@ -290,28 +289,25 @@ class EvaluationPlanner:
                         note="no sketch for this noise (a covariance, or none)" if fallback else "")
         aim, evaluations, left = min(AIM_PROBES, probes), self.budget.remaining(step), self._left()
         least = self.sketch_price(1, SKETCH_RANKS[-1], dim)  # the least sketch a middle evaluation can be
-        if first:
-            middle = max(evaluations - 2, 0)
-            room = left - middle * least
-            count = next((c for c in range(probes, 0, -1) if 2 * self.price(c) <= room), 0)
-            if count:
-                return Plan(count)
-            return Plan(self.probes_for(step, probes, final=False))
         middle = max(evaluations - 1, 1)  # this one and the others before the final
         room, end = left, 0
         if self.budget.total_steps is not None:  # the final's exact probes kept back: up to the aim, after the least
             spare = left - middle * least  # sketch of every middle one
             end = next((c for c in range(aim, 1, -1) if self.price(c) <= spare), 1)
             room -= self.price(end)
-        if self.price(aim) * middle <= room:  # exact everywhere: the final on at least as many probes as this one
-            return Plan(next(c for c in range(probes, 0, -1)
-                             if self.price(c) * middle + self.price(max(c, end)) - self.price(end) <= room))
+        # exact on the most probes that fit every middle evaluation, the final on at least as many as this one
+        exact = next((c for c in range(probes, 0, -1)
+                      if self.price(c) * middle + self.price(max(c, end)) - self.price(end) <= room), 0)
+        if exact >= aim:
+            return Plan(exact)
         if not self.sketch_cost.known and self.sketch_price(aim, SKETCH_RANKS[-1], dim) <= room:
             return Plan(aim, "sketch", SKETCH_RANKS[-1], SKETCH_RESIDUAL)  # the first sketch prices itself
-        for count in range(probes, 0, -1):
+        for count in range(probes, exact, -1):  # a sketch only where it covers more probes than exact Grams
             for rank in SKETCH_RANKS:
                 if self.sketch_price(count, rank, dim) * middle <= room:
                     return Plan(count, "sketch", rank, SKETCH_RESIDUAL)
+        if exact:
+            return Plan(exact)
         # not even a one-probe sketch each: the cheaper of one exact probe and a sketch of the aim, spread evenly
         one, least = self.price(1), self.sketch_price(aim, SKETCH_RANKS[-1], dim)
         if not self._spread(left, evaluations, min(one, least)):

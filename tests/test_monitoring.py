@@ -593,6 +593,17 @@ def test_middle_evaluations_are_sketched_where_exact_fits_one_probe():
     assert spent <= 0.1 * training, (spent, training)
 
 
+def test_a_sketch_is_taken_only_where_it_covers_more_probes_than_exact_grams():
+    """Exact Grams at 20 ms a probe (about 5 fit each evaluation), a sketch dearer per probe: once the first
+    sketch has priced itself, every middle evaluation is exact on more probes than a sketch would cover."""
+    plans, spent, training = planned_run(0.02, lambda probes, rank: 0.004 + 0.02 * probes * (rank + 8) / 16)
+    middle = plans[1:-1]
+    sketched = [p for p in middle if p.route == "sketch"]
+    assert len(sketched) <= 1, middle  # the one that priced the sketch
+    assert all(p.count >= 3 for p in middle if p.route == "exact") and plans[0].route == "exact", plans
+    assert spent <= 0.1 * training, (spent, training)
+
+
 def test_without_a_sketch_the_middle_evaluations_stay_exact_and_say_why():
     """Noise with a covariance, or none (no sketch): exact on fewer probes, the plan saying why."""
     plans, spent, training = planned_run(0.08, lambda probes, rank: 0.001, sketch=False)
