@@ -88,9 +88,9 @@ def test_offline_wandb_run_holds_leakage_audit_and_media(make_cfg, tmp_path):
     assert run.summary["audit/reconstructions/_type"] == "image-file"
     files = " ".join(run.files)
     assert "media/images/audit/reconstructions" in files and "media/table/leakage/per_class" in files
-    # the trade-off table is logged at train end; W&B's "files" record for it can lag behind the run's close on a
-    # loaded machine, so check the logged value and the file on disk (what `wandb sync` uploads)
-    assert run.summary["tradeoff/points/_type"] == "table-file"
+    # the trade-off table is logged at train end; W&B's "files" and "summary" records for it can lag behind the
+    # run's close on a loaded machine, so check the logged row and the file on disk (what `wandb sync` uploads)
+    assert "table-file" in [row["tradeoff/points/_type"] for row in run.history if "tradeoff/points/_type" in row]
     assert list((run_dir / "files" / "media" / "table" / "tradeoff").glob("points*.table.json"))
     # leakage rows share the trainer's step axis, starting at the initialisation (step 0)
     steps = [row["trainer/global_step"] for row in run.history if "leakage/lambda_max" in row]
