@@ -135,17 +135,21 @@ def gram_terms(jacobians: Tensor, gradients: Tensor, dtype: torch.dtype | None =
     (n, d_θ, r) and ``gradients`` (n, d_θ), accumulated in ``dtype`` (``None``: the Jacobians' own).
 
     One product per probe: the Gram of [J_i g_i], whose last row is J_iᵀg_i (‖g_i‖ is taken from g_i itself, as
-    every other path does: clipping compares it with C). Each probe
-    is converted into one buffer reused for all of them: a fresh float64 copy per probe is megabytes that the
-    allocator maps afresh (and the kernel zero-fills) every time — it used to cost more than the products."""
+    every other path does: clipping compares it with C). The probes are converted a few at a time into one buffer
+    reused for all of them: a whole chunk's float64 copy is tens of megabytes that the allocator maps afresh (and
+    the kernel zero-fills) at every call — it used to cost more than the products."""
     n, d, r = jacobians.shape
     dtype = dtype or jacobians.dtype
     out = torch.empty(n, r + 1, r + 1, dtype=dtype, device=jacobians.device)
-    rows = torch.empty(r + 1, d, dtype=dtype, device=jacobians.device)
-    for i in range(n):
-        rows[:r].copy_(jacobians[i].T)
-        rows[r].copy_(gradients[i])
-        torch.mm(rows, rows.T, out=out[i])
+    # a few probes a product: one per CPU thread (a batched product runs them side by side), all at once on a GPU
+    # (whose allocator keeps its memory)
+    k = n if jacobians.is_cuda else max(1, min(n, torch.get_num_threads()))
+    rows = torch.empty(k, r + 1, d, dtype=dtype, device=jacobians.device)
+    for s in range(0, n, k):
+        block = rows[: min(k, n - s)]
+        block[:, :r].copy_(jacobians[s: s + k].transpose(1, 2))
+        block[:, r].copy_(gradients[s: s + k])
+        torch.bmm(block, block.transpose(1, 2), out=out[s: s + k])
     grams = out[:, :r, :r]
     return (grams + grams.transpose(1, 2)) / 2, out[:, r, :r].clone(), gradients.to(dtype).norm(dim=1)
 
