@@ -202,8 +202,7 @@ class I2FMonitor(Callback):
         sketch, report, route = lk.Calibrated.can_sketch(snapshot.noise) and dim > 0, None, "exact" if dim else None
         if planner.needs_pricing:  # the first evaluation prices itself on one probe (one-off set-ups charged, unpriced)
             start = planner.clock(), lk.warm_up_transforms(snapshot.model, *self._probe, route=route or "sketch",
-                                                           loss_fn=self._sources.loss, prior=prior,
-                                                           probes=min(total, mon.AIM_PROBES))
+                                                           loss_fn=self._sources.loss, prior=prior)
             self._spend(planner.clock() - start[0])
             report = self._run(pl_module, snapshot, mon.Coverage(self.cursor, 1, total), mon.Plan(1, route))
         replan = functools.partial(planner.plan, snapshot.step, total, final=final, first=self.evaluations == 0,
