@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from bench_product import interleaved, trained  # the same interleaving and SGD warm-up as the product benchmark
 from torch import nn
 
 from pl_i2f import calibrated as cal
@@ -40,33 +39,6 @@ def routed(fn: Callable[[], object], chain: bool) -> Callable[[], object]:
     return run
 
 
-def interleaved(candidates: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    for fn in candidates.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in candidates}
-    names = list(candidates)
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            start = time.perf_counter()
-            candidates[name]()
-            times[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def trained(model: nn.Module, dm: DigitsDataModule, steps: int) -> nn.Module:
-    opt, done = torch.optim.SGD(model.parameters(), lr=0.5), 0
-    model.train()
-    while done < steps:
-        for x, y in dm.train_dataloader():
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-            done += 1
-            if done == steps:
-                break
-    return model.eval()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
@@ -85,7 +57,7 @@ def main() -> None:
     networks = {
         "lenet_zhu, untrained": build_model("lenet_zhu", (1, 16, 16), 10, init="xavier_uniform").eval(),
         f"lenet_zhu, {args.train_steps} SGD steps": trained(
-            build_model("lenet_zhu", (1, 16, 16), 10, init="xavier_uniform"), dm, args.train_steps),
+            build_model("lenet_zhu", (1, 16, 16), 10, init="xavier_uniform"), args.train_steps),
         "mlp (256-256), untrained": build_model("mlp", (1, 16, 16), 10).eval(),
     }
     options = LeakageOptions(prior=prior, value_scale=scale, clipping_norm=1.0, batch_size=64, pixel_std=dm.std)

@@ -294,7 +294,7 @@ class EvaluationPlanner:
         if self.budget.total_steps is not None:  # the final's exact probes kept back: up to the aim, after the least
             spare = left - middle * least  # sketch of every middle one
             end = next((c for c in range(aim, 1, -1) if self.price(c) <= spare), 1)
-            room -= self.price(end)
+            room -= self.price(end + 1)  # a probe of slack: later evaluations may cost more than the fit says
         # exact on the most probes that fit every middle evaluation, the final on at least as many as this one
         exact = next((c for c in range(probes, 0, -1)
                       if self.price(c) * middle + self.price(max(c, end)) - self.price(end) <= room), 0)
@@ -318,7 +318,8 @@ class EvaluationPlanner:
         """Exact evaluations only: the first and final evaluations get up to ``AIM_PROBES`` probes (their spectra
         and the run's summary come from them) where every other evaluation still keeps one probe; ``even`` (the
         even share, :meth:`probes_for`) otherwise and wherever it is larger. A middle evaluation keeps back the
-        final's share: the most probes whose price over the middle ones still scheduled leaves it."""
+        final's share and one probe more (evaluations late in a run may cost more than the fit predicts): the most
+        probes whose price over the middle ones still scheduled leaves it."""
         evaluations, left = self.budget.remaining(step), self._left()
         if self.budget.total_steps is None or evaluations < 2:
             return even
@@ -329,8 +330,8 @@ class EvaluationPlanner:
             return max(even, end)
         if end <= even:
             return even
-        return next((c for c in range(probes, 0, -1)
-                     if self.price(c) * (evaluations - 1) + self.price(max(c, end)) <= left), even)
+        return next((c for c in range(probes, 0, -1)  # with a probe of slack for the final, against cost drift
+                     if self.price(c) * (evaluations - 1) + self.price(max(c, end) + 1) <= left), even)
 
     def observe(self, probes: int, seconds: float, plan: Plan | None = None) -> None:
         """An evaluation of ``probes`` probes (by ``plan``'s route; default exact) took ``seconds`` (its estimate,
