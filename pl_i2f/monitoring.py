@@ -290,23 +290,28 @@ class EvaluationPlanner:
         aim, evaluations, left = min(AIM_PROBES, probes), self.budget.remaining(step), self._left()
         least = self.sketch_price(1, SKETCH_RANKS[-1], dim)  # the least sketch a middle evaluation can be
         middle = max(evaluations - 1, 1)  # this one and the others before the final
-        room, end = left, 0
+        room, end, slack = left, 0, 0.0
         if self.budget.total_steps is not None:  # the final's exact probes kept back: up to the aim, after the least
             spare = left - middle * least  # sketch of every middle one
             end = next((c for c in range(aim, 1, -1) if self.price(c) <= spare), 1)
-            room -= self.price(end + 1)  # a probe of slack: later evaluations may cost more than the fit says
+            room -= self.price(end)
+            slack = self.price(end + 1) - self.price(end)  # a probe more where it fits: later costs may drift up
         # exact on the most probes that fit every middle evaluation, the final on at least as many as this one
-        exact = next((c for c in range(probes, 0, -1)
-                      if self.price(c) * middle + self.price(max(c, end)) - self.price(end) <= room), 0)
-        if exact >= aim:
+        def fitting(extra: float) -> int:
+            return next((c for c in range(probes, 0, -1)
+                         if self.price(c) * middle + self.price(max(c, end)) - self.price(end) + extra <= room), 0)
+
+        plain, kept = fitting(0.0), fitting(slack)  # the route is chosen on the plain count, the slack kept if it fits
+        exact = max(kept, aim) if plain >= aim else (kept or plain)
+        if plain >= aim:
             return Plan(exact)
         if not self.sketch_cost.known and self.sketch_price(aim, SKETCH_RANKS[-1], dim) <= room:
             return Plan(aim, "sketch", SKETCH_RANKS[-1], SKETCH_RESIDUAL)  # the first sketch prices itself
-        for count in range(probes, exact, -1):  # a sketch only where it covers more probes than exact Grams
+        for count in range(probes, plain, -1):  # a sketch only where it covers more probes than exact Grams
             for rank in SKETCH_RANKS:
                 if self.sketch_price(count, rank, dim) * middle <= room:
                     return Plan(count, "sketch", rank, SKETCH_RESIDUAL)
-        if exact:
+        if plain:
             return Plan(exact)
         # not even a one-probe sketch each: the cheaper of one exact probe and a sketch of the aim, spread evenly
         one, least = self.price(1), self.sketch_price(aim, SKETCH_RANKS[-1], dim)
@@ -318,8 +323,8 @@ class EvaluationPlanner:
         """Exact evaluations only: the first and final evaluations get up to ``AIM_PROBES`` probes (their spectra
         and the run's summary come from them) where every other evaluation still keeps one probe; ``even`` (the
         even share, :meth:`probes_for`) otherwise and wherever it is larger. A middle evaluation keeps back the
-        final's share and one probe more (evaluations late in a run may cost more than the fit predicts): the most
-        probes whose price over the middle ones still scheduled leaves it."""
+        final's share and, where that still fits, one probe more (evaluations late in a run may cost more than the
+        fit predicts): the most probes whose price over the middle ones still scheduled leaves it."""
         evaluations, left = self.budget.remaining(step), self._left()
         if self.budget.total_steps is None or evaluations < 2:
             return even
@@ -328,10 +333,12 @@ class EvaluationPlanner:
                     if ends * self.price(c) + (evaluations - ends) * self.price(1) <= left), 0)
         if first:
             return max(even, end)
-        if end <= even:
-            return even
-        return next((c for c in range(probes, 0, -1)  # with a probe of slack for the final, against cost drift
-                     if self.price(c) * (evaluations - 1) + self.price(max(c, end) + 1) <= left), even)
+        for slack in (1, 0):  # a probe of slack for the final, against cost drift, where that still fits
+            count = next((c for c in range(probes, 0, -1)
+                          if self.price(c) * (evaluations - 1) + self.price(max(c, end) + slack) <= left), 0)
+            if count:
+                return count
+        return even
 
     def observe(self, probes: int, seconds: float, plan: Plan | None = None) -> None:
         """An evaluation of ``probes`` probes (by ``plan``'s route; default exact) took ``seconds`` (its estimate,
