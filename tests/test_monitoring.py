@@ -632,6 +632,15 @@ def test_exact_only_runs_give_the_ends_the_aim_first():
     assert min(p.count for p in plans[1:]) >= 8 and plans[-1].count >= plans[1].count, plans
 
 
+def test_a_tight_budget_still_keeps_the_final_evaluation_its_share():
+    """Five evaluations (80 steps) and probes too dear for a probe of slack: the middle ones keep one probe each
+    and the final gets more than any of them, within the budget (the slack gives way, not the keep-back)."""
+    plans, spent, training = planned_run(0.006, lambda probes, rank: 1.0, sketch=False, total=80)
+    assert len(plans) == 5 and all(p.count >= 1 for p in plans), plans
+    assert plans[-1].count > max(p.count for p in plans[1:-1]) and plans[0].count > 1, plans
+    assert spent <= 0.1 * training, (spent, training)
+
+
 def test_sketched_runs_keep_the_final_evaluation_at_least_the_middle_ones():
     """With a sketch allowed: exact Grams cheap enough for every evaluation give the final weights at least as
     many probes as any middle one; dearer ones leave the final its 8 exact probes beside sketched middles."""
