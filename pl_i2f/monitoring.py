@@ -273,7 +273,8 @@ class EvaluationPlanner:
         exact, :meth:`probes_for`, the first and final evaluations up to ``AIM_PROBES`` where every middle one keeps a
         probe (:meth:`_ends_first`). With it, a middle evaluation: exact on the most probes that fit every
         evaluation still scheduled (with the final's exact probes kept back: up to ``AIM_PROBES``, as many as the
-        least sketch of every middle one leaves) where that is ``AIM_PROBES`` or more, else the sketch on the most
+        least sketch of every middle one leaves, and a probe of slack where that fits) where that is ``AIM_PROBES``
+        or more, else the sketch on the most
         probes (then the largest rank) that fits them all where that covers more probes than exact Grams would,
         else exact; the first sketch prices itself (``AIM_PROBES`` at the smallest rank, where that fits
         once); where not even a one-probe sketch fits every one, the cheaper of one exact probe and an
