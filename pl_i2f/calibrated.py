@@ -60,7 +60,6 @@ from pl_i2f.threat import SampleNoise, clipped_gram, clipped_jacobian
 
 #: Relative eigenvalue threshold (× the largest, per probe) under which a direction counts as not observed.
 RANK_RTOL = 1e-10
-BRACKET_POINTS = 49  # noise scales 1e-12 … 1e12, two a decade: where scale_for_target brackets its root first
 
 Apply = Callable[[Tensor], Tensor]
 
@@ -186,18 +185,7 @@ class PosteriorSpectrum:
 
     def scale_for_target(self, target_rmse: float) -> float:
         """The noise scale s at which the pooled RMSE reaches ``target_rmse`` (see :func:`scale_for_target`)."""
-        at_zero, at_infinity = float(self.rmse(0.0)), float(self.rmse(math.inf))
-        if not at_zero < target_rmse < at_infinity:
-            return scale_for_target(self.rmse, target_rmse, at_zero, at_infinity)
-        # bracket the root on a grid of scales in one batched evaluation, then brentq inside the bracket (a few
-        # evaluations, where the full range took dozens of separate ones)
-        grid = torch.logspace(-12, 12, BRACKET_POINTS, dtype=DTYPE)
-        above = (self.rmse(grid) >= target_rmse).nonzero()
-        first = int(above[0]) if len(above) else 0
-        if first == 0:
-            return scale_for_target(self.rmse, target_rmse, at_zero, at_infinity)
-        return scale_for_target(self.rmse, target_rmse, at_zero, at_infinity, lo=float(grid[first - 1]),
-                                hi=float(grid[first]))
+        return scale_for_target(self.rmse, target_rmse, float(self.rmse(0.0)), float(self.rmse(math.inf)))
 
 
 def psnr(rmse: Tensor | float) -> Tensor:
