@@ -31,14 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pl_i2f.influence.settings import CHAIN_MAX_OPERATOR_NUMBERS
+
 __all__ = ["Chain", "ChainProducts", "chain_of"]
 
 AFFINE = (nn.Conv2d, nn.Linear)
 PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Flatten)  # linear, no parameters
 GENERIC_ACTIVATIONS = (nn.ELU, nn.GELU, nn.SiLU, nn.Softplus, nn.Mish, nn.CELU, nn.SELU)
-MAX_OPERATOR_NUMBERS = 1 << 22
-"""Largest dense operator a convolution may use (its matrix, or its unfolding operator): beyond it the feature
-maps are too large for dense products to pay off, and the generic route is taken."""
 
 
 @dataclass(frozen=True)
@@ -139,7 +138,7 @@ def _trace(model: nn.Module, sample_shape: tuple[int, ...]) -> Chain | None:
             except RuntimeError:  # the generic route reports the mismatch
                 return None
             if isinstance(m, nn.Conv2d) and _operator_numbers(m, shapes[-1], tuple(out.shape[1:])) > \
-                    MAX_OPERATOR_NUMBERS:
+                    CHAIN_MAX_OPERATOR_NUMBERS:
                 return None
             h = out
     if h.dim() != 2:

@@ -43,6 +43,9 @@ CHAIN_PRODUCTS = True
 """Per-sample Jacobians of chain networks (convolutions, linear layers, elementwise activations) by batched
 matrix products (:mod:`pl_i2f.influence.chain`) instead of ``vmap`` over ``torch.func``; False: always the
 latter (same columns to float32 rounding)."""
+CHAIN_MAX_OPERATOR_NUMBERS = 1 << 22
+"""Largest dense operator a convolution of the chain route may use (its matrix, or its unfolding operator): beyond
+it the feature maps are too large for dense products to pay off, and the generic route is taken."""
 DEFAULT_ROW_SPACE_RCOND = 1e-10
 """``row_space``: eigen-directions with λ ≤ this·λ_max are dropped (float64 eigen-decomposition)."""
 
