@@ -12,7 +12,7 @@ Sections (``--sections``):
               of its group:
               *old* — one middle evaluation of the monitor today (:func:`pl_i2f.leakage.monitor_leakage`,
               warm-started from the previous basis, 16 vectors: two vmapped block products), a fresh one (16
-              sequential products), the block products alone (``PerSampleGram.gram`` with 1 and 16 vectors per
+              sequential products), the block products alone (``PerSampleOperator.gram`` with 1 and 16 vectors per
               probe), and the exact spectra the first/last evaluation adds (``warm.exact_spectra``);
               *new* — all J_i and g_i (``per_sample_jacobians``), the Grams G_i = J_iᵀJ_i accumulated in float64
               (default) or float32, with ``eigvalsh`` (exact spectra), and the same with one probe per call (to
@@ -41,7 +41,7 @@ from torch import nn
 from pl_i2f.data import build_datamodule
 from pl_i2f.defenses import build as build_defense
 from pl_i2f.influence.jacobian import per_sample_grams, per_sample_jacobians
-from pl_i2f.influence.per_sample import PerSampleGram
+from pl_i2f.influence.per_sample import PerSampleOperator
 from pl_i2f.influence.warm import exact_spectra
 from pl_i2f.leakage import monitor_leakage
 from pl_i2f.models import build_model
@@ -109,7 +109,8 @@ def compile_attempt(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> str:
 
 
 def evaluation_candidates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, basis: torch.Tensor,
-                          op: PerSampleGram, v1: torch.Tensor, v16: torch.Tensor) -> dict[str, Callable[[], object]]:
+                          op: PerSampleOperator, v1: torch.Tensor, v16: torch.Tensor
+                          ) -> dict[str, Callable[[], object]]:
     none = build_defense("none")
     return {
         "old: monitor evaluation, warm (2 block products × 16 vectors)":
@@ -151,7 +152,7 @@ def lenet_section(threads: list[int], repeats: int, train_steps: int, compile_to
             _, fit = monitor_leakage(model, x, y, none, 0, steps=16)
             basis = fit.basis
             v1, v16 = torch.randn(n, 1, 256), torch.randn(n, 16, 256)
-            op = PerSampleGram(model, x, y, None, None)
+            op = PerSampleOperator(model, x, y, None, None)
             per_probe = d_theta * 256
             for th in threads:
                 torch.set_num_threads(th)
@@ -190,7 +191,7 @@ def vectors_section(threads: list[int], repeats: int) -> None:
     for th in threads:
         torch.set_num_threads(th)
         for n in (8, 32):
-            op = PerSampleGram(model, x_all[:n], y_all[:n], None, None)
+            op = PerSampleOperator(model, x_all[:n], y_all[:n], None, None)
             t = interleaved({k: partial(op.gram, torch.randn(n, k, 256)) for k in (1, 2, 4, 8, 16)}, repeats)
             for k, sec in t.items():
                 print(f"| {th} | {n} | {k} | {sec * 1e3:.1f} | {sec * 1e3 / (n * k):.2f} |")
@@ -216,7 +217,7 @@ def resnet_section(threads: list[int], repeats: int) -> None:
     except ValueError as exc:
         refused = f"refused: {exc}"
     print(f"explicit per-sample Jacobian: {refused}\n")
-    ops = {n: PerSampleGram(model, x_all[:n], y_all[:n], None, None) for n in (1, 4)}
+    ops = {n: PerSampleOperator(model, x_all[:n], y_all[:n], None, None) for n in (1, 4)}
     vs = {n: torch.randn(n, 1, 3072) for n in (1, 4)}
     t = interleaved({f"one vmapped JᵢJᵢᵀ product, {n} probe(s) × 1 vector": (lambda n=n: ops[n].gram(vs[n]))
                      for n in (1, 4)}, repeats)

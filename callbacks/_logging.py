@@ -52,10 +52,12 @@ def log_scalars(pl_module: pl.LightningModule, scalars: dict[str, float], prefix
     )
 
 
-def log_scalars_at_step(trainer: pl.Trainer, scalars: dict[str, float], prefix: str, step: int | None = None) -> None:
+def log_scalars_at_step(trainer: pl.Trainer, scalars: dict[str, float], prefix: str, step: int | None = None,
+                        media: dict[str, Any] | None = None) -> None:
     """Scalars of a sparse, step-scheduled event (every N steps, step 0 included), filed at exactly that step
-    (default: now; see :func:`pl_i2f.module.log_at_step` for why not ``pl_module.log``)."""
-    log_at_step(trainer, {f"{prefix}/{k}": float(v) for k, v in scalars.items()}, step)
+    (default: now; see :func:`pl_i2f.module.log_at_step` for why not ``pl_module.log``), with W&B ``media``
+    (full keys) in the same W&B record."""
+    log_at_step(trainer, {f"{prefix}/{k}": float(v) for k, v in scalars.items()}, step, media=media)
 
 
 def warn_once(caught: list[warnings.WarningMessage], category: type[Warning], seen: set[str], who: str) -> None:
@@ -75,12 +77,12 @@ def warn_once(caught: list[warnings.WarningMessage], category: type[Warning], se
                            category=record.category)
 
 
-def log_leakage_media(trainer: pl.Trainer, report: Any, probes: Tensor, index: Tensor, tables: bool,
-                      to_pixels: Any) -> None:
+def leakage_media(report: Any, probes: Tensor, index: Tensor, tables: bool, to_pixels: Any) -> dict[str, Any]:
     """The per-sample leakage media of a :class:`pl_i2f.leakage.LeakageReport` on the probe samples
-    ``probes[index]`` (``to_pixels`` maps model inputs to [0, 1] images): a histogram of the per-sample errors
-    (of two probes or more: one value has no distribution, and its scalar is logged anyway), and with ``tables``
-    (files: first and last evaluation only) the per-class table and bar chart and the worst samples' images."""
+    ``probes[index]`` (``to_pixels`` maps model inputs to [0, 1] images), as W&B objects by key: a histogram of
+    the per-sample errors (of two probes or more: one value has no distribution, and its scalar is logged anyway),
+    and with ``tables`` (files: first and last evaluation only) the per-class table and bar chart and the worst
+    samples' images."""
     import wandb
 
     values = report.pixel_rmse.detach().cpu().double().numpy()
@@ -99,8 +101,7 @@ def log_leakage_media(trainer: pl.Trainer, report: Any, probes: Tensor, index: T
                 for img, (i, v) in zip(images, report.worst)
             ],
         })
-    if payload:
-        log_media(trainer, payload, step=report.step)
+    return payload
 
 
 class WandbLogger(_LightningWandbLogger):

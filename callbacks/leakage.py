@@ -30,7 +30,7 @@ from pl_i2f.sources import (
     network_of,
 )
 
-from ._logging import log_leakage_media, log_scalars_at_step, wandb_run, warn_once
+from ._logging import leakage_media, log_scalars_at_step, wandb_run, warn_once
 
 
 class I2FMonitor(Callback):
@@ -246,10 +246,11 @@ class I2FMonitor(Callback):
         rank_zero_info(f"I2FMonitor: step {report.step} evaluated on {coverage.describe()} ({report.plan.describe()})")
         start = self.planner.clock()
         media = self.evaluations == 0 or final
-        log_scalars_at_step(trainer, report.scalars, "leakage", step=report.step)
+        payload = None
         if self.log_per_sample_media and wandb_run(trainer) is not None:
-            log_leakage_media(trainer, report, self._probe[0], torch.tensor(coverage.indices()), tables=media,
-                              to_pixels=self._sources.pixels.to_pixels)
+            payload = leakage_media(report, self._probe[0], torch.tensor(coverage.indices()), tables=media,
+                                    to_pixels=self._sources.pixels.to_pixels)
+        log_scalars_at_step(trainer, report.scalars, "leakage", step=report.step, media=payload)
         self._spend(self.planner.clock() - start)
         self.last_step = max(self.last_step, report.step)
         self.steps_logged.append(report.step)

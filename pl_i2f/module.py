@@ -23,9 +23,11 @@ from pl_i2f.registry import LR_SCHEDULERS as SCHEDULERS
 from pl_i2f.registry import OPTIMIZERS as OPTIMIZERS
 
 
-def log_at_step(trainer: pl.Trainer, metrics: dict[str, float], step: int | None = None) -> None:
+def log_at_step(trainer: pl.Trainer, metrics: dict[str, float], step: int | None = None,
+                media: dict[str, Any] | None = None) -> None:
     """Send scalars to every logger at ``step`` (default: the current ``global_step``), now, and into
-    ``callback_metrics``.
+    ``callback_metrics``; ``media`` (W&B objects: histograms, tables, images) go to a W&B logger only, in the
+    same record as the scalars (each W&B call costs about as much as the record it writes).
 
     For sparse events (an evaluation every N steps, step 0 included — possibly computed a few steps later on
     a snapshot of that step's weights; values at the end of training): ``LightningModule.log(on_step=True)``
@@ -34,9 +36,12 @@ def log_at_step(trainer: pl.Trainer, metrics: dict[str, float], step: int | None
     """
     trainer.callback_metrics.update({k: torch.tensor(float(v)) for k, v in metrics.items()})
     if trainer.is_global_zero:
+        from pytorch_lightning.loggers import WandbLogger
+
+        values = {k: float(v) for k, v in metrics.items()}
         for logger in trainer.loggers:
-            logger.log_metrics({k: float(v) for k, v in metrics.items()},
-                               step=trainer.global_step if step is None else step)
+            with_media = {**values, **media} if media and isinstance(logger, WandbLogger) else values
+            logger.log_metrics(with_media, step=trainer.global_step if step is None else step)
 
 
 class ClassifierModule(pl.LightningModule):

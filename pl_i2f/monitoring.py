@@ -45,6 +45,7 @@ class ProductCost:
     def __init__(self, window: int = 16):
         self.window = window
         self.observations: list[tuple[float, float, float]] = []  # (calls, vectors, seconds)
+        self._fit: tuple[float, float] | None = None  # the coefficients of these observations (a plan prices often)
 
     @property
     def known(self) -> bool:
@@ -53,12 +54,18 @@ class ProductCost:
     def observe(self, calls: float, vectors: float, seconds: float) -> None:
         if calls > 0 and vectors > 0 and seconds >= 0:
             self.observations = [*self.observations, (float(calls), float(vectors), float(seconds))][-self.window:]
+            self._fit = None
 
     def coefficients(self) -> tuple[float, float]:
         """(a, b): seconds per product and per vector, both >= 0."""
         if not self.observations:
             raise ValueError("no product observed yet")
-        obs = self.observations
+        if self._fit is None:
+            self._fit = self._least_squares(self.observations)
+        return self._fit
+
+    @staticmethod
+    def _least_squares(obs: list[tuple[float, float, float]]) -> tuple[float, float]:
         sizes = {round(v / c, 6) for c, v, _ in obs}
         if len(sizes) == 1:
             return 0.0, sum(s for *_, s in obs) / sum(v for _, v, _ in obs)
@@ -86,6 +93,7 @@ class ProductCost:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.observations = [tuple(o) for o in state.get("observations", [])]  # type: ignore[misc]
+        self._fit = None
 
 
 SPEND_FRACTION = 0.95  # of the budget planned: the training time is a projection, and a price a fit
