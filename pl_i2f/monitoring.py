@@ -38,9 +38,11 @@ from pl_i2f.monitor_settings import (  # noqa: F401  (re-exported: the monitor's
 
 class ProductCost:
     """Seconds of a call as ``a + b·vectors`` (here: an evaluation of ``vectors`` probes), least squares over
-    those observed (``observe(calls, vectors, seconds)`` for ``calls`` calls with ``vectors`` in all). With a
-    single size observed the fixed part cannot be separated: ``b`` is then seconds/vectors (a = 0), which
-    over-predicts larger calls of an overhead-bound model — the safe side."""
+    those observed (``observe(calls, vectors, seconds)`` for ``calls`` calls with ``vectors`` in all), each
+    weighted ``PRICE_DECAY`` times less than the next: the cost drifts along a run (the first evaluations pay
+    first touches of memory and caches that training evicts differently later), and what the next evaluation
+    costs is nearer the last ones. With a single size observed the fixed part cannot be separated: ``b`` is
+    then seconds/vectors (a = 0), which over-predicts larger calls of an overhead-bound model — the safe side."""
 
     def __init__(self, window: int = 16):
         self.window = window
@@ -67,14 +69,15 @@ class ProductCost:
     @staticmethod
     def _least_squares(obs: list[tuple[float, float, float]]) -> tuple[float, float]:
         sizes = {round(v / c, 6) for c, v, _ in obs}
+        w = [PRICE_DECAY ** (len(obs) - 1 - i) for i in range(len(obs))]  # the latest weighs 1
         if len(sizes) == 1:
-            return 0.0, sum(s for *_, s in obs) / sum(v for _, v, _ in obs)
-        # minimise Σ (a·c + b·v − s)² with a, b >= 0 (2×2 normal equations, clipped)
-        scc = sum(c * c for c, _, _ in obs)
-        svv = sum(v * v for _, v, _ in obs)
-        scv = sum(c * v for c, v, _ in obs)
-        scs = sum(c * s for c, _, s in obs)
-        svs = sum(v * s for _, v, s in obs)
+            return 0.0, sum(k * s for k, (*_, s) in zip(w, obs)) / sum(k * v for k, (_, v, _) in zip(w, obs))
+        # minimise Σ w·(a·c + b·v − s)² with a, b >= 0 (2×2 normal equations, clipped)
+        scc = sum(k * c * c for k, (c, _, _) in zip(w, obs))
+        svv = sum(k * v * v for k, (_, v, _) in zip(w, obs))
+        scv = sum(k * c * v for k, (c, v, _) in zip(w, obs))
+        scs = sum(k * c * s for k, (c, _, s) in zip(w, obs))
+        svs = sum(k * v * s for k, (_, v, s) in zip(w, obs))
         det = scc * svv - scv * scv
         a = (scs * svv - svs * scv) / det if det > 0 else 0.0
         b = (svs * scc - scs * scv) / det if det > 0 else 0.0
@@ -96,6 +99,7 @@ class ProductCost:
         self._fit = None
 
 
+PRICE_DECAY = 0.7  # the weight of a price observation relative to the next one (ProductCost)
 SPEND_FRACTION = 0.95  # of the budget planned: the training time is a projection, and a price a fit
 AIM_PROBES = 8  # an evaluation's aim: per-sample leakage varies widely across samples, so fewer is a noisy figure
 SKETCH_RANKS = (32, 16, 8)  # the middle evaluations' Nyström ranks, the largest that fits first

@@ -49,6 +49,21 @@ def test_product_cost_separates_fixed_and_per_vector_parts():
     assert restored.coefficients() == pytest.approx(cost.coefficients())
 
 
+def test_product_cost_follows_the_latest_prices_where_the_cost_drifts():
+    cost = ProductCost()
+    for _ in range(2):  # the first evaluations of a run: cold memory, 8 ms + 4 ms a probe
+        cost.observe(1, 8, 0.040)
+        cost.observe(1, 4, 0.024)
+    for _ in range(3):  # later: 4 ms + 3 ms a probe
+        cost.observe(1, 8, 0.028)
+        cost.observe(1, 4, 0.016)
+    # an unweighted fit predicts 8 probes at 0.0328 s, between the two; the latest prices weigh most
+    assert cost.predict(1, 8) == pytest.approx(0.028, rel=0.05)
+    restored = ProductCost()
+    restored.load_state_dict(cost.state_dict())
+    assert restored.predict(1, 8) == pytest.approx(cost.predict(1, 8))
+
+
 # --- budget ---------------------------------------------------------------------------------------------
 
 
