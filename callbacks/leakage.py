@@ -200,13 +200,16 @@ class I2FMonitor(Callback):
         prior = gaussian_prior(self._sources.prior, d)  # dim: products per exact probe; 0: all sketched (d_x > 1024)
         dim = lk.Calibrated.exact_columns(prior, d) if d <= lk.EXACT_MAX_DIM else 0
         sketch, report, route = lk.Calibrated.can_sketch(snapshot.noise) and dim > 0, None, "exact" if dim else None
+        no_sketch = mon.NO_SKETCH_FOR_NOISE
+        if sketch and lk.Calibrated.exact_by_chain(snapshot.model, *self._probe, loss_fn=self._sources.loss):
+            sketch, no_sketch = False, mon.NO_SKETCH_FOR_CHAIN
         if planner.needs_pricing:  # the first evaluation prices itself on one probe (one-off set-ups charged, unpriced)
             start = planner.clock(), lk.warm_up_transforms(snapshot.model, *self._probe, route=route or "sketch",
                                                            loss_fn=self._sources.loss, prior=prior)
             self._spend(planner.clock() - start[0])
             report = self._run(pl_module, snapshot, mon.Coverage(self.cursor, 1, total), mon.Plan(1, route))
         replan = functools.partial(planner.plan, snapshot.step, total, final=final, first=self.evaluations == 0,
-                                   dim=dim, sketch=sketch)
+                                   dim=dim, sketch=sketch, no_sketch=no_sketch)
         if (plan := replan()).count <= 1 and report is not None and total > 1 and planner.wants_second_price():
             report = self._run(pl_module, snapshot, mon.Coverage(self.cursor, 2, total), mon.Plan(2, route))
             plan = replan()  # two sizes priced: the evaluation's fixed part told from its part per probe

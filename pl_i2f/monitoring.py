@@ -99,6 +99,8 @@ class ProductCost:
         self._fit = None
 
 
+NO_SKETCH_FOR_NOISE = "no sketch for this noise (a covariance, or none)"
+NO_SKETCH_FOR_CHAIN = "exact Grams cost less than a sketch on this network"
 PRICE_DECAY = 0.7  # the weight of a price observation relative to the next one (ProductCost)
 SPEND_FRACTION = 0.95  # of the budget planned: the training time is a projection, and a price a fit
 AIM_PROBES = 8  # an evaluation's aim: per-sample leakage varies widely across samples, so fewer is a noisy figure
@@ -278,7 +280,7 @@ class EvaluationPlanner:
         return self.budget.left() - (1 - SPEND_FRACTION) * self.budget.total()
 
     def plan(self, step: int, probes: int, *, final: bool, first: bool = False, dim: int = 0,
-             sketch: bool = False) -> Plan:
+             sketch: bool = False, no_sketch: str = NO_SKETCH_FOR_NOISE) -> Plan:
         """How the evaluation at ``step`` runs, of ``probes`` probes with ``dim`` input values each (0: the route is
         not the planner's to choose — the estimator's own, inputs beyond its exact range sketched anyway). Without
         ``sketch`` (the noise or the caller does not allow one), and always for the first and final evaluations:
@@ -291,7 +293,8 @@ class EvaluationPlanner:
         else exact; the first sketch prices itself (``AIM_PROBES`` at the smallest rank, where that fits
         once); where not even a one-probe sketch fits every one, the cheaper of one exact probe and an
         ``AIM_PROBES`` sketch, spread evenly (the others skipped). Priorities: no skips, then the ends, then
-        ``AIM_PROBES`` everywhere, then more probes, then a larger rank."""
+        ``AIM_PROBES`` everywhere, then more probes, then a larger rank. ``no_sketch``: why there is no sketch
+        (the note of a middle evaluation below ``AIM_PROBES``)."""
         if self.budget.unlimited or not self.cost.known or final or first or not sketch or dim < 1:
             count = self.probes_for(step, probes, final=final)
             if not (self.budget.unlimited or not self.cost.known or final):
@@ -299,7 +302,7 @@ class EvaluationPlanner:
             fallback = not (sketch or final or self.needs_pricing or self.budget.unlimited) and dim > 0
             fallback = fallback and count < min(AIM_PROBES, probes)
             return Plan(count, "exact" if dim > 0 else None,
-                        note="no sketch for this noise (a covariance, or none)" if fallback else "")
+                        note=no_sketch if fallback else "")
         aim, evaluations, left = min(AIM_PROBES, probes), self.budget.remaining(step), self._left()
         least = self.sketch_price(1, SKETCH_RANKS[-1], dim)  # the least sketch a middle evaluation can be
         middle = max(evaluations - 1, 1)  # this one and the others before the final

@@ -10,13 +10,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from pl_i2f import calibrated as cal
 from pl_i2f import sketch as sk
 from pl_i2f.errors import ConfigError
 from pl_i2f.influence import PerSampleLeakage
 from pl_i2f.influence.damping import Damping
+from pl_i2f.influence.jacobian import chain_route
 from pl_i2f.influence.per_sample import METHODS, PerSampleOperator, operator_leakage
 from pl_i2f.influence.settings import default_rcond
 from pl_i2f.influence.warm import BASIS_RCOND, basis_leakage, exact_spectra
@@ -94,6 +95,14 @@ class Calibrated:
         (``span``), else d_x — what the monitor prices an exact probe in."""
         support = cal.prior_support(prior) if isinstance(prior, cal.GaussianPrior) else None
         return d_x if support is None else int(support[1].numel())
+
+    @staticmethod
+    def exact_by_chain(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable | None = None) -> bool:
+        """Whether the exact route runs ``model`` on ``(x, y)`` by batched matrix products
+        (:mod:`pl_i2f.influence.chain`): there exact Grams cost about what the smallest sketch costs at 8 probes
+        and half as much at 1 (the sketch's products run through ``torch.func``, whose one-off set-up a run on
+        this route never pays otherwise), so a monitor need not sketch."""
+        return chain_route(model, x, y, loss_fn) is not None
 
     @staticmethod
     def can_sketch(noise: SampleNoise) -> bool:
