@@ -165,3 +165,30 @@ def test_a_replaced_parameter_is_traced_again():
     model.net[1].weight = nn.Parameter(model.net[1].weight.detach().clone())
     again = chain_of(model, (1, 4, 4))
     assert again is not first and id(model.net[1].weight) in again.offsets
+
+
+def test_analysis_copies_of_an_opacus_model_share_one_trace_and_its_buffers(monkeypatch: pytest.MonkeyPatch):
+    from opacus import GradSampleModule
+
+    import pl_i2f.influence.chain as chain_module
+    from pl_i2f.defenses.base import analysis_model
+
+    torch.manual_seed(0)
+    hooked = LeNetZhu((1, 16, 16), 10)
+    GradSampleModule(hooked)  # Opacus' per-sample hooks on the network itself (DP-SGD's wrap_model=False)
+    x, y = torch.randn(3, 1, 16, 16), torch.tensor([0, 4, 9])
+    first = analysis_model(hooked)
+    assert chain_of(hooked, (1, 16, 16)) is None  # Opacus' hooks: the generic route
+    traced = chain_of(first, (1, 16, 16))
+    assert traced is not None
+    with torch.no_grad():  # a training step later: other weights, a fresh copy of them
+        for p in hooked.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    second = analysis_model(hooked)
+    monkeypatch.setattr(chain_module, "_trace", lambda *a: pytest.fail("a noted copy was traced again"))
+    bound = chain_of(second, (1, 16, 16))
+    assert bound.workspace is traced.workspace
+    assert all(any(m is n for n in second.modules()) for m in bound.modules)  # the second copy's own layers
+    routes = _routes(second, x, y, reuse_buffers=True)
+    assert _relative(routes[True][0], routes[False][0]) < 2e-6
+    assert _relative(routes[True][1], routes[False][1]) < 2e-6

@@ -87,6 +87,9 @@ def analysis_model(model: nn.Module) -> nn.Module:
         for attr in _OPACUS_PARAM_ATTRS:
             p.__dict__.pop(attr, None)
         p.grad = None
+    from pl_i2f.influence.chain import note_copy  # (deferred: the engine imports the defenses' helpers)
+
+    note_copy(clone, model)  # the next copy's chain is this one's, bound by name: no trace per evaluation
     return clone
 
 

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from pl_i2f.influence.settings import CHAIN_MAX_OPERATOR_NUMBERS
 
-__all__ = ["Chain", "ChainProducts", "chain_of"]
+__all__ = ["Chain", "ChainProducts", "chain_of", "note_copy"]
 
 AFFINE = (nn.Conv2d, nn.Linear)
 PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Flatten)  # linear, no parameters
@@ -81,20 +81,70 @@ def _supported(module: nn.Module) -> bool:
 
 
 _CHAINS: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
+_COPIES: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()  # copy → its original
+_TEMPLATES: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()  # original → traced by name
+
+
+@dataclass(frozen=True)
+class _Template:
+    """A :class:`Chain` by module and parameter names (holding no module), to serve other copies of a network."""
+
+    names: tuple[str, ...]
+    input_shapes: tuple[tuple[int, ...], ...]
+    offsets: dict[str, int]  # parameter name -> offset
+    size: int
+    unused: bool
+    workspace: dict[str, Tensor]
+
+    @classmethod
+    def of(cls, chain: Chain, model: nn.Module) -> _Template:
+        module_names = {id(m): n for n, m in model.named_modules()}
+        param_names = {id(p): n for n, p in model.named_parameters()}
+        return cls(tuple(module_names[id(m)] for m in chain.modules), chain.input_shapes,
+                   {param_names[i]: at for i, at in chain.offsets.items()}, chain.size, chain.unused, chain.workspace)
+
+    def bind(self, model: nn.Module) -> Chain:
+        named, params = dict(model.named_modules()), dict(model.named_parameters())
+        return Chain(tuple(named[n] for n in self.names), self.input_shapes,
+                     {id(params[n]): at for n, at in self.offsets.items()}, self.size, self.unused,
+                     workspace=self.workspace)
+
+
+def note_copy(copy: nn.Module, original: nn.Module) -> None:
+    """``copy`` is a deep copy of ``original`` with the same forward (hooks dropped: the hook-free copies analysis
+    makes of an Opacus model at every evaluation): :func:`chain_of` then serves it from a trace of an earlier
+    copy, bound to its modules by name, with the same reused buffers — no trace and no fresh buffers each time."""
+    _COPIES[copy] = weakref.ref(original)
 
 
 def chain_of(model: nn.Module, sample_shape: tuple[int, ...], loss_fn: Callable | None = None) -> Chain | None:
     """``model`` as a :class:`Chain` for inputs of ``sample_shape``, or None where :class:`ChainProducts` cannot
-    run it (see the module's docstring). Remembered per model (tracing takes milliseconds; an evaluation
-    calls it once)."""
+    run it (see the module's docstring). Remembered per model, and per original for copies noted with
+    :func:`note_copy` (tracing takes milliseconds; an evaluation calls it once)."""
     if not _is_cross_entropy(loss_fn):
         return None
     signature = (tuple(sample_shape), tuple((id(p), p.requires_grad, tuple(p.shape)) for p in model.parameters()))
     known = _CHAINS.setdefault(model, {})
     if signature not in known:
         known.clear()  # parameters replaced or frozen since: trace again
-        known[signature] = _trace(model, tuple(sample_shape))
+        known[signature] = _traced_or_bound(model, tuple(sample_shape))
     return known[signature]
+
+
+def _traced_or_bound(model: nn.Module, sample_shape: tuple[int, ...]) -> Chain | None:
+    reference = _COPIES.get(model)
+    original = reference() if reference is not None else None
+    if original is None:
+        return _trace(model, sample_shape)
+    by_name = (sample_shape, tuple((n, p.requires_grad, tuple(p.shape)) for n, p in model.named_parameters()))
+    templates = _TEMPLATES.setdefault(original, {})
+    if by_name not in templates:
+        templates.clear()
+        chain = _trace(model, sample_shape)
+        templates[by_name] = None if chain is None else _Template.of(chain, model)  # None: not a chain
+        return chain
+    template = templates[by_name]
+    return None if template is None else template.bind(model)
 
 
 def _trace(model: nn.Module, sample_shape: tuple[int, ...]) -> Chain | None:
