@@ -100,7 +100,7 @@ class ProductCost:
 
 
 NO_SKETCH_FOR_NOISE = "no sketch for this noise (a covariance, or none)"
-NO_SKETCH_FOR_CHAIN = "exact Grams cost less than a sketch on this network"
+NO_SKETCH_FOR_CHAIN = "a sketch costs more on this network"
 PRICE_DECAY = 0.7  # the weight of a price observation relative to the next one (ProductCost)
 SPEND_FRACTION = 0.95  # of the budget planned: the training time is a projection, and a price a fit
 AIM_PROBES = 8  # an evaluation's aim: per-sample leakage varies widely across samples, so fewer is a noisy figure

@@ -323,3 +323,43 @@ def test_overhead_bound_evaluations_price_a_second_size_and_cover_more_probes(ma
     for monitor in (without, with_second):
         share = monitor.seconds / monitor.planner.training_seconds  # both on the injected clock
         assert monitor.steps_logged[-1] == 12 and share <= 0.48
+
+
+@pytest.mark.parametrize("chain", [True, False])
+def test_a_chain_network_is_never_sketched_where_another_would_be(make_cfg, monkeypatch, chain: bool):
+    """Gaussian noise (a sketch can bound it), exact Grams priced dear per probe on an injected clock: the planner
+    sketches middle evaluations of a network off the chain route, never those of one on it (whose exact Grams
+    measure cheaper than the smallest sketch); the logged note says why."""
+    import pytorch_lightning as pl
+
+    from pl_i2f.influence import settings
+    from pl_i2f.monitoring import NO_SKETCH_FOR_CHAIN
+
+    monkeypatch.setattr(settings, "CHAIN_PRODUCTS", chain)  # off: the same network takes the torch.func route
+    clock = TickingClock(tick=0.0)
+
+    class Tick(pl.Callback):
+        def on_train_batch_end(self, *args) -> None:
+            clock.now += 0.2
+
+    measure, plans = I2FMonitor.measure, []
+
+    def priced_measure(self, *args, coverage=None, plan=None, **kwargs):
+        clock.now += 0.01 + 0.04 * coverage.count
+        plans.append(plan)
+        return measure(self, *args, coverage=coverage, plan=plan, **kwargs)
+
+    monkeypatch.setattr(I2FMonitor, "measure", priced_measure)
+    cfg = make_cfg([*SMALL, *CALLBACKS, "~callbacks.attack_audit", "defense=gaussian",
+                    "callbacks.i2f_monitor.every_n_steps=2", "callbacks.i2f_monitor.first_step=1000",
+                    "callbacks.i2f_monitor.max_overhead=0.5", "callbacks.i2f_monitor.log_per_sample_media=false"])
+    datamodule, module, trainer = train.build(cfg)
+    trainer.callbacks.append(Tick())
+    monitor = next(cb for cb in trainer.callbacks if isinstance(cb, I2FMonitor))
+    monitor.planner.clock = clock
+    trainer.fit(module, datamodule=datamodule)
+    sketched = [p for p in plans if p.route == "sketch"]
+    if chain:
+        assert not sketched and any(NO_SKETCH_FOR_CHAIN in p.describe() for p in plans), plans
+    else:
+        assert sketched, plans
