@@ -106,6 +106,19 @@ def test_reused_buffers_are_overwritten_by_the_next_chunk_and_copies_are_not():
     assert _relative(settings_grams, generic) < 1e-5
 
 
+def test_reused_buffers_grow_to_twice_their_size_so_one_more_probe_is_not_a_fresh_buffer():
+    from pl_i2f.influence.chain import ChainProducts
+
+    torch.manual_seed(3)
+    model, x, y = LeNetZhu((1, 8, 8), 10), torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    chain, tangents = chain_of(model, (1, 8, 8)), torch.eye(64).reshape(64, 1, 8, 8)
+    storage = []
+    for n in (1, 2, 3, 4):
+        ChainProducts(chain, reuse=True).columns(x[:n], y[:n], tangents)
+        storage.append(chain.workspace["columns"].data_ptr())
+    assert storage[3] == storage[2] and storage[2] != storage[1]  # 3 probes grew it to room for 4
+
+
 class _Shared(nn.Module):
     def __init__(self):
         super().__init__()

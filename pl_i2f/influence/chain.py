@@ -262,7 +262,10 @@ class ChainProducts:
             return like.new_zeros(shape) if zero else like.new_empty(shape)
         size, buffer = math.prod(shape), self.chain.workspace.get(name)
         if buffer is None or buffer.numel() < size or buffer.dtype != like.dtype or buffer.device != like.device:
-            buffer = self.chain.workspace[name] = like.new_empty(size)
+            # room for twice the last size: an evaluation of a probe more then touches only that probe's pages
+            # (memory is mapped at first touch), where a buffer allocated afresh faults in all of them again
+            grown = 2 * buffer.numel() if buffer is not None and buffer.dtype == like.dtype else 0
+            buffer = self.chain.workspace[name] = like.new_empty(max(size, grown))
         out = buffer[:size].view(shape)
         return out.zero_() if zero else out
 
