@@ -255,6 +255,9 @@ class ChainProducts:
         with torch.no_grad():
             self.dense = {id(m): _dense(m, shape) for m, shape in zip(chain.modules, chain.input_shapes, strict=True)
                           if isinstance(m, nn.Conv2d)}
+        # a convolution's output shape is the next module's input (the chain ends in logits, never a convolution)
+        self.out_shapes = {id(m): chain.input_shapes[i + 1] for i, m in enumerate(chain.modules)
+                           if isinstance(m, nn.Conv2d)}
 
     def _buffer(self, name: str, shape: tuple[int, ...], like: Tensor, zero: bool = False) -> Tensor:
         """A tensor of ``shape`` (``like``'s dtype and device): fresh, or the workspace's (see ``reuse``)."""
@@ -277,6 +280,17 @@ class ChainProducts:
         out = v.reshape(-1, matrix.shape[1]) @ matrix.T
         return out.reshape(*v.shape[:2], m.out_channels, -1)
 
+    def _affine(self, m: nn.Module, h: Tensor) -> Tensor:
+        """The layer on the probes ``h`` (n, in...): a convolution as a GEMM with its dense matrix (a library
+        convolution picks and compiles its kernel for every new batch size: every new probe count)."""
+        if isinstance(m, nn.Linear):
+            return m(h)
+        matrix = self.dense[id(m)]
+        out = (h.reshape(h.shape[0], -1) @ matrix.T).reshape(h.shape[0], m.out_channels, -1)
+        if m.bias is not None:
+            out = out + m.bias.detach()[:, None]
+        return out.reshape(h.shape[0], *self.out_shapes[id(m)])
+
     def _adjoint(self, m: nn.Module, v: Tensor, shape_in: tuple[int, ...]) -> Tensor:
         """The transpose of the layer's linear part on ``v`` (batch, out...) → (batch, in...)."""
         if isinstance(m, nn.Linear):
@@ -296,7 +310,7 @@ class ChainProducts:
                 shape_out = None
                 if isinstance(m, AFFINE):
                     saved.append((h, dh, None))
-                    h, dh = m(h), self._linear_part(m, dh)
+                    h, dh = self._affine(m, h), self._linear_part(m, dh)
                     shape_out = h.shape[1:]
                 elif _is_activation(m):
                     value, d1, d2 = _activation_terms(m, h)
