@@ -103,8 +103,12 @@ def network_of(pl_module: nn.Module) -> nn.Module:
 
 def copy_network(network: nn.Module) -> nn.Module:
     """A deep copy of ``network`` with its weights; a LightningModule's trainer is shared, not copied."""
+    from pl_i2f.influence.chain import note_copy
+
     trainer = getattr(network, "_trainer", None)
-    return copy.deepcopy(network, {} if trainer is None else {id(trainer): trainer})
+    clone = copy.deepcopy(network, {} if trainer is None else {id(trainer): trainer})
+    note_copy(clone, network)  # the copy and the network share one chain trace and its buffers
+    return clone
 
 
 def analysis_network(pl_module: nn.Module) -> nn.Module:

@@ -106,17 +106,18 @@ def test_reused_buffers_are_overwritten_by_the_next_chunk_and_copies_are_not():
     assert _relative(settings_grams, generic) < 1e-5
 
 
-def test_reused_buffers_grow_to_twice_their_size_so_one_more_probe_is_not_a_fresh_buffer():
-    from pl_i2f.influence.chain import ChainProducts
+def test_reused_buffers_keep_room_to_grow_so_more_probes_are_not_a_fresh_buffer():
+    from pl_i2f.influence.chain import ROOM_ON_CPU, ChainProducts
 
     torch.manual_seed(3)
-    model, x, y = LeNetZhu((1, 8, 8), 10), torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    model, x, y = LeNetZhu((1, 8, 8), 10), torch.randn(8, 1, 8, 8), torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
     chain, tangents = chain_of(model, (1, 8, 8)), torch.eye(64).reshape(64, 1, 8, 8)
-    storage = []
-    for n in (1, 2, 3, 4):
+    storage = {}
+    for n in (1, 2, ROOM_ON_CPU, ROOM_ON_CPU + 1, 2 * ROOM_ON_CPU):
         ChainProducts(chain, reuse=True).columns(x[:n], y[:n], tangents)
-        storage.append(chain.workspace["columns"].data_ptr())
-    assert storage[3] == storage[2] and storage[2] != storage[1]  # 3 probes grew it to room for 4
+        storage[n] = chain.workspace["columns"].data_ptr()
+    assert storage[1] == storage[2] == storage[ROOM_ON_CPU]  # room for ROOM_ON_CPU probes from the first call
+    assert storage[ROOM_ON_CPU + 1] != storage[1] and storage[2 * ROOM_ON_CPU] == storage[ROOM_ON_CPU + 1]
 
 
 class _Shared(nn.Module):
@@ -205,3 +206,19 @@ def test_analysis_copies_of_an_opacus_model_share_one_trace_and_its_buffers(monk
     routes = _routes(second, x, y, reuse_buffers=True)
     assert _relative(routes[True][0], routes[False][0]) < 2e-6
     assert _relative(routes[True][1], routes[False][1]) < 2e-6
+
+
+def test_the_monitors_copy_of_a_network_and_the_network_share_one_trace(monkeypatch: pytest.MonkeyPatch):
+    import pl_i2f.influence.chain as chain_module
+    from pl_i2f.sources import copy_network
+
+    torch.manual_seed(4)
+    network = LeNetZhu((1, 16, 16), 10)
+    snapshot = copy_network(network)  # the step-0 weights, evaluated first
+    traced = chain_of(snapshot, (1, 16, 16))
+    monkeypatch.setattr(chain_module, "_trace", lambda *a: pytest.fail("the network was traced again"))
+    bound = chain_of(network, (1, 16, 16))
+    assert bound.workspace is traced.workspace and all(any(m is n for n in network.modules()) for m in bound.modules)
+    x, y = torch.randn(2, 1, 16, 16), torch.tensor([1, 7])
+    routes = _routes(network, x, y, reuse_buffers=True)
+    assert _relative(routes[True][0], routes[False][0]) < 2e-6

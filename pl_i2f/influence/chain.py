@@ -36,6 +36,7 @@ from pl_i2f.influence.settings import CHAIN_MAX_OPERATOR_NUMBERS
 __all__ = ["Chain", "ChainProducts", "chain_of", "note_copy"]
 
 AFFINE = (nn.Conv2d, nn.Linear)
+ROOM_ON_CPU = 4  # a reused buffer's size on a CPU, in multiples of the first request (ChainProducts._buffer)
 PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Flatten)  # linear, no parameters
 GENERIC_ACTIVATIONS = (nn.ELU, nn.GELU, nn.SiLU, nn.Softplus, nn.Mish, nn.CELU, nn.SELU)
 
@@ -111,10 +112,12 @@ class _Template:
 
 
 def note_copy(copy: nn.Module, original: nn.Module) -> None:
-    """``copy`` is a deep copy of ``original`` with the same forward (hooks dropped: the hook-free copies analysis
-    makes of an Opacus model at every evaluation): :func:`chain_of` then serves it from a trace of an earlier
-    copy, bound to its modules by name, with the same reused buffers — no trace and no fresh buffers each time."""
+    """``copy`` is a deep copy of ``original`` with the same forward (the hook-free copies analysis makes of an
+    Opacus model at every evaluation, the monitor's copy of the step-0 weights): :func:`chain_of` then serves the
+    copy, the original and every other copy of it from one trace, bound to each one's modules by name, with the
+    same reused buffers — no trace and no fresh buffers for each."""
     _COPIES[copy] = weakref.ref(original)
+    _TEMPLATES.setdefault(original, {})
 
 
 def chain_of(model: nn.Module, sample_shape: tuple[int, ...], loss_fn: Callable | None = None) -> Chain | None:
@@ -132,9 +135,14 @@ def chain_of(model: nn.Module, sample_shape: tuple[int, ...], loss_fn: Callable 
 
 
 def _traced_or_bound(model: nn.Module, sample_shape: tuple[int, ...]) -> Chain | None:
+    """A copy noted with :func:`note_copy` and its original share one trace (a template kept with the original);
+    any other model is traced."""
     reference = _COPIES.get(model)
-    original = reference() if reference is not None else None
-    if original is None:
+    original = reference() if reference is not None else model
+    if original is None:  # the original is gone: this copy on its own
+        original = model
+    hooked = any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in model.modules())
+    if hooked or (original is model and model not in _TEMPLATES):  # (hooks: the generic route, as traced)
         return _trace(model, sample_shape)
     by_name = (sample_shape, tuple((n, p.requires_grad, tuple(p.shape)) for n, p in model.named_parameters()))
     templates = _TEMPLATES.setdefault(original, {})
@@ -265,10 +273,12 @@ class ChainProducts:
             return like.new_zeros(shape) if zero else like.new_empty(shape)
         size, buffer = math.prod(shape), self.chain.workspace.get(name)
         if buffer is None or buffer.numel() < size or buffer.dtype != like.dtype or buffer.device != like.device:
-            # room for twice the last size: an evaluation of a probe more then touches only that probe's pages
-            # (memory is mapped at first touch), where a buffer allocated afresh faults in all of them again
+            # room to grow: an evaluation of more probes then touches only the new probes' pages, where a buffer
+            # allocated afresh faults in every page again. A CPU maps memory at first touch, so room costs
+            # nothing until used (4× what is asked); elsewhere twice the last size
             grown = 2 * buffer.numel() if buffer is not None and buffer.dtype == like.dtype else 0
-            buffer = self.chain.workspace[name] = like.new_empty(max(size, grown))
+            room = ROOM_ON_CPU * size if like.device.type == "cpu" else size
+            buffer = self.chain.workspace[name] = like.new_empty(max(room, grown))
         out = buffer[:size].view(shape)
         return out.zero_() if zero else out
 
