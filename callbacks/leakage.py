@@ -205,7 +205,8 @@ class I2FMonitor(Callback):
             sketch, no_sketch = False, mon.NO_SKETCH_FOR_CHAIN
         if planner.needs_pricing:  # the first evaluation prices itself on one probe (one-off set-ups charged, unpriced)
             start = planner.clock(), lk.warm_up_transforms(snapshot.model, *self._probe, route=route or "sketch",
-                                                           loss_fn=self._sources.loss, prior=prior)
+                                                           loss_fn=self._sources.loss, prior=prior,
+                                                           reserve=min(mon.AIM_PROBES, total))
             self._spend(planner.clock() - start[0])
             report = self._run(pl_module, snapshot, mon.Coverage(self.cursor, 1, total), mon.Plan(1, route))
         replan = functools.partial(planner.plan, snapshot.step, total, final=final, first=self.evaluations == 0,

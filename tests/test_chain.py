@@ -222,3 +222,19 @@ def test_the_monitors_copy_of_a_network_and_the_network_share_one_trace(monkeypa
     x, y = torch.randn(2, 1, 16, 16), torch.tensor([1, 7])
     routes = _routes(network, x, y, reuse_buffers=True)
     assert _relative(routes[True][0], routes[False][0]) < 2e-6
+
+
+def test_the_warm_up_reserves_the_first_evaluations_buffers():
+    """The first evaluation of several probes finds its buffers allocated and touched by the warm-up (their first
+    touch is a one-off cost, not the price of those probes)."""
+    from pl_i2f.influence.chain import ChainProducts
+    from pl_i2f.leakage import warm_up_transforms
+
+    torch.manual_seed(5)
+    model, x, y = LeNetZhu((1, 8, 8), 10), torch.randn(8, 1, 8, 8), torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    warm_up_transforms(model, x, y, route="exact", prior=1.0, reserve=8)
+    chain = chain_of(model, (1, 8, 8))
+    reserved = {name: (t.data_ptr(), t.numel()) for name, t in chain.workspace.items()}
+    assert reserved["columns"][1] >= 8 * 64 * chain.size
+    ChainProducts(chain, reuse=True).columns(x, y, torch.eye(64).reshape(64, 1, 8, 8))
+    assert {name: (t.data_ptr(), t.numel()) for name, t in chain.workspace.items()} == reserved  # nothing reallocated

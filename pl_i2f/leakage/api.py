@@ -17,6 +17,7 @@ from pl_i2f.defenses.base import analysis_model
 from pl_i2f.errors import ConfigError
 from pl_i2f.gradients import eval_mode
 from pl_i2f.influence import settings as influence_settings
+from pl_i2f.influence.chain import ChainProducts
 from pl_i2f.influence.jacobian import chain_route
 from pl_i2f.influence.per_sample import PerSampleOperator
 from pl_i2f.influence.warm import exact_spectra
@@ -106,20 +107,25 @@ def _warm_up_torch_func() -> None:
 
 def warm_up_transforms(model: nn.Module | None = None, x: Tensor | None = None, y: Tensor | None = None,
                        loss_fn: Callable | None = None, *, route: str = "sketch",
-                       prior: cal.GaussianPrior | float = 1.0) -> None:
+                       prior: cal.GaussianPrior | float = 1.0, reserve: int = 0) -> None:
     """torch.func's one-off set-up (the explicit Jacobians' vmap over forward-mode products), paid once per process
     on a tiny model, so that it does not count as the price of a probe; with ``model`` and a probe ``(x, y)``
     also the one-off costs of ``route`` on that network — a rank-1 sketch of one probe, or one probe's exact
     estimate under ``prior`` (its data span) — which would otherwise inflate the first price several times. A chain
-    network's exact route (:mod:`pl_i2f.influence.chain`) runs without torch.func: only its own one-off costs."""
-    if not (route == "exact" and model is not None and x is not None and y is not None
-            and chain_route(model, x, y, loss_fn) is not None):
+    network's exact route (:mod:`pl_i2f.influence.chain`) runs without torch.func: only its own one-off costs,
+    and with ``reserve`` the first touch of its buffers for that many probes."""
+    given = model is not None and x is not None and y is not None
+    chain = chain_route(model, x, y, loss_fn) if route == "exact" and given else None
+    if chain is None:
         _warm_up_torch_func()
-    if model is not None and x is not None and y is not None:
+    if given:
         device = next(model.parameters()).device
         estimator = Calibrated(route="sketch", rank=1, probes=1) if route == "sketch" else Calibrated(route="exact")
         leakage_report(model, x[:1].to(device), y[:1].to(device), SampleNoise(std=1.0),
                        LeakageOptions(prior=prior, clipping_norm=1.0), estimator, loss_fn=loss_fn)
+        if chain is not None and reserve > 1:
+            like = next(model.parameters()).detach()
+            ChainProducts(chain, reuse=True).reserve(reserve, Calibrated.exact_columns(prior, x[0].numel()), like)
 
 
 def measure_leakage(model: nn.Module, x: Tensor, y: Tensor, defense: Defense, step: int, *, method: str = "slq",
