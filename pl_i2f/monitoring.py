@@ -38,10 +38,11 @@ from pl_i2f.monitor_settings import (  # noqa: F401  (re-exported: the monitor's
 
 class ProductCost:
     """Seconds of a call as ``a + b·vectors`` (here: an evaluation of ``vectors`` probes), least squares over
-    those observed (``observe(calls, vectors, seconds)`` for ``calls`` calls with ``vectors`` in all), each
-    weighted ``PRICE_DECAY`` times less than the next: the cost drifts along a run (the first evaluations pay
-    first touches of memory and caches that training evicts differently later), and what the next evaluation
-    costs is nearer the last ones. With a single size observed the fixed part cannot be separated: ``b`` is
+    those observed (``observe(calls, vectors, seconds)`` for ``calls`` calls with ``vectors`` in all): ``b`` from
+    all of them alike, ``a`` from them weighted ``PRICE_DECAY`` times less each than the next — the cost drifts
+    along a run (the first evaluations pay first touches of memory and caches that training evicts differently
+    later), and what the next evaluation costs is nearer the last ones. With a single size observed the fixed
+    part cannot be separated: ``b`` is
     then seconds/vectors (a = 0), which over-predicts larger calls of an overhead-bound model — the safe side."""
 
     def __init__(self, window: int = 16):
@@ -68,23 +69,18 @@ class ProductCost:
 
     @staticmethod
     def _least_squares(obs: list[tuple[float, float, float]]) -> tuple[float, float]:
-        sizes = {round(v / c, 6) for c, v, _ in obs}
+        """The part per vector from every observation alike (a slope from sizes a few probes apart is noisy, and a
+        noisy slope of 0 would price every probe set alike); the fixed part from the latest, weighted by
+        ``PRICE_DECAY`` (what drifts along a run is mostly the level)."""
         w = [PRICE_DECAY ** (len(obs) - 1 - i) for i in range(len(obs))]  # the latest weighs 1
-        if len(sizes) == 1:
+        if len({round(v / c, 6) for c, v, _ in obs}) == 1:
             return 0.0, sum(k * s for k, (*_, s) in zip(w, obs)) / sum(k * v for k, (_, v, _) in zip(w, obs))
-        # minimise Σ w·(a·c + b·v − s)² with a, b >= 0 (2×2 normal equations, clipped)
-        scc = sum(k * c * c for k, (c, _, _) in zip(w, obs))
-        svv = sum(k * v * v for k, (_, v, _) in zip(w, obs))
-        scv = sum(k * c * v for k, (c, v, _) in zip(w, obs))
-        scs = sum(k * c * s for k, (c, _, s) in zip(w, obs))
-        svs = sum(k * v * s for k, (_, v, s) in zip(w, obs))
-        det = scc * svv - scv * scv
-        a = (scs * svv - svs * scv) / det if det > 0 else 0.0
-        b = (svs * scc - scs * scv) / det if det > 0 else 0.0
-        if a < 0:
-            a, b = 0.0, svs / svv
-        elif b < 0:
-            a, b = scs / scc, 0.0
+        _, b = _fit(obs, [1.0] * len(obs))
+        if b == 0:  # the cost looks fixed: its level from the latest
+            return _fit(obs, w)
+        a = sum(k * c * (s - b * v) for k, (c, v, s) in zip(w, obs)) / sum(k * c * c for k, (c, _, _) in zip(w, obs))
+        if a < 0:  # through the origin, from the latest
+            return 0.0, sum(k * v * s for k, (_, v, s) in zip(w, obs)) / sum(k * v * v for k, (_, v, _) in zip(w, obs))
         return a, b
 
     def predict(self, calls: float, vectors: float) -> float:
@@ -102,6 +98,23 @@ class ProductCost:
 NO_SKETCH_FOR_NOISE = "no sketch for this noise (a covariance, or none)"
 NO_SKETCH_FOR_CHAIN = "a sketch costs more on this network"
 PRICE_DECAY = 0.7  # the weight of a price observation relative to the next one (ProductCost)
+def _fit(obs: list[tuple[float, float, float]], w: list[float]) -> tuple[float, float]:
+    """(a, b) >= 0 minimising Σ w·(a·c + b·v − s)² over observations (c, v, s) (2×2 normal equations, clipped)."""
+    scc = sum(k * c * c for k, (c, _, _) in zip(w, obs))
+    svv = sum(k * v * v for k, (_, v, _) in zip(w, obs))
+    scv = sum(k * c * v for k, (c, v, _) in zip(w, obs))
+    scs = sum(k * c * s for k, (c, _, s) in zip(w, obs))
+    svs = sum(k * v * s for k, (_, v, s) in zip(w, obs))
+    det = scc * svv - scv * scv
+    a = (scs * svv - svs * scv) / det if det > 0 else 0.0
+    b = (svs * scc - scs * scv) / det if det > 0 else 0.0
+    if a < 0:
+        return 0.0, svs / svv
+    if b < 0:
+        return scs / scc, 0.0
+    return a, b
+
+
 SPEND_FRACTION = 0.95  # of the budget planned: the training time is a projection, and a price a fit
 AIM_PROBES = 8  # an evaluation's aim: per-sample leakage varies widely across samples, so fewer is a noisy figure
 SKETCH_RANKS = (32, 16, 8)  # the middle evaluations' Nyström ranks, the largest that fits first

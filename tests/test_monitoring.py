@@ -57,11 +57,27 @@ def test_product_cost_follows_the_latest_prices_where_the_cost_drifts():
     for _ in range(3):  # later: 4 ms + 3 ms a probe
         cost.observe(1, 8, 0.028)
         cost.observe(1, 4, 0.016)
-    # an unweighted fit predicts 8 probes at 0.0328 s, between the two; the latest prices weigh most
-    assert cost.predict(1, 8) == pytest.approx(0.028, rel=0.05)
+    # an unweighted fit predicts 8 probes at 0.0328 s (17% over); the latest prices weigh most in the level
+    assert cost.predict(1, 8) == pytest.approx(0.028, rel=0.08)
     restored = ProductCost()
     restored.load_state_dict(cost.state_dict())
     assert restored.predict(1, 8) == pytest.approx(cost.predict(1, 8))
+
+
+def test_product_cost_keeps_a_part_per_probe_when_the_latest_sizes_are_close_and_noisy():
+    from pl_i2f.monitoring import PRICE_DECAY, _fit
+
+    cost = ProductCost()
+    # the one-probe price, then evaluations of 7-9 probes, the latest 7-probe ones slowed by load
+    observations = [(1, 0.008), (8, 0.033), *[(8, 0.025), (9, 0.027)] * 4, (9, 0.025), (7, 0.029), (8, 0.026),
+                    (9, 0.025), (7, 0.028)]
+    for probes, seconds in observations:
+        cost.observe(1, probes, seconds)
+    # fitted on the latest alone, the slope is negative, clipped to 0: 32 probes would cost what 8 do
+    weights = [PRICE_DECAY ** (len(observations) - 1 - i) for i in range(len(observations))]
+    assert _fit(cost.observations, weights)[1] == 0
+    b = cost.coefficients()[1]
+    assert b > 0.002 and cost.predict(1, 32) > 2.5 * cost.predict(1, 8)  # with b = 0: the same price
 
 
 # --- budget ---------------------------------------------------------------------------------------------
