@@ -35,6 +35,25 @@ from pl_i2f.monitor_settings import (  # noqa: F401  (re-exported: the monitor's
     OverheadBudget,
 )
 
+PRICE_DECAY = 0.7  # the weight of a price observation's fixed part relative to the next one (ProductCost)
+
+
+def _weighted_line(obs: list[tuple[float, float, float]], w: list[float]) -> tuple[float, float]:
+    """(a, b) >= 0 minimising Σ w·(a·c + b·v − s)² over observations (c, v, s) (2×2 normal equations, clipped)."""
+    scc = sum(k * c * c for k, (c, _, _) in zip(w, obs))
+    svv = sum(k * v * v for k, (_, v, _) in zip(w, obs))
+    scv = sum(k * c * v for k, (c, v, _) in zip(w, obs))
+    scs = sum(k * c * s for k, (c, _, s) in zip(w, obs))
+    svs = sum(k * v * s for k, (_, v, s) in zip(w, obs))
+    det = scc * svv - scv * scv
+    a = (scs * svv - svs * scv) / det if det > 0 else 0.0
+    b = (svs * scc - scs * scv) / det if det > 0 else 0.0
+    if a < 0:
+        return 0.0, svs / svv
+    if b < 0:
+        return scs / scc, 0.0
+    return a, b
+
 
 class ProductCost:
     """Seconds of a call as ``a + b·vectors`` (here: an evaluation of ``vectors`` probes), least squares over
@@ -42,8 +61,8 @@ class ProductCost:
     all of them alike, ``a`` from them weighted ``PRICE_DECAY`` times less each than the next — the cost drifts
     along a run (the first evaluations pay first touches of memory and caches that training evicts differently
     later), and what the next evaluation costs is nearer the last ones. With a single size observed the fixed
-    part cannot be separated: ``b`` is
-    then seconds/vectors (a = 0), which over-predicts larger calls of an overhead-bound model — the safe side."""
+    part cannot be separated: ``b`` is then seconds/vectors (a = 0), which over-predicts larger calls of an
+    overhead-bound model — the safe side."""
 
     def __init__(self, window: int = 16):
         self.window = window
@@ -75,9 +94,9 @@ class ProductCost:
         w = [PRICE_DECAY ** (len(obs) - 1 - i) for i in range(len(obs))]  # the latest weighs 1
         if len({round(v / c, 6) for c, v, _ in obs}) == 1:
             return 0.0, sum(k * s for k, (*_, s) in zip(w, obs)) / sum(k * v for k, (_, v, _) in zip(w, obs))
-        _, b = _fit(obs, [1.0] * len(obs))
+        _, b = _weighted_line(obs, [1.0] * len(obs))
         if b == 0:  # the cost looks fixed: its level from the latest
-            return _fit(obs, w)
+            return _weighted_line(obs, w)
         a = sum(k * c * (s - b * v) for k, (c, v, s) in zip(w, obs)) / sum(k * c * c for k, (c, _, _) in zip(w, obs))
         if a < 0:  # through the origin, from the latest
             return 0.0, sum(k * v * s for k, (_, v, s) in zip(w, obs)) / sum(k * v * v for k, (_, v, _) in zip(w, obs))
@@ -97,23 +116,6 @@ class ProductCost:
 
 NO_SKETCH_FOR_NOISE = "no sketch for this noise (a covariance, or none)"
 NO_SKETCH_FOR_CHAIN = "a sketch costs more on this network"
-PRICE_DECAY = 0.7  # the weight of a price observation relative to the next one (ProductCost)
-def _fit(obs: list[tuple[float, float, float]], w: list[float]) -> tuple[float, float]:
-    """(a, b) >= 0 minimising Σ w·(a·c + b·v − s)² over observations (c, v, s) (2×2 normal equations, clipped)."""
-    scc = sum(k * c * c for k, (c, _, _) in zip(w, obs))
-    svv = sum(k * v * v for k, (_, v, _) in zip(w, obs))
-    scv = sum(k * c * v for k, (c, v, _) in zip(w, obs))
-    scs = sum(k * c * s for k, (c, _, s) in zip(w, obs))
-    svs = sum(k * v * s for k, (_, v, s) in zip(w, obs))
-    det = scc * svv - scv * scv
-    a = (scs * svv - svs * scv) / det if det > 0 else 0.0
-    b = (svs * scc - scs * scv) / det if det > 0 else 0.0
-    if a < 0:
-        return 0.0, svs / svv
-    if b < 0:
-        return scs / scc, 0.0
-    return a, b
-
 
 SPEND_FRACTION = 0.95  # of the budget planned: the training time is a projection, and a price a fit
 AIM_PROBES = 8  # an evaluation's aim: per-sample leakage varies widely across samples, so fewer is a noisy figure

@@ -65,7 +65,7 @@ def test_product_cost_follows_the_latest_prices_where_the_cost_drifts():
 
 
 def test_product_cost_keeps_a_part_per_probe_when_the_latest_sizes_are_close_and_noisy():
-    from pl_i2f.monitoring import PRICE_DECAY, _fit
+    from pl_i2f.monitoring import PRICE_DECAY, _weighted_line
 
     cost = ProductCost()
     # the one-probe price, then evaluations of 7-9 probes, the latest 7-probe ones slowed by load
@@ -75,7 +75,7 @@ def test_product_cost_keeps_a_part_per_probe_when_the_latest_sizes_are_close_and
         cost.observe(1, probes, seconds)
     # fitted on the latest alone, the slope is negative, clipped to 0: 32 probes would cost what 8 do
     weights = [PRICE_DECAY ** (len(observations) - 1 - i) for i in range(len(observations))]
-    assert _fit(cost.observations, weights)[1] == 0
+    assert _weighted_line(cost.observations, weights)[1] == 0
     b = cost.coefficients()[1]
     assert b > 0.002 and cost.predict(1, 32) > 2.5 * cost.predict(1, 8)  # with b = 0: the same price
 

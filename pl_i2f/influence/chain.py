@@ -286,12 +286,13 @@ class ChainProducts:
         """Touch the reused buffers of ``probes`` probes along ``tangents`` tangents now (a warm-up's work), so
         that their first touch is not part of the first evaluation of that many probes (and of its price)."""
         size = self.chain.size
-        kernel = max((m.weight.numel() for m in self.chain.modules if isinstance(m, nn.Conv2d)), default=0)
+        # a convolution's temporaries hold a weight's worth of numbers per probe and tangent
+        weight = max((m.weight.numel() for m in self.chain.modules if isinstance(m, nn.Conv2d)), default=0)
         self._buffer("columns", (probes, tangents, size), like, zero=True)
         self._buffer("gradients", (probes, size), like, zero=True)
-        if kernel:
-            self._buffer("own", (probes * tangents * kernel,), like, zero=True)
-            self._buffer("moved", (probes * tangents * kernel,), like, zero=True)
+        if weight:
+            self._buffer("own", (probes * tangents * weight,), like, zero=True)
+            self._buffer("moved", (probes * tangents * weight,), like, zero=True)
 
     def _linear_part(self, m: nn.Module, v: Tensor) -> Tensor:
         """The layer without its bias on ``v`` (batch, r, in...) → (batch, r, out...)."""
