@@ -50,11 +50,13 @@ class I2FMonitor(Callback):
     it). With W&B and ``log_per_sample_media``: a per-sample histogram at every evaluation, per-class table, bar
     chart and the worst samples' images at the first and last.
 
-    **Budget** (``max_overhead`` × the training time; ``None``: no limit): :class:`pl_i2f.monitoring.EvaluationPlanner`
+    **Budget** (``max_overhead`` × the training time; ``None``: no limit; every second of the monitor's hooks counts
+    against it — set-up, evaluations, logging, console lines): :class:`pl_i2f.monitoring.EvaluationPlanner`
     prices every evaluation before it runs and covers as many probes as fit every evaluation still scheduled —
     exact (on the data's span where the prior is singular), sketched where the noise is isotropic and a sketch
     fits more (:class:`pl_i2f.monitoring.Plan`); where not all fit, a rotating subset (each probe's last-measured
     step in :attr:`probe_steps`). The final weights are always evaluated; step 0 on a snapshot after ``warmup_steps``.
+    A console line at the first and final evaluations and where the route or the coverage changes.
 
     **Any LightningModule and data** (:mod:`pl_i2f.sources`): probes from ``probe`` (an ``(x, y)`` pair, or a
     held-out Dataset/DataLoader: ``probe_size`` samples, seeded) or this package's datamodule; the network is the
@@ -106,6 +108,11 @@ class I2FMonitor(Callback):
         self._probe: tuple[Tensor, Tensor] | None = None
         self._pending: lk.Snapshot | None = None
         self._decided_step = -1
+        self._setup_seconds = 0.0  # the sources' set-up (probes, data prior), charged when the fit's budget starts
+        self._line_kind: tuple | None = None  # what the last console line described (see _shows_line)
+        self._measured = 0.0  # seconds of the estimates themselves (the rest of an evaluation is its overhead)
+        self._quiet_until = 0  # the hook has nothing to do before this step (the next evaluation's)
+        self._defense_seconds = 0.0  # the defense's work inside the monitor's hooks (not charged: see _charge_rest)
         self._warned: set[str] = set()  # kinds of engine warning already shown this run
 
     def __getattr__(self, name: str) -> Any:
@@ -130,10 +137,12 @@ class I2FMonitor(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
+            start = self.planner.clock()
             self._sources = self.options.sources(trainer, pl_module, self.probe_size, self.seed)
             self._probe = self._sources.probe
             if len(self.probe_steps) != len(self._probe[0]):
                 self.probe_steps = [-1] * len(self._probe[0])
+            self._setup_seconds = self.planner.clock() - start  # the probes and the data prior: charged to the fit
 
     def noise_source(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> NoiseSource:
         """The training's noise, read now (an Opacus optimizer exists only once optimizers are configured, and
@@ -143,11 +152,13 @@ class I2FMonitor(Callback):
     def _snapshot(self, pl_module: pl.LightningModule, step: int, copy_weights: bool = False) -> lk.Snapshot:
         """The network's weights at ``step`` (hook-free; a copy with ``copy_weights``) and the noise there."""
         network, model, start = network_of(pl_module), analysis_network(pl_module), self.planner.clock()
-        if copy_weights and model is network:  # the copy counts against the budget; the noise is the defense's work
+        if copy_weights and model is network:  # the copy counts against the budget
             model = copy_network(model)
             self._spend(self.planner.clock() - start)
-        return lk.Snapshot(step=step, model=model,
-                           noise=lk.noise_of(self.noise_source(pl_module.trainer, pl_module), step, model))
+        began = self.planner.clock()
+        noise = lk.noise_of(self.noise_source(pl_module.trainer, pl_module), step, model)
+        self._defense_seconds += self.planner.clock() - began  # the defense's work (its refresh): training time
+        return lk.Snapshot(step=step, model=model, noise=noise)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the budget counts this fit call (a resumed run starts a new one); the share logged is the whole run's
@@ -155,7 +166,9 @@ class I2FMonitor(Callback):
         # the autopilot may have set the overhead and the schedule for this run
         self.planner.max_overhead, self.planner.schedule = self.max_overhead, self.schedule
         self.planner.start_fit(trainer.global_step, int(total) if math.isfinite(total) else None)
-        self._pending = None
+        self._pending, self._line_kind, self._quiet_until = None, None, 0
+        self._spend(self._setup_seconds)
+        self._setup_seconds = 0.0
 
     def _spend(self, seconds: float) -> None:
         self.seconds += seconds
@@ -164,8 +177,31 @@ class I2FMonitor(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         step = trainer.global_step
-        if not trainer.is_global_zero or self._probe is None:
-            return
+        if step < self._quiet_until or self._probe is None or not trainer.is_global_zero:
+            return  # nothing due before then (the steps' seconds are read at the next evaluation)
+        start, charged, defense = self.planner.clock(), self.seconds, self._defense_seconds
+        try:
+            self._at_step(trainer, pl_module, step)
+        finally:
+            self._charge_rest(start, charged, defense)
+        if self._pending is None and self.planner.steps_done(step) >= 1:  # the rate's origin is taken at step 1
+            self._quiet_until = self.schedule.next_due(step + 1, self.planner.budget.total_steps)
+
+    def _charge_rest(self, start: float, charged: float, defense: float) -> None:
+        """Charge what a hook took since ``start`` beyond the ``charged`` seconds it charged itself: the planning,
+        the console lines and the bookkeeping count against the budget too, not only the timed evaluations. The
+        defense's own work done there (its noise at the step: the anisotropic refresh) is training time, not the
+        monitor's (``_defense_seconds`` since ``defense``)."""
+        ours = self.planner.clock() - start - (self.seconds - charged) - (self._defense_seconds - defense)
+        self._spend(max(0.0, ours))
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        # the training seconds are read at evaluations only: bring the saved state's up to this step
+        if trainer.training and self._probe is not None and self.state_key in checkpoint.get("callbacks", {}):
+            self.planner.record_training(trainer.global_step)
+            checkpoint["callbacks"][self.state_key] = self.state_dict()
+
+    def _at_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         self.planner.record_training(step)
         if self._pending is not None and self.planner.steps_done(step) >= self.warmup_steps:
             pending, self._pending = self._pending, None
@@ -183,19 +219,29 @@ class I2FMonitor(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero or self._probe is None:
             return
-        self.planner.record_training(trainer.global_step)
-        if self._pending is not None:  # training ended within the warm-up
-            pending, self._pending = self._pending, None
-            self._evaluate_within_budget(pl_module, pending)
-        step = trainer.global_step
-        if step != self.last_step:  # the final weights, always evaluated
-            self._evaluate_within_budget(pl_module, self._snapshot(pl_module, step), final=True)
+        start, charged, defense = self.planner.clock(), self.seconds, self._defense_seconds
+        try:
+            self.planner.record_training(trainer.global_step)
+            if self._pending is not None:  # training ended within the warm-up
+                pending, self._pending = self._pending, None
+                self._evaluate_within_budget(pl_module, pending)
+            step = trainer.global_step
+            if step != self.last_step:  # the final weights, always evaluated
+                self._evaluate_within_budget(pl_module, self._snapshot(pl_module, step), final=True)
+        finally:
+            self._charge_rest(start, charged, defense)
         counts = [int(h.get("probes", 0)) for h in self.history] or [0]
         rank_zero_info(f"I2FMonitor: {self.planner.summary(self.evaluations, len(set(self.steps_logged)), self.seconds, self.reduced, self.skipped, self.last_step if self.evaluations else None)}; probes per evaluation: median {statistics.median(counts):g}, first {counts[0]}, last {counts[-1]} of {len(self._probe[0])}")  # noqa: E501
 
     # -- evaluation -----------------------------------------------------------------------------------
     def _evaluate_within_budget(self, pl_module: pl.LightningModule, snapshot: lk.Snapshot,
                                 final: bool = False) -> None:
+        start, measured, evaluations = self.planner.clock(), self._measured, self.evaluations
+        self._evaluate(pl_module, snapshot, final)
+        if self.evaluations > evaluations and evaluations > 0 and not final:  # (the tables' evaluations: apart)
+            self.planner.note_overhead(self.planner.clock() - start - (self._measured - measured))
+
+    def _evaluate(self, pl_module: pl.LightningModule, snapshot: lk.Snapshot, final: bool) -> None:
         planner, total, d = self.planner, len(self._probe[0]), self._probe[0][0].numel()
         prior = gaussian_prior(self._sources.prior, d)  # dim: products per exact probe; 0: all sketched (d_x > 1024)
         dim = lk.Calibrated.exact_columns(prior, d) if d <= lk.EXACT_MAX_DIM else 0
@@ -203,10 +249,10 @@ class I2FMonitor(Callback):
         no_sketch = mon.NO_SKETCH_FOR_NOISE
         if sketch and lk.Calibrated.exact_by_chain(snapshot.model, *self._probe, loss_fn=self._sources.loss):
             sketch, no_sketch = False, mon.NO_SKETCH_FOR_CHAIN
+        warm_up = functools.partial(lk.warm_up_transforms, snapshot.model, *self._probe, route=route or "sketch",
+                                    loss_fn=self._sources.loss, prior=prior)
         if planner.needs_pricing:  # the first evaluation prices itself on one probe (one-off set-ups charged, unpriced)
-            start = planner.clock(), lk.warm_up_transforms(snapshot.model, *self._probe, route=route or "sketch",
-                                                           loss_fn=self._sources.loss, prior=prior,
-                                                           reserve=min(mon.AIM_PROBES, total))
+            start = planner.clock(), warm_up(reserve=1)
             self._spend(planner.clock() - start[0])
             report = self._run(pl_module, snapshot, mon.Coverage(self.cursor, 1, total), mon.Plan(1, route))
         replan = functools.partial(planner.plan, snapshot.step, total, final=final, first=self.evaluations == 0,
@@ -221,6 +267,10 @@ class I2FMonitor(Callback):
             if self.skipped == 1:
                 rank_zero_warn(f"I2FMonitor: {planner.skip_message(snapshot.step)}")
             return None
+        if report is not None and route == "exact":  # the first evaluation's buffers, touched apart from its price
+            start = planner.clock(), lk.reserve_buffers(snapshot.model, *self._probe, self._sources.loss, prior=prior,
+                                                        probes=count)
+            self._spend(planner.clock() - start[0])
         coverage = mon.Coverage(0 if count >= total else self.cursor, count, total)
         return self._finish(pl_module.trainer, self._run(pl_module, snapshot, coverage, plan), final)
 
@@ -234,6 +284,7 @@ class I2FMonitor(Callback):
         warn_once(caught, InfluenceWarning, self._warned, "I2FMonitor")
         elapsed = self.planner.clock() - start
         self._spend(elapsed)
+        self._measured += elapsed
         self.planner.observe(coverage.count, elapsed, plan)
         return report
 
@@ -247,20 +298,30 @@ class I2FMonitor(Callback):
             self.probe_steps[i] = report.step
         measured = [s for s in self.probe_steps if s >= 0]
         report.scalars["oldest_probe_step"] = float(min(measured))
-        rank_zero_info(f"I2FMonitor: step {report.step} evaluated on {coverage.describe()} ({report.plan.describe()})")
-        start = self.planner.clock()
+        start, how = self.planner.clock(), report.plan.describe()
+        if self._shows_line((coverage.count >= coverage.total, how), final):
+            rank_zero_info(f"I2FMonitor: step {report.step} evaluated on {coverage.describe()} ({how})")
         media = self.evaluations == 0 or final
         payload = None
         if self.log_per_sample_media and wandb_run(trainer) is not None:
             payload = leakage_media(report, self._probe[0], torch.tensor(coverage.indices()), tables=media,
                                     to_pixels=self._sources.pixels.to_pixels)
         log_scalars_at_step(trainer, report.scalars, "leakage", step=report.step, media=payload)
-        self._spend(self.planner.clock() - start)
+        self._spend(seconds := self.planner.clock() - start)
+        if media and not final:  # the final evaluation logs as much: what the planner keeps back for it
+            self.planner.final_logging = seconds
         self.last_step = max(self.last_step, report.step)
         self.steps_logged.append(report.step)
         self.history.append({"step": report.step, **report.scalars})
         self.evaluations += 1
         self.last_report = report
+
+    def _shows_line(self, kind: tuple, final: bool) -> bool:
+        """A console line for the first and final evaluations and wherever the route changes or the coverage turns
+        from all probes to a rotating subset or back (a line through a console-capturing logger costs about what a
+        probe does; every evaluation's count is in the logged ``leakage/probes`` and ``leakage/oldest_probe_step``)."""
+        shown, self._line_kind = kind != self._line_kind or final, kind
+        return shown
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
                 model: nn.Module | None = None, noise: Any = None,

@@ -42,6 +42,13 @@ class DenseEarlySchedule:
             return False
         return step == 0 or step % self.every_n_steps == 0 or step == total_steps or step in self.early_steps()
 
+    def next_due(self, step: int, total_steps: int | None = None) -> int:
+        """The first evaluation step at or after ``step``."""
+        step = max(step, 0)
+        regular = -(-step // self.every_n_steps) * self.every_n_steps  # the next multiple of every_n_steps
+        later = [s for s in self.early_steps() if s >= step]
+        return min([regular, *later, *([total_steps] if total_steps is not None and total_steps >= step else [])])
+
     def steps(self, total_steps: int) -> list[int]:
         """Every evaluation step of a run of ``total_steps`` optimizer steps, the final one included."""
         if total_steps < 0:

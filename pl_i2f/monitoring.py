@@ -8,7 +8,7 @@ Objects the :class:`callbacks.I2FMonitor` callback drives, unit-tested without a
   actually run (the calibrated estimate forms each probe's explicit Jacobian: a fixed part per call, a part
   per probe; both measured, neither guessed).
 * :class:`OverheadBudget` — ``max_overhead`` × this fit's training time, the training time *measured*
-  (seconds per optimizer step so far × the fit's steps).
+  (seconds per optimizer step so far × the fit's steps); everything the caller spends is charged to it.
 * :class:`Plan` — how one evaluation runs: its probes and route, exact Grams or a rank-r Nyström sketch from one
   block product (priced apart: :meth:`EvaluationPlanner.plan` sketches the middle evaluations where exact
   Grams for ``AIM_PROBES`` probes do not fit).
@@ -68,6 +68,7 @@ class ProductCost:
         self.window = window
         self.observations: list[tuple[float, float, float]] = []  # (calls, vectors, seconds)
         self._fit: tuple[float, float] | None = None  # the coefficients of these observations (a plan prices often)
+        self._latest: tuple[float, float, float] | None = None  # the largest size, a line on the latest (predict)
 
     @property
     def known(self) -> bool:
@@ -76,7 +77,7 @@ class ProductCost:
     def observe(self, calls: float, vectors: float, seconds: float) -> None:
         if calls > 0 and vectors > 0 and seconds >= 0:
             self.observations = [*self.observations, (float(calls), float(vectors), float(seconds))][-self.window:]
-            self._fit = None
+            self._fit = self._latest = None
 
     def coefficients(self) -> tuple[float, float]:
         """(a, b): seconds per product and per vector, both >= 0."""
@@ -103,21 +104,33 @@ class ProductCost:
         return a, b
 
     def predict(self, calls: float, vectors: float) -> float:
+        """Seconds of ``calls`` calls with ``vectors`` in all. Beyond the largest call seen, no less than a line
+        fitted wholly on the latest observations predicts: a slope from every observation alike, bent by load that
+        came since, would make a much larger call look cheap."""
         a, b = self.coefficients()
-        return a * calls + b * vectors
+        fitted = a * calls + b * vectors
+        if self._latest is None:  # (the largest call's size, and the line fitted on the latest)
+            w = [PRICE_DECAY ** (len(self.observations) - 1 - i) for i in range(len(self.observations))]
+            self._latest = (max(v / c for c, v, _ in self.observations), *_weighted_line(self.observations, w))
+        largest, a_latest, b_latest = self._latest
+        if vectors / calls <= largest + 1e-9:
+            return fitted
+        return max(fitted, a_latest * calls + b_latest * vectors)
 
     def state_dict(self) -> dict[str, Any]:
         return {"observations": [list(o) for o in self.observations]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.observations = [tuple(o) for o in state.get("observations", [])]  # type: ignore[misc]
-        self._fit = None
+        self._fit = self._latest = None
 
 
 NO_SKETCH_FOR_NOISE = "no sketch for this noise (a covariance, or none)"
 NO_SKETCH_FOR_CHAIN = "a sketch costs more on this network"
 
 SPEND_FRACTION = 0.95  # of the budget planned: the training time is a projection, and a price a fit
+FINAL_RESERVE = 0.02  # of the budget kept back at the final evaluation: the training time is known by then
+AIM_RESERVE_SHARE = 0.5  # of the reserve a middle evaluation may plan with to reach AIM_PROBES (exact Grams)
 AIM_PROBES = 8  # an evaluation's aim: per-sample leakage varies widely across samples, so fewer is a noisy figure
 SKETCH_RANKS = (32, 16, 8)  # the middle evaluations' Nyström ranks, the largest that fits first
 SKETCH_RESIDUAL = 8  # Hutchinson vectors per probe for the sketch's residual (its stated bounds)
@@ -199,6 +212,8 @@ class EvaluationPlanner:
         self._rate_origin: tuple[float, float] | None = None
         self._credit = 0.0  # share of single-probe evaluations earned but not yet run (see probes_for)
         self.sketch_cost = ProductCost()  # a sketch's seconds over its probe-vectors (probes × (rank + residual))
+        self.final_logging = 0.0  # seconds the final evaluation's logging will take (the caller's estimate)
+        self.overhead = 0.0  # seconds an evaluation takes beside its estimate (planning, logging): the latest seen
 
     # -- the fit's training time --------------------------------------------------------------------------
     def start_fit(self, step: int, total_steps: int | None) -> None:
@@ -222,6 +237,11 @@ class EvaluationPlanner:
 
     def charge(self, seconds: float) -> None:
         self.budget.charge(seconds)
+
+    def note_overhead(self, seconds: float) -> None:
+        """An evaluation took ``seconds`` beside its estimate (its planning, logging, console line): every later
+        evaluation is priced with as much on top (:meth:`price`)."""
+        self.overhead = max(0.0, float(seconds))
 
     def steps_done(self, step: int) -> int:
         return step - self._start_step
@@ -250,7 +270,8 @@ class EvaluationPlanner:
                 2 * self.price(1) <= SECOND_PRICE_SHARE * max(self._left(), 0.0))
 
     def price(self, probes: int) -> float:
-        return self.cost.predict(1, probes) if self.cost.known else math.inf
+        """Predicted seconds of an exact evaluation of ``probes`` probes, its logging included."""
+        return self.cost.predict(1, probes) + self.overhead if self.cost.known else math.inf
 
     def probes_for(self, step: int, probes: int, *, final: bool) -> int:
         """Probes the evaluation at ``step`` covers (0: skip), of ``probes``."""
@@ -259,9 +280,10 @@ class EvaluationPlanner:
         if not self.cost.known:
             return 1  # the first evaluation prices itself on one probe
         evaluations = 1 if final else self.budget.remaining(step)
-        left = self._left()
+        pool = self._left(final)  # the middle evaluations' own; all of them with the final's part of it counted in:
+        left = pool if final else pool + self._final_release()
         for count in range(probes, 0, -1):
-            if self.price(count) * evaluations <= left:
+            if self.price(count) * evaluations <= left and self.price(count) * (evaluations - 1) <= pool:
                 return count
         if final:
             return 1  # the final weights are always evaluated
@@ -288,11 +310,23 @@ class EvaluationPlanner:
         ``dim`` products of the same network), so the first sketch is planned from a measured price too."""
         vectors = probes * (rank + SKETCH_RESIDUAL)
         if self.sketch_cost.known:
-            return self.sketch_cost.predict(1, vectors)
+            return self.sketch_cost.predict(1, vectors) + self.overhead
         return self.price(max(1, math.ceil(vectors / max(dim, 1))))
 
-    def _left(self) -> float:
+    def _left(self, final: bool = False) -> float:
+        """Seconds to plan with: the budget left but for a reserve against a projected training time and fitted
+        prices (``SPEND_FRACTION``). At the final evaluation the training time is measured, not projected, and no
+        later price can be off: only ``FINAL_RESERVE`` is kept, and the final's logging (``final_logging``)."""
+        if final:
+            return self.budget.left() - FINAL_RESERVE * self.budget.total() - self.final_logging
         return self.budget.left() - (1 - SPEND_FRACTION) * self.budget.total()
+
+    def _final_release(self) -> float:
+        """What the final evaluation will have beyond :meth:`_left` of now: the reserve it no longer needs (it keeps
+        ``FINAL_RESERVE``), less its logging. The middle evaluations keep back the final's probes from both."""
+        if self.budget.total_steps is None:
+            return 0.0
+        return (1 - SPEND_FRACTION - FINAL_RESERVE) * self.budget.total() - self.final_logging
 
     def plan(self, step: int, probes: int, *, final: bool, first: bool = False, dim: int = 0,
              sketch: bool = False, no_sketch: str = NO_SKETCH_FOR_NOISE) -> Plan:
@@ -302,8 +336,7 @@ class EvaluationPlanner:
         exact, :meth:`probes_for`, the first and final evaluations up to ``AIM_PROBES`` where every middle one keeps a
         probe (:meth:`_ends_first`). With it, a middle evaluation: exact on the most probes that fit every
         evaluation still scheduled (with the final's exact probes kept back: up to ``AIM_PROBES``, as many as the
-        least sketch of every middle one leaves, and a probe of slack where that fits) where that is ``AIM_PROBES``
-        or more, else the sketch on the most
+        least sketch of every middle one leaves) where that is ``AIM_PROBES`` or more, else the sketch on the most
         probes (then the largest rank) that fits them all where that covers more probes than exact Grams would,
         else exact; the first sketch prices itself (``AIM_PROBES`` at the smallest rank, where that fits
         once); where not even a one-probe sketch fits every one, the cheaper of one exact probe and an
@@ -321,28 +354,24 @@ class EvaluationPlanner:
         aim, evaluations, left = min(AIM_PROBES, probes), self.budget.remaining(step), self._left()
         least = self.sketch_price(1, SKETCH_RANKS[-1], dim)  # the least sketch a middle evaluation can be
         middle = max(evaluations - 1, 1)  # this one and the others before the final
-        room, end, slack = left, 0, 0.0
+        room, end = left + self._final_release(), 0
         if self.budget.total_steps is not None:  # the final's exact probes kept back: up to the aim, after the least
-            spare = left - middle * least  # sketch of every middle one
+            spare = room - middle * least  # sketch of every middle one
             end = next((c for c in range(aim, 1, -1) if self.price(c) <= spare), 1)
             room -= self.price(end)
-            slack = self.price(end + 1) - self.price(end)  # a probe more where it fits: later costs may drift up
-        # exact on the most probes that fit every middle evaluation, the final on at least as many as this one
-        def fitting(extra: float) -> int:
-            return next((c for c in range(probes, 0, -1)
-                         if self.price(c) * middle + self.price(max(c, end)) - self.price(end) + extra <= room), 0)
-
-        plain, kept = fitting(0.0), fitting(slack)  # the route is chosen on the plain count, the slack kept if it fits
-        exact = max(kept, aim) if plain >= aim else (kept or plain)
-        if plain >= aim:
+        # exact on the most probes that fit every middle evaluation (in their own pool, never the final's reserve),
+        # the final on at least as many as this one
+        exact = next((c for c in range(probes, 0, -1) if self.price(c) * middle <= left
+                      and self.price(c) * middle + self.price(max(c, end)) - self.price(end) <= room), 0)
+        if exact >= aim:
             return Plan(exact)
         if not self.sketch_cost.known and self.sketch_price(aim, SKETCH_RANKS[-1], dim) <= room:
             return Plan(aim, "sketch", SKETCH_RANKS[-1], SKETCH_RESIDUAL)  # the first sketch prices itself
-        for count in range(probes, plain, -1):  # a sketch only where it covers more probes than exact Grams
+        for count in range(probes, exact, -1):  # a sketch only where it covers more probes than exact Grams
             for rank in SKETCH_RANKS:
                 if self.sketch_price(count, rank, dim) * middle <= room:
                     return Plan(count, "sketch", rank, SKETCH_RESIDUAL)
-        if plain:
+        if exact:
             return Plan(exact)
         # not even a one-probe sketch each: the cheaper of one exact probe and a sketch of the aim, spread evenly
         one, least = self.price(1), self.sketch_price(aim, SKETCH_RANKS[-1], dim)
@@ -354,9 +383,12 @@ class EvaluationPlanner:
         """Exact evaluations only: the first and final evaluations get up to ``AIM_PROBES`` probes (their spectra
         and the run's summary come from them) where every other evaluation still keeps one probe; ``even`` (the
         even share, :meth:`probes_for`) otherwise and wherever it is larger. A middle evaluation keeps back the
-        final's share and, where that still fits, one probe more (evaluations late in a run may cost more than the
-        fit predicts): the most probes whose price over the middle ones still scheduled leaves it."""
-        evaluations, left = self.budget.remaining(step), self._left()
+        final's share (from what the final will have, :meth:`_final_release`) and, where that still fits, one probe
+        more (evaluations late in a run may cost more than the fit predicts): the most probes whose price over the
+        middle ones still scheduled leaves it; ``AIM_PROBES`` where that falls short of it by no more than
+        ``AIM_RESERVE_SHARE`` of the reserve (a training time projected before the first epoch has ended lacks the
+        epoch-end work — validation, checkpoints — and runs short by about that)."""
+        evaluations, left = self.budget.remaining(step), self._left() + self._final_release()
         if self.budget.total_steps is None or evaluations < 2:
             return even
         aim, ends = min(AIM_PROBES, probes), 2 if first else 1
@@ -364,12 +396,18 @@ class EvaluationPlanner:
                     if ends * self.price(c) + (evaluations - ends) * self.price(1) <= left), 0)
         if first:
             return max(even, end)
-        for slack in (1, 0):  # a probe of slack for the final, against cost drift, where that still fits
-            count = next((c for c in range(probes, 0, -1)
-                          if self.price(c) * (evaluations - 1) + self.price(max(c, end) + slack) <= left), 0)
-            if count:
-                return count
-        return even
+        pool = self._left()  # the middle evaluations spend their own pool, never the final's reserve
+
+        def fits(count: int, pool: float, slack: int) -> bool:
+            spent = self.price(count) * (evaluations - 1)
+            return spent <= pool and spent + self.price(max(count, end) + slack) <= left
+
+        # a probe of slack for the final (against cost drift: it keeps its own reserve unspent), dropped only where
+        # nothing fits with it; the aim from part of the reserve (a projection early in a run misses epoch-end work)
+        count = next((c for c in range(probes, 0, -1) if fits(c, pool, 1)), 0)
+        if count < aim and fits(aim, pool + AIM_RESERVE_SHARE * (1 - SPEND_FRACTION) * self.budget.total(), 1):
+            return aim
+        return count or next((c for c in range(probes, 0, -1) if fits(c, pool, 0)), 0) or even
 
     def observe(self, probes: int, seconds: float, plan: Plan | None = None) -> None:
         """An evaluation of ``probes`` probes (by ``plan``'s route; default exact) took ``seconds`` (its estimate,
@@ -401,7 +439,8 @@ class EvaluationPlanner:
 
     def state_dict(self) -> dict[str, Any]:
         return {"cost": self.cost.state_dict(), "sketch_cost": self.sketch_cost.state_dict(),
-                "training_seconds": self.training_seconds, "spent_seconds": self.spent_seconds}
+                "training_seconds": self.training_seconds, "spent_seconds": self.spent_seconds,
+                "final_logging": self.final_logging, "overhead": self.overhead}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         cost = state.get("cost", {})
@@ -409,3 +448,5 @@ class EvaluationPlanner:
         self.sketch_cost.load_state_dict(state.get("sketch_cost", {}))
         self.earlier_training = float(state.get("training_seconds", 0.0))
         self.earlier_spent = float(state.get("spent_seconds", 0.0))
+        self.final_logging = float(state.get("final_logging", 0.0))
+        self.overhead = float(state.get("overhead", 0.0))

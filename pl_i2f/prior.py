@@ -157,20 +157,35 @@ def prior_from_dataset(dataset: torch.utils.data.Dataset, *, max_samples: int | 
     full = d <= FULL_COVARIANCE_MAX_DIM if full is None else full
     if not full:
         n = min(n, PPCA_MAX_SAMPLES)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size)
+    in_memory = _inputs_in_memory(dataset, n)
+    if in_memory is not None:  # a tensor dataset: its inputs in batches, without a loader's per-item calls
+        batches = [(in_memory[s: s + batch_size],) for s in range(0, n, batch_size)]
+    else:
+        batches = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size)
     if not full:
-        xs = torch.cat([batch[0].reshape(batch[0].shape[0], -1).to(DTYPE) for batch in loader])
+        xs = torch.cat([batch[0].reshape(batch[0].shape[0], -1).to(DTYPE) for batch in batches])
         return estimate_prior(xs, full=False, rank=rank)
     if n < 2:
         raise ConfigError(f"a data prior needs at least 2 samples, the dataset has {n}")
     total = torch.zeros(d, dtype=DTYPE)
     outer = torch.zeros(d, d, dtype=DTYPE)
-    for batch in loader:
+    for batch in batches:
         x = batch[0].reshape(batch[0].shape[0], -1).to(DTYPE)
         total += x.sum(0)
         outer += x.T @ x
     mean = total / n
     return covariance_prior(mean, (outer - n * torch.outer(mean, mean)) / (n - 1))
+
+
+def _inputs_in_memory(dataset: torch.utils.data.Dataset, n: int) -> Tensor | None:
+    """The first ``n`` inputs of a ``TensorDataset`` (or of a ``Subset`` of one) as one tensor, else None."""
+    indices = None
+    if isinstance(dataset, torch.utils.data.Subset):
+        dataset, indices = dataset.dataset, torch.as_tensor(list(dataset.indices[:n]), dtype=torch.long)
+    if not isinstance(dataset, torch.utils.data.TensorDataset):
+        return None
+    inputs = dataset.tensors[0]
+    return inputs[:n] if indices is None else inputs[indices]
 
 
 def value_scale(std: Sequence[float], input_shape: Sequence[int]) -> Tensor:

@@ -313,6 +313,33 @@ def test_prior_from_dataset_streams_the_same_covariance():
     assert ppca.basis.shape == (9, 2) and ppca.trace == pytest.approx(direct.trace, rel=1e-9)
 
 
+class _Items(torch.utils.data.Dataset):
+    """A dataset read item by item (no tensors to take at once), over the same samples."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return self.dataset[i]
+
+
+def test_prior_from_a_tensor_dataset_or_its_subset_equals_the_prior_read_item_by_item():
+    """A TensorDataset (or a Subset of one) is read as one tensor, any other dataset through a loader: the same
+    prior, in the same batches, either way."""
+    gen = torch.Generator().manual_seed(23)
+    ds = torch.utils.data.TensorDataset(torch.rand(200, 1, 3, 3, generator=gen, dtype=D), torch.zeros(200))
+    subset = torch.utils.data.Subset(ds, list(range(150, 20, -3)))
+    for dataset in (ds, subset):
+        for full in (True, False):
+            fast = cal.prior_from_dataset(dataset, batch_size=32, full=full, rank=3, max_samples=40)
+            slow = cal.prior_from_dataset(_Items(dataset), batch_size=32, full=full, rank=3, max_samples=40)
+            torch.testing.assert_close(fast.covariance(), slow.covariance(), rtol=0, atol=0)
+            torch.testing.assert_close(fast.mean, slow.mean, rtol=0, atol=0)
+
+
 # -- exact_posteriors: explicit Jacobians of a real network -------------------------------------------
 def _net_and_probes(n: int = 3):
     torch.manual_seed(0)

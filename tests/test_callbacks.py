@@ -325,6 +325,81 @@ def test_overhead_bound_evaluations_price_a_second_size_and_cover_more_probes(ma
         assert monitor.steps_logged[-1] == 12 and share <= 0.48
 
 
+def test_everything_the_monitor_does_counts_against_its_budget(make_cfg, monkeypatch):
+    """On an injected clock moved by the training steps and by what the monitor does: its seconds are the sources'
+    set-up (probes, data prior), every estimate and every console line (the end-of-fit summary, printed after
+    the count, aside), not the defense's noise it reads at each evaluation (a refresh is training's work). Its hook reads no clock at a step where nothing is due, and prints a line at the first and
+    final evaluations only while what they cover and how stays the same."""
+    import pytorch_lightning as pl
+
+    import callbacks.leakage as leakage_callback
+    from pl_i2f.sources import SourceOptions
+
+    clock, ended = TickingClock(tick=0.0), {}
+
+    class Tick(pl.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            clock.now += 0.2
+            ended[trainer.global_step] = clock.reads  # after the monitor's hook of the step before
+
+    measure, sources, info = I2FMonitor.measure, SourceOptions.sources, leakage_callback.rank_zero_info
+    noise_of, measured, lines, refreshed = leakage_callback.lk.noise_of, [], [], []
+
+    def refreshed_noise(*args, **kwargs):  # the defense's work at the step (an anisotropic refresh): not the monitor's
+        clock.now += 0.5
+        refreshed.append(1)
+        return noise_of(*args, **kwargs)
+
+    def timed_measure(self, *args, **kwargs):
+        clock.now += 0.01
+        measured.append(1)
+        return measure(self, *args, **kwargs)
+
+    def timed_sources(self, *args, **kwargs):
+        clock.now += 0.05
+        return sources(self, *args, **kwargs)
+
+    def timed_info(message, *args, **kwargs):
+        clock.now += 0.003
+        lines.append(message)
+        return info(message, *args, **kwargs)
+
+    monkeypatch.setattr(I2FMonitor, "measure", timed_measure)
+    monkeypatch.setattr(SourceOptions, "sources", timed_sources)
+    monkeypatch.setattr(leakage_callback, "rank_zero_info", timed_info)
+    monkeypatch.setattr(leakage_callback.lk, "noise_of", refreshed_noise)
+    cfg = make_cfg([*SMALL, *CALLBACKS, "~callbacks.attack_audit", "callbacks.i2f_monitor.log_per_sample_media=false"])
+    datamodule, module, trainer = train.build(cfg)
+    trainer.callbacks.append(Tick())
+    monitor = next(cb for cb in trainer.callbacks if isinstance(cb, I2FMonitor))
+    monitor.planner.clock = clock
+    trainer.fit(module, datamodule=datamodule)
+    evaluated = [m for m in lines if "evaluated on" in m]
+    assert len(measured) == monitor.evaluations == len(refreshed) == 5 and len(evaluated) == 2, lines
+    assert "step 0 " in evaluated[0] and f"step {trainer.global_step} " in evaluated[1]
+    assert monitor.seconds == pytest.approx(0.05 + 0.01 * len(measured) + 0.003 * len(evaluated))
+    due = set(monitor.schedule.steps(trainer.global_step))
+    quiet = [g for g in range(2, trainer.global_step) if g not in due]
+    assert quiet and all(ended[g + 1] == ended[g] for g in quiet), ended
+
+
+def test_a_checkpoint_holds_the_training_seconds_up_to_its_step():
+    """Training seconds are read at evaluations; a checkpoint between two holds them up to its own step."""
+    from types import SimpleNamespace
+
+    monitor = I2FMonitor()
+    clock = TickingClock(tick=0.0)
+    monitor.planner.clock, monitor._probe = clock, (torch.zeros(1), torch.zeros(1))
+    monitor.planner.start_fit(0, 100)
+    clock.now = 0.1
+    monitor.planner.record_training(1)
+    clock.now = 5.0  # 49 steps later, no evaluation due
+    checkpoint = {"callbacks": {monitor.state_key: monitor.state_dict()}}
+    assert checkpoint["callbacks"][monitor.state_key]["planner"]["training_seconds"] == pytest.approx(0.1)
+    monitor.on_save_checkpoint(SimpleNamespace(training=True, global_step=50), None, checkpoint)
+    assert checkpoint["callbacks"][monitor.state_key]["planner"]["training_seconds"] == pytest.approx(5.0)
+
+
 @pytest.mark.parametrize("chain", [True, False])
 def test_a_chain_network_is_never_sketched_where_another_would_be(make_cfg, monkeypatch, chain: bool):
     """Gaussian noise (a sketch can bound it), exact Grams priced dear per probe on an injected clock: the planner

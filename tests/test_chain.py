@@ -62,6 +62,8 @@ def test_chain_route_matches_the_generic_route(name: str, dtype: torch.dtype):
         assert routes[True][0].shape == routes[False][0].shape
         assert _relative(routes[True][0], routes[False][0]) <= tol, kw
         assert _relative(routes[True][1], routes[False][1]) <= tol, kw
+    one = _routes(model, x[:1], y[:1], tangents=tangents)  # one probe: deeper layers spread δ, not the tangents
+    assert _relative(one[True][0], one[False][0]) <= tol
 
 
 class _WithSpare(nn.Module):

@@ -682,6 +682,97 @@ def test_sketched_runs_keep_the_final_evaluation_at_least_the_middle_ones():
     assert spent <= 0.1 * training
 
 
+def test_the_next_due_step_is_the_first_scheduled_one_at_or_after_a_step():
+    schedule = DenseEarlySchedule(every_n_steps=100, first_step=10, growth=2.0)
+    steps = schedule.steps(1234)
+    assert all(schedule.next_due(s, 1234) == min(t for t in steps if t >= s) for s in range(0, 1235))
+    assert schedule.next_due(1235, 1234) == 1300 and schedule.next_due(41) == 80  # past the end: the next multiple
+
+
+def test_the_final_evaluation_spends_the_reserve_the_middle_ones_keep():
+    """The middle evaluations plan within SPEND_FRACTION of the budget (the training time is a projection, and
+    prices a fit); at the final one the training time is measured and no later price can be off: it keeps only
+    FINAL_RESERVE and what its logging will take."""
+    from pl_i2f.monitoring import FINAL_RESERVE, SPEND_FRACTION, EvaluationPlanner
+
+    def planner_with(left_share: float, final_logging: float = 0.0) -> EvaluationPlanner:
+        clock = FakeClock()
+        planner = EvaluationPlanner(0.1, DenseEarlySchedule(), clock=clock)
+        planner.start_fit(0, 1200)
+        clock.now = 120.0  # 0.1 s a step: a 12 s budget, all of it measured
+        planner.record_training(1200)
+        planner.observe(1, 0.01)
+        planner.observe(2, 0.02)  # 0.01 s a probe, nothing fixed
+        planner.charge(12.0 * (1 - left_share))
+        planner.final_logging = final_logging
+        return planner
+
+    planner = planner_with(0.06)  # 0.72 s left
+    middle = planner.probes_for(1100, 200, final=False)
+    final = planner.probes_for(1200, 200, final=True)
+    assert final == round(12.0 * (0.06 - FINAL_RESERVE) / 0.01)  # 48 probes
+    assert middle <= round(12.0 * (0.06 - (1 - SPEND_FRACTION)) / 0.01) < final  # the middle one within its pool
+    assert planner_with(0.06, final_logging=0.1).probes_for(1200, 200, final=True) == final - 10
+
+
+def test_a_middle_evaluation_short_of_the_aim_reaches_it_from_part_of_the_reserve(monkeypatch):
+    """Exact Grams, the middle evaluations' pool a little short of AIM_PROBES each: the aim, planned from part of
+    the reserve (a projection made before the first epoch's end lacks its validation and checkpoints); without
+    that share, one probe fewer."""
+    from pl_i2f import monitoring
+    from pl_i2f.monitoring import SPEND_FRACTION, EvaluationPlanner
+
+    def planned(share: float) -> int:
+        monkeypatch.setattr(monitoring, "AIM_RESERVE_SHARE", share)
+        clock = FakeClock()
+        planner = EvaluationPlanner(0.1, DenseEarlySchedule(), clock=clock)
+        planner.start_fit(0, 1200)
+        for step in (1, 900):  # 0.1 s a step: a 12 s budget
+            clock.now = 0.1 * step
+            planner.record_training(step)
+        planner.observe(1, 0.01)
+        planner.observe(2, 0.02)  # 0.01 s a probe
+        planner.charge(12.0 - (1 - SPEND_FRACTION) * 12.0 - 0.225)  # a pool of 0.225 s for 3 middle evaluations
+        return planner.plan(900, 32, final=False, dim=64).count
+
+    assert planned(0.5) == 8 and planned(0.0) == 7
+
+
+def test_an_evaluations_price_includes_its_overhead():
+    """What an evaluation costs beside its estimate (planning, logging, its console line) is priced with it."""
+    from pl_i2f.monitoring import EvaluationPlanner
+
+    planner = EvaluationPlanner(0.1, DenseEarlySchedule(), clock=FakeClock())
+    planner.observe(1, 0.010)
+    planner.observe(4, 0.025)
+    before = planner.price(4)
+    planner.note_overhead(0.003)
+    assert planner.price(4) == pytest.approx(before + 0.003) and planner.price(1) == pytest.approx(0.013)
+    restored = EvaluationPlanner(0.1, DenseEarlySchedule(), clock=FakeClock())
+    restored.load_state_dict(planner.state_dict())
+    assert restored.price(4) == pytest.approx(planner.price(4))
+
+
+def test_a_call_larger_than_any_seen_is_priced_no_cheaper_than_the_latest_line():
+    """Load arriving mid-run multiplies every cost by 4: a slope fitted on every observation alike still holds
+    much of the unloaded one, and a call twice the largest seen would be priced well under what it costs. Beyond
+    the sizes seen the price is no cheaper than the line of the latest observations; within them, the fit."""
+    from pl_i2f.monitoring import ProductCost
+
+    def seconds(probes: int, load: float) -> float:
+        return (0.005 + 0.01 * probes) * load
+
+    cost = ProductCost()
+    for probes in (6, 9, 9, 10, 9, 9, 10, 9):
+        cost.observe(1, probes, seconds(probes, 1.0))
+    for probes in (10, 12, 11, 14, 13):
+        cost.observe(1, probes, seconds(probes, 4.0))
+    a, b = cost.coefficients()
+    assert a + 23 * b < 0.85 * seconds(23, 4.0)  # the fit alone: cheap
+    assert cost.predict(1, 23) >= 0.9 * seconds(23, 4.0)
+    assert cost.predict(1, 12) == pytest.approx(a + 12 * b)
+
+
 def test_a_second_price_separates_the_fixed_part_of_an_evaluation():
     """One size seen, the fit charges everything per probe: a call-overhead-bound evaluation (0.1 s whatever its
     probes, a small model on a GPU) would stay at one probe. Where two probes are cheap against the budget left,

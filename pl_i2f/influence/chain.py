@@ -353,7 +353,7 @@ class ChainProducts:
                 m, (a, da, derivatives) = chain.modules[index], saved[index]
                 shape_in = chain.input_shapes[index]
                 if isinstance(m, AFFINE):
-                    self._parameter_rows(m, a, da, delta, ddelta, g, cols)
+                    self._parameter_rows(m, a, da, delta, ddelta, g, cols, first=index == self.first_affine)
                     if index == self.first_affine:
                         break  # no parameters before it
                     delta = self._adjoint(m, delta, shape_in)
@@ -367,9 +367,9 @@ class ChainProducts:
         return g, cols
 
     def _parameter_rows(self, m: nn.Module, a: Tensor, da: Tensor, delta: Tensor, ddelta: Tensor, g: Tensor,
-                        cols: Tensor) -> None:
+                        cols: Tensor, first: bool = False) -> None:
         """The layer's rows of g_i = B(a, δ) and of J_i t = B(ȧ, δ) + B(a, δ̇), each written once into its slice
-        of ``g`` and ``cols``."""
+        of ``g`` and ``cols`` (``first``: the chain's first layer with parameters)."""
         n, r = ddelta.shape[:2]
         w, b, offsets = m.weight, m.bias, self.chain.offsets
         if isinstance(m, nn.Linear):
@@ -393,9 +393,10 @@ class ChainProducts:
                 own = torch.matmul(ddelta.reshape(n, r * c_out, p_out), unfolded,
                                    out=self._buffer("own", (n, r * c_out, c_in * kernel), a))
                 target = cols[:, :, at: at + k].view(n, r, c_out, c_in * kernel)
-                if da.shape[0] == 1:
-                    # B(ȧ, δ) with ȧ the probes' shared tangents (the first layer): δ (n·o, P) against the
-                    # tangents' own unfolding (P, r·i·k), formed once for every probe
+                if da.shape[0] == 1 and (n > 1 or first):
+                    # B(ȧ, δ) with ȧ the probes' shared tangents (the first layer): δ (n·o, P) against the tangents'
+                    # own unfolding (P, r·i·k), formed once for every probe. With one probe, deeper layers take the
+                    # spread below: unfolding r tangents there costs more than spreading one δ
                     shared = F.unfold(da[0], w.shape[2:], dilation=m.dilation, padding=m.padding, stride=m.stride)
                     shared = shared.permute(2, 0, 1).reshape(p_out, r * c_in * kernel)
                     moved = (delta.reshape(n * c_out, p_out) @ shared).view(n, c_out, r, c_in * kernel)

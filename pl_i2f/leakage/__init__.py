@@ -28,6 +28,7 @@ from pl_i2f.leakage.api import (
     mean_pixel_std,
     measure_leakage,
     monitor_leakage,
+    reserve_buffers,
     undamped_leakage,
     warm_up_transforms,
 )
@@ -96,6 +97,7 @@ __all__ = [
     "monitor_leakage",
     "noise_of",
     "pooled_pixel_rmse",
+    "reserve_buffers",
     "scale_for_target",
     "undamped_leakage",
     "unfairness",

@@ -112,20 +112,32 @@ def warm_up_transforms(model: nn.Module | None = None, x: Tensor | None = None, 
     on a tiny model, so that it does not count as the price of a probe; with ``model`` and a probe ``(x, y)``
     also the one-off costs of ``route`` on that network — a rank-1 sketch of one probe, or one probe's exact
     estimate under ``prior`` (its data span) — which would otherwise inflate the first price several times. A chain
-    network's exact route (:mod:`pl_i2f.influence.chain`) runs without torch.func: only its own one-off costs,
-    and with ``reserve`` the first touch of its buffers for that many probes."""
+    network's exact route (:mod:`pl_i2f.influence.chain`) runs without torch.func and its one-off costs are few:
+    its trace, its operators, and with ``reserve`` the first touch of its buffers for that many probes; what is
+    left (first calls of a few kernels) makes the first one-probe price dearer by about half, on the safe side."""
     given = model is not None and x is not None and y is not None
     chain = chain_route(model, x, y, loss_fn) if route == "exact" and given else None
-    if chain is None:
-        _warm_up_torch_func()
+    if chain is not None:
+        ChainProducts(chain, reuse=True)  # its operators (the unfoldings are kept for later weights)
+        reserve_buffers(model, x, y, loss_fn, prior=prior, probes=reserve)
+        return
+    _warm_up_torch_func()
     if given:
         device = next(model.parameters()).device
         estimator = Calibrated(route="sketch", rank=1, probes=1) if route == "sketch" else Calibrated(route="exact")
         leakage_report(model, x[:1].to(device), y[:1].to(device), SampleNoise(std=1.0),
                        LeakageOptions(prior=prior, clipping_norm=1.0), estimator, loss_fn=loss_fn)
-        if chain is not None and reserve > 1:
-            like = next(model.parameters()).detach()
-            ChainProducts(chain, reuse=True).reserve(reserve, Calibrated.exact_columns(prior, x[0].numel()), like)
+
+
+def reserve_buffers(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable | None = None, *,
+                    prior: cal.GaussianPrior | float = 1.0, probes: int) -> None:
+    """Touch the chain route's reused buffers (:meth:`pl_i2f.influence.chain.ChainProducts.reserve`) for an exact
+    evaluation of ``probes`` probes under ``prior`` now: their first touch is a one-off cost, kept out of the price
+    of that evaluation. Nothing off the chain route."""
+    chain = chain_route(model, x, y, loss_fn) if probes > 0 else None
+    if chain is not None:
+        like = next(model.parameters()).detach()
+        ChainProducts(chain, reuse=True).reserve(probes, Calibrated.exact_columns(prior, x[0].numel()), like)
 
 
 def measure_leakage(model: nn.Module, x: Tensor, y: Tensor, defense: Defense, step: int, *, method: str = "slq",
