@@ -267,9 +267,10 @@ class I2FMonitor(Callback):
             if self.skipped == 1:
                 rank_zero_warn(f"I2FMonitor: {planner.skip_message(snapshot.step)}")
             return None
-        if report is not None and route == "exact":  # the first evaluation's buffers, touched apart from its price
+        if report is not None and route == "exact":  # the buffers of the first evaluation and of the ends' aim (the
+            # final's), touched apart from their prices (a run that can afford one probe at step 0 never gets here)
             start = planner.clock(), lk.reserve_buffers(snapshot.model, *self._probe, self._sources.loss, prior=prior,
-                                                        probes=count)
+                                                        probes=max(count, min(mon.AIM_PROBES, total)))
             self._spend(planner.clock() - start[0])
         coverage = mon.Coverage(0 if count >= total else self.cursor, count, total)
         return self._finish(pl_module.trainer, self._run(pl_module, snapshot, coverage, plan), final)

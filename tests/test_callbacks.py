@@ -328,8 +328,9 @@ def test_overhead_bound_evaluations_price_a_second_size_and_cover_more_probes(ma
 def test_everything_the_monitor_does_counts_against_its_budget(make_cfg, monkeypatch):
     """On an injected clock moved by the training steps and by what the monitor does: its seconds are the sources'
     set-up (probes, data prior), every estimate and every console line (the end-of-fit summary, printed after
-    the count, aside), not the defense's noise it reads at each evaluation (a refresh is training's work). Its hook reads no clock at a step where nothing is due, and prints a line at the first and
-    final evaluations only while what they cover and how stays the same."""
+    the count, aside), not the defense's noise it reads at each evaluation (a refresh is training's work). Its
+    hook reads no clock at a step where nothing is due, and prints a line at the first and final evaluations only
+    while what they cover and how stays the same."""
     import pytorch_lightning as pl
 
     import callbacks.leakage as leakage_callback
