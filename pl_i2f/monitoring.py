@@ -229,15 +229,19 @@ class EvaluationPlanner:
         prices (``SPEND_FRACTION``). At the final evaluation the training time is measured, not projected, and no
         later price can be off: only ``FINAL_RESERVE`` is kept, and the final's logging (``final_logging``)."""
         if final:
-            return self.budget.left() - FINAL_RESERVE * self.budget.total() - self.final_logging
+            return self.budget.left() - FINAL_RESERVE * self.budget.total() - self._tables()
         return self.budget.left() - (1 - SPEND_FRACTION) * self.budget.total()
+
+    def _tables(self) -> float:
+        """What the final evaluation's logging takes beyond an evaluation's usual overhead (already in its price)."""
+        return max(0.0, self.final_logging - self.overhead)
 
     def _final_release(self) -> float:
         """What the final evaluation will have beyond :meth:`_left` of now: the reserve it no longer needs (it keeps
         ``FINAL_RESERVE``), less its logging. The middle evaluations keep back the final's probes from both."""
         if self.budget.total_steps is None:
             return 0.0
-        return (1 - SPEND_FRACTION - FINAL_RESERVE) * self.budget.total() - self.final_logging
+        return (1 - SPEND_FRACTION - FINAL_RESERVE) * self.budget.total() - self._tables()
 
     def plan(self, step: int, probes: int, *, final: bool, first: bool = False, dim: int = 0,
              sketch: bool = False, no_sketch: str = NO_SKETCH_FOR_NOISE) -> Plan:
@@ -247,7 +251,8 @@ class EvaluationPlanner:
         exact, :meth:`probes_for`, the first and final evaluations up to ``AIM_PROBES`` where every middle one keeps a
         probe (:meth:`_ends_first`). With it, a middle evaluation: exact on the most probes that fit every
         evaluation still scheduled (with the final's exact probes kept back: up to ``AIM_PROBES``, as many as the
-        least sketch of every middle one leaves) where that is ``AIM_PROBES`` or more, else the sketch on the most
+        least sketch of every middle one leaves, and a probe of slack where that fits) where that is ``AIM_PROBES``
+        or more, else the sketch on the most
         probes (then the largest rank) that fits them all where that covers more probes than exact Grams would,
         else exact; the first sketch prices itself (``AIM_PROBES`` at the smallest rank, where that fits
         once); where not even a one-probe sketch fits every one, the cheaper of one exact probe and an
@@ -265,24 +270,30 @@ class EvaluationPlanner:
         aim, evaluations, left = min(AIM_PROBES, probes), self.budget.remaining(step), self._left()
         least = self.sketch_price(1, SKETCH_RANKS[-1], dim)  # the least sketch a middle evaluation can be
         middle = max(evaluations - 1, 1)  # this one and the others before the final
-        room, end = left + self._final_release(), 0
+        room, end, slack = left + self._final_release(), 0, 0.0
         if self.budget.total_steps is not None:  # the final's exact probes kept back: up to the aim, after the least
             spare = room - middle * least  # sketch of every middle one
             end = next((c for c in range(aim, 1, -1) if self.price(c) <= spare), 1)
             room -= self.price(end)
+            slack = self.price(end + 1) - self.price(end)  # a probe more where it fits: later costs may drift up
+
         # exact on the most probes that fit every middle evaluation (in their own pool, never the final's reserve),
         # the final on at least as many as this one
-        exact = next((c for c in range(probes, 0, -1) if self.price(c) * middle <= left
-                      and self.price(c) * middle + self.price(max(c, end)) - self.price(end) <= room), 0)
-        if exact >= aim:
+        def fitting(extra: float) -> int:
+            return next((c for c in range(probes, 0, -1) if self.price(c) * middle <= left
+                         and self.price(c) * middle + self.price(max(c, end)) - self.price(end) + extra <= room), 0)
+
+        plain, kept = fitting(0.0), fitting(slack)  # the route is chosen on the plain count, the slack kept if it fits
+        exact = max(kept, aim) if plain >= aim else (kept or plain)
+        if plain >= aim:
             return Plan(exact)
         if not self.sketch_cost.known and self.sketch_price(aim, SKETCH_RANKS[-1], dim) <= room:
             return Plan(aim, "sketch", SKETCH_RANKS[-1], SKETCH_RESIDUAL)  # the first sketch prices itself
-        for count in range(probes, exact, -1):  # a sketch only where it covers more probes than exact Grams
+        for count in range(probes, plain, -1):  # a sketch only where it covers more probes than exact Grams
             for rank in SKETCH_RANKS:
                 if self.sketch_price(count, rank, dim) * middle <= room:
                     return Plan(count, "sketch", rank, SKETCH_RESIDUAL)
-        if exact:
+        if plain:
             return Plan(exact)
         # not even a one-probe sketch each: the cheaper of one exact probe and a sketch of the aim, spread evenly
         one, least = self.price(1), self.sketch_price(aim, SKETCH_RANKS[-1], dim)
