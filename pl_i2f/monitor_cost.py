@@ -25,6 +25,17 @@ def _weighted_line(obs: list[tuple[float, float, float]], w: list[float]) -> tup
     return a, b
 
 
+def _weighted_median(values: list[float], weights: list[float]) -> float:
+    """The value at which the weights of the values below and above it are each at most half of them all."""
+    ordered = sorted(zip(values, weights))
+    half, running = sum(weights) / 2, 0.0
+    for value, weight in ordered:
+        running += weight
+        if running >= half:
+            return value
+    return ordered[-1][0]
+
+
 class ProductCost:
     """Seconds of a call as ``a + b·vectors`` (here: an evaluation of ``vectors`` probes), least squares over
     those observed (``observe(calls, vectors, seconds)`` for ``calls`` calls with ``vectors`` in all): ``b`` from
@@ -60,15 +71,16 @@ class ProductCost:
     @staticmethod
     def _least_squares(obs: list[tuple[float, float, float]]) -> tuple[float, float]:
         """The part per vector from every observation alike (a slope from sizes a few probes apart is noisy, and a
-        noisy slope of 0 would price every probe set alike); the fixed part from the latest, weighted by
-        ``PRICE_DECAY`` (what drifts along a run is mostly the level)."""
+        noisy slope of 0 would price every probe set alike); the fixed part from the latest: the median of what
+        each call left over, weighted by ``PRICE_DECAY`` (what drifts along a run is mostly the level, and one call
+        slowed by a passing load should not price the next ones as dear)."""
         w = [PRICE_DECAY ** (len(obs) - 1 - i) for i in range(len(obs))]  # the latest weighs 1
         if len({round(v / c, 6) for c, v, _ in obs}) == 1:
             return 0.0, sum(k * s for k, (*_, s) in zip(w, obs)) / sum(k * v for k, (_, v, _) in zip(w, obs))
         _, b = _weighted_line(obs, [1.0] * len(obs))
         if b == 0:  # the cost looks fixed: its level from the latest
             return _weighted_line(obs, w)
-        a = sum(k * c * (s - b * v) for k, (c, v, s) in zip(w, obs)) / sum(k * c * c for k, (c, _, _) in zip(w, obs))
+        a = _weighted_median([(s - b * v) / c for c, v, s in obs], [k * c for k, (c, _, _) in zip(w, obs)])
         if a < 0:  # through the origin, from the latest
             return 0.0, sum(k * v * s for k, (_, v, s) in zip(w, obs)) / sum(k * v * v for k, (_, v, _) in zip(w, obs))
         return a, b

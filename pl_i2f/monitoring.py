@@ -307,9 +307,9 @@ class EvaluationPlanner:
         even share, :meth:`probes_for`) otherwise and wherever it is larger. A middle evaluation keeps back the
         final's share (from what the final will have, :meth:`_final_release`) and, where that still fits, one probe
         more (evaluations late in a run may cost more than the fit predicts): the most probes whose price over the
-        middle ones still scheduled leaves it; ``AIM_PROBES`` where that falls short of it by no more than
-        ``AIM_RESERVE_SHARE`` of the reserve (a training time projected before the first epoch has ended lacks the
-        epoch-end work — validation, checkpoints — and runs short by about that)."""
+        middle ones still scheduled leaves it; ``AIM_PROBES`` where the middle ones' own pool falls short of it by no
+        more than ``AIM_RESERVE_SHARE`` of the reserve and the final's share still fits (a training time projected
+        before the first epoch has ended lacks the epoch-end work — validation, checkpoints)."""
         evaluations, left = self.budget.remaining(step), self._left() + self._final_release()
         if self.budget.total_steps is None or evaluations < 2:
             return even
@@ -326,6 +326,7 @@ class EvaluationPlanner:
 
         # a probe of slack for the final (against cost drift: it keeps its own reserve unspent), dropped only where
         # nothing fits with it; the aim from part of the reserve (a projection early in a run misses epoch-end work)
+        # where the final's share still fits: the ends come first
         count = next((c for c in range(probes, 0, -1) if fits(c, pool, 1)), 0)
         if count < aim and fits(aim, pool + AIM_RESERVE_SHARE * (1 - SPEND_FRACTION) * self.budget.total(), 1):
             return aim

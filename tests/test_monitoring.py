@@ -64,6 +64,22 @@ def test_product_cost_follows_the_latest_prices_where_the_cost_drifts():
     assert restored.predict(1, 8) == pytest.approx(cost.predict(1, 8))
 
 
+def test_one_evaluation_slowed_by_a_passing_load_does_not_price_the_next_ones_dear():
+    """The fixed part is the weighted median of what each evaluation left over: one evaluation taking 45 ms where
+    its like take 26 leaves the next price near 26 (a weighted mean: 32, a probe or two fewer at every evaluation
+    planned on it); three in a row at 34 ms are a new level, and the price follows."""
+    cost = ProductCost()
+    cost.observe(1, 1, 0.0095)  # the first evaluation's one-probe price
+    for _ in range(5):
+        cost.observe(1, 8, 0.026)
+        cost.observe(1, 7, 0.0236)
+    cost.observe(1, 8, 0.045)
+    assert cost.predict(1, 8) == pytest.approx(0.026, rel=0.03)
+    for _ in range(3):
+        cost.observe(1, 8, 0.034)
+    assert cost.predict(1, 8) == pytest.approx(0.034, rel=0.03)
+
+
 def test_product_cost_keeps_a_part_per_probe_when_the_latest_sizes_are_close_and_noisy():
     from pl_i2f.monitoring import PRICE_DECAY, _weighted_line
 
@@ -768,8 +784,8 @@ def test_a_call_larger_than_any_seen_is_priced_no_cheaper_than_the_latest_line()
     for probes in (10, 12, 11, 14, 13):
         cost.observe(1, probes, seconds(probes, 4.0))
     a, b = cost.coefficients()
-    assert a + 23 * b < 0.85 * seconds(23, 4.0)  # the fit alone: cheap
-    assert cost.predict(1, 23) >= 0.9 * seconds(23, 4.0)
+    assert a + 23 * b < 0.9 * seconds(23, 4.0)  # the fit alone: cheap
+    assert cost.predict(1, 23) >= 0.93 * seconds(23, 4.0)
     assert cost.predict(1, 12) == pytest.approx(a + 12 * b)
 
 
