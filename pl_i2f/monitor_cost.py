@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 PRICE_DECAY = 0.7  # the weight of a price observation's fixed part relative to the next one (ProductCost)
 
 
@@ -23,17 +25,6 @@ def _weighted_line(obs: list[tuple[float, float, float]], w: list[float]) -> tup
     if b < 0:
         return scs / scc, 0.0
     return a, b
-
-
-def _weighted_median(values: list[float], weights: list[float]) -> float:
-    """The value at which the weights of the values below and above it are each at most half of them all."""
-    ordered = sorted(zip(values, weights))
-    half, running = sum(weights) / 2, 0.0
-    for value, weight in ordered:
-        running += weight
-        if running >= half:
-            return value
-    return ordered[-1][0]
 
 
 class ProductCost:
@@ -80,7 +71,8 @@ class ProductCost:
         _, b = _weighted_line(obs, [1.0] * len(obs))
         if b == 0:  # the cost looks fixed: its level from the latest
             return _weighted_line(obs, w)
-        a = _weighted_median([(s - b * v) / c for c, v, s in obs], [k * c for k, (c, _, _) in zip(w, obs)])
+        left_over = [(s - b * v) / c for c, v, s in obs]  # the weighted median of these
+        a = float(np.quantile(left_over, 0.5, weights=[k * c for k, (c, _, _) in zip(w, obs)], method="inverted_cdf"))
         if a < 0:  # through the origin, from the latest
             return 0.0, sum(k * v * s for k, (_, v, s) in zip(w, obs)) / sum(k * v * v for k, (_, v, _) in zip(w, obs))
         return a, b

@@ -117,9 +117,11 @@ def warm_up_transforms(model: nn.Module | None = None, x: Tensor | None = None, 
     left (first calls of a few kernels) makes the first one-probe price dearer by about half, on the safe side."""
     given = model is not None and x is not None and y is not None
     chain = chain_route(model, x, y, loss_fn) if route == "exact" and given else None
-    if chain is not None:
-        ChainProducts(chain, reuse=True)  # its operators (the unfoldings are kept for later weights)
-        reserve_buffers(model, x, y, loss_fn, prior=prior, probes=reserve)
+    if chain is not None:  # its operators (the unfoldings are kept for later weights), and its buffers
+        if reserve > 0:
+            reserve_buffers(model, x, y, loss_fn, prior=prior, probes=reserve)
+        else:
+            ChainProducts(chain, reuse=True)
         return
     _warm_up_torch_func()
     if given:
