@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
 import statistics
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import pytorch_lightning as pl
@@ -112,7 +114,7 @@ class I2FMonitor(Callback):
         self._line_kind: tuple | None = None  # what the last console line described (see _shows_line)
         self._measured = 0.0  # seconds of the estimates themselves (the rest of an evaluation is its overhead)
         self._quiet_until = 0  # the hook has nothing to do before this step (the next evaluation's)
-        self._defense_seconds = 0.0  # the defense's work inside the monitor's hooks (not charged: see _charge_rest)
+        self._defense_seconds = 0.0  # the defense's work inside the monitor's hooks (not charged: see _charging)
         self._warned: set[str] = set()  # kinds of engine warning already shown this run
 
     def __getattr__(self, name: str) -> Any:
@@ -179,21 +181,22 @@ class I2FMonitor(Callback):
         step = trainer.global_step
         if step < self._quiet_until or self._probe is None or not trainer.is_global_zero:
             return  # nothing due before then (the steps' seconds are read at the next evaluation)
-        start, charged, defense = self.planner.clock(), self.seconds, self._defense_seconds
-        try:
+        with self._charging():
             self._at_step(trainer, pl_module, step)
-        finally:
-            self._charge_rest(start, charged, defense)
         if self._pending is None and self.planner.steps_done(step) >= 1:  # the rate's origin is taken at step 1
             self._quiet_until = self.schedule.next_due(step + 1, self.planner.budget.total_steps)
 
-    def _charge_rest(self, start: float, charged: float, defense: float) -> None:
-        """Charge what a hook took since ``start`` beyond the ``charged`` seconds it charged itself: the planning,
-        the console lines and the bookkeeping count against the budget too, not only the timed evaluations. The
-        defense's own work done there (its noise at the step: the anisotropic refresh) is training time, not the
-        monitor's (``_defense_seconds`` since ``defense``)."""
-        ours = self.planner.clock() - start - (self.seconds - charged) - (self._defense_seconds - defense)
-        self._spend(max(0.0, ours))
+    @contextlib.contextmanager
+    def _charging(self) -> Iterator[None]:
+        """Charge what a hook takes beyond the seconds it charges itself: the planning, the console lines and the
+        bookkeeping count against the budget too, not only the timed evaluations. The defense's own work done
+        there (its noise at the step: the anisotropic refresh) is training time, not the monitor's."""
+        start, charged, defense = self.planner.clock(), self.seconds, self._defense_seconds
+        try:
+            yield
+        finally:
+            ours = self.planner.clock() - start - (self.seconds - charged) - (self._defense_seconds - defense)
+            self._spend(max(0.0, ours))
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         # the training seconds are read at evaluations only: bring the saved state's up to this step
@@ -219,8 +222,7 @@ class I2FMonitor(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero or self._probe is None:
             return
-        start, charged, defense = self.planner.clock(), self.seconds, self._defense_seconds
-        try:
+        with self._charging():
             self.planner.record_training(trainer.global_step)
             if self._pending is not None:  # training ended within the warm-up
                 pending, self._pending = self._pending, None
@@ -228,8 +230,6 @@ class I2FMonitor(Callback):
             step = trainer.global_step
             if step != self.last_step:  # the final weights, always evaluated
                 self._evaluate_within_budget(pl_module, self._snapshot(pl_module, step), final=True)
-        finally:
-            self._charge_rest(start, charged, defense)
         counts = [int(h.get("probes", 0)) for h in self.history] or [0]
         rank_zero_info(f"I2FMonitor: {self.planner.summary(self.evaluations, len(set(self.steps_logged)), self.seconds, self.reduced, self.skipped, self.last_step if self.evaluations else None)}; probes per evaluation: median {statistics.median(counts):g}, first {counts[0]}, last {counts[-1]} of {len(self._probe[0])}")  # noqa: E501
 
@@ -249,10 +249,9 @@ class I2FMonitor(Callback):
         no_sketch = mon.NO_SKETCH_FOR_NOISE
         if sketch and lk.Calibrated.exact_by_chain(snapshot.model, *self._probe, loss_fn=self._sources.loss):
             sketch, no_sketch = False, mon.NO_SKETCH_FOR_CHAIN
-        warm_up = functools.partial(lk.warm_up_transforms, snapshot.model, *self._probe, route=route or "sketch",
-                                    loss_fn=self._sources.loss, prior=prior)
         if planner.needs_pricing:  # the first evaluation prices itself on one probe (one-off set-ups charged, unpriced)
-            start = planner.clock(), warm_up(reserve=1)
+            start = planner.clock(), lk.warm_up_transforms(snapshot.model, *self._probe, route=route or "sketch",
+                                                           loss_fn=self._sources.loss, prior=prior, reserve=1)
             self._spend(planner.clock() - start[0])
             report = self._run(pl_module, snapshot, mon.Coverage(self.cursor, 1, total), mon.Plan(1, route))
         replan = functools.partial(planner.plan, snapshot.step, total, final=final, first=self.evaluations == 0,
