@@ -342,7 +342,15 @@ SUPPORT_RTOL = 1e-10
 def prior_support(prior: GaussianPrior, rtol: float = SUPPORT_RTOL) -> tuple[Tensor, Tensor] | None:
     """The directions the data prior varies in, when they are fewer than its d values: (Q (d, r) orthonormal,
     the variances along them (r,)); None when the prior spans every direction (an isotropic or PPCA remainder,
-    or a full-rank covariance). Bundled 8×8 digits upsampled to 16×16 vary in 60 of 256 directions."""
+    or a full-rank covariance). Bundled 8×8 digits upsampled to 16×16 vary in 60 of 256 directions. Kept with the
+    prior: a monitor asks for the same prior's support at every evaluation."""
+    known = prior.__dict__.setdefault("_supports", {})
+    if rtol not in known:
+        known[rtol] = _support(prior, rtol)
+    return known[rtol]
+
+
+def _support(prior: GaussianPrior, rtol: float) -> tuple[Tensor, Tensor] | None:
     d = prior.dim
     if prior.rest > 0 and prior.basis.shape[1] < d:
         return None

@@ -59,14 +59,16 @@ class Plan:
     rank: int = 0
     residual: int = 0
     note: str = ""
+    what_if: bool = True  # the clipped spectrum for DP-SGD's noise multiplier (the ends' and unlimited runs' only)
 
     def estimator_options(self) -> dict[str, Any]:
-        """Keyword arguments of :class:`pl_i2f.leakage.Calibrated` for this plan. A sketch skips the clipped Gram's
-        second sketch (the noise multiplier for the target): at these ranks it is off by up to 2× and costs a
-        quarter of the evaluation; the exact evaluations at both ends report it."""
+        """Keyword arguments of :class:`pl_i2f.leakage.Calibrated` for this plan. Without ``what_if``, and always in
+        a sketch, no clipped spectrum for the noise multiplier of a run that does not clip (a sketch of it is off by
+        up to 2× and costs a quarter of the evaluation; exactly, it is a second eigendecomposition per probe, about
+        a tenth of an evaluation): the first and final evaluations report it, and a run without a budget."""
         if self.route == "sketch":
             return {"route": "sketch", "rank": self.rank, "probes": self.residual, "clip_for_target": False}
-        return {"route": self.route}
+        return {"route": self.route, "clip_for_target": self.what_if}
 
     def describe(self) -> str:
         if self.route == "sketch":
@@ -265,8 +267,8 @@ class EvaluationPlanner:
                 count = self._ends_first(step, probes, count, first)
             fallback = not (sketch or final or self.needs_pricing or self.budget.unlimited) and dim > 0
             fallback = fallback and count < min(AIM_PROBES, probes)
-            return Plan(count, "exact" if dim > 0 else None,
-                        note=no_sketch if fallback else "")
+            return Plan(count, "exact" if dim > 0 else None, note=no_sketch if fallback else "",
+                        what_if=self.budget.unlimited or not self.cost.known or final or first)
         aim, evaluations, left = min(AIM_PROBES, probes), self.budget.remaining(step), self._left()
         least = self.sketch_price(1, SKETCH_RANKS[-1], dim)  # the least sketch a middle evaluation can be
         middle = max(evaluations - 1, 1)  # this one and the others before the final
@@ -286,7 +288,7 @@ class EvaluationPlanner:
         plain, kept = fitting(0.0), fitting(slack)  # the route is chosen on the plain count, the slack kept if it fits
         exact = max(kept, aim) if plain >= aim else (kept or plain)
         if plain >= aim:
-            return Plan(exact)
+            return Plan(exact, what_if=False)
         if not self.sketch_cost.known and self.sketch_price(aim, SKETCH_RANKS[-1], dim) <= room:
             return Plan(aim, "sketch", SKETCH_RANKS[-1], SKETCH_RESIDUAL)  # the first sketch prices itself
         for count in range(probes, plain, -1):  # a sketch only where it covers more probes than exact Grams
@@ -294,12 +296,12 @@ class EvaluationPlanner:
                 if self.sketch_price(count, rank, dim) * middle <= room:
                     return Plan(count, "sketch", rank, SKETCH_RESIDUAL)
         if plain:
-            return Plan(exact)
+            return Plan(exact, what_if=False)
         # not even a one-probe sketch each: the cheaper of one exact probe and a sketch of the aim, spread evenly
         one, least = self.price(1), self.sketch_price(aim, SKETCH_RANKS[-1], dim)
         if not self._spread(left, evaluations, min(one, least)):
             return Plan(0)
-        return Plan(1) if one <= least else Plan(aim, "sketch", SKETCH_RANKS[-1], SKETCH_RESIDUAL)
+        return Plan(1, what_if=False) if one <= least else Plan(aim, "sketch", SKETCH_RANKS[-1], SKETCH_RESIDUAL)
 
     def _ends_first(self, step: int, probes: int, even: int, first: bool) -> int:
         """Exact evaluations only: the first and final evaluations get up to ``AIM_PROBES`` probes (their spectra

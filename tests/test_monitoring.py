@@ -688,6 +688,23 @@ def test_a_tight_budget_still_keeps_the_final_evaluation_its_share():
     assert spent <= 0.1 * training, (spent, training)
 
 
+def test_the_clipped_what_if_spectrum_is_computed_at_the_ends_only():
+    """DP-SGD's noise multiplier for a run that does not clip comes from a second spectrum per probe: under a budget
+    the first and final evaluations compute it and the middle ones do not (whether exact or sketched); without a
+    budget every evaluation does."""
+    from pl_i2f.monitoring import EvaluationPlanner, Plan
+
+    for sketch in (False, True):
+        plans, _, _ = planned_run(0.001, lambda probes, rank: 0.0001, sketch=sketch)
+        assert plans[0].what_if and plans[-1].what_if, plans
+        assert not any(p.estimator_options()["clip_for_target"] for p in plans[1:-1]), plans
+        assert plans[0].estimator_options()["clip_for_target"] and plans[-1].estimator_options()["clip_for_target"]
+    unlimited = EvaluationPlanner(None, DenseEarlySchedule())
+    unlimited.start_fit(0, 1200)
+    assert unlimited.plan(300, 32, final=False, dim=60, sketch=True).estimator_options()["clip_for_target"]
+    assert Plan(8, "sketch", 8, 8).estimator_options()["clip_for_target"] is False
+
+
 def test_sketched_runs_keep_the_final_evaluation_at_least_the_middle_ones():
     """With a sketch allowed: exact Grams cheap enough for every evaluation give the final weights at least as
     many probes as any middle one; dearer ones leave the final its 8 exact probes beside sketched middles."""

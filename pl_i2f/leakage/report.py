@@ -46,7 +46,9 @@ LEAKAGE_KEYS: dict[str, str] = {
                         "brings expected_pixel_rmse to target_pixel_rmse (isotropic unclipped noise only; the "
                         "*_for_target keys of a sketch only where its bounds there are within 1 dB)",
     "noise_multiplier_for_target": "DP-SGD noise multiplier for the target at the run's clipping norm (the monitor's "
-                                   "clipping_norm without DP-SGD), on the clipped Gram",
+                                   "clipping_norm without DP-SGD), on the clipped Gram; without DP-SGD a second "
+                                   "spectrum, which the monitor under a budget computes at its first and final "
+                                   "evaluations only",
     "noise_scale_for_target": "factor on the current noise (anisotropic: its whole covariance) for the target",
     "target_pixel_rmse": "the target those σ are solved for",
     "noise_std": "std of the noise on one sample's own gradient (σC under DP-SGD, Bσ for gaussian); absent "
