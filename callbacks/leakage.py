@@ -198,6 +198,9 @@ class I2FMonitor(Callback):
             ours = self.planner.clock() - start - (self.seconds - charged) - (self._defense_seconds - defense)
             self._spend(max(0.0, ours))
 
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.planner.note_epoch_end()
+
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         # the training seconds are read at evaluations only: bring the saved state's up to this step
         if trainer.training and self._probe is not None and self.state_key in checkpoint.get("callbacks", {}):

@@ -42,6 +42,8 @@ NO_SKETCH_FOR_CHAIN = "a sketch costs more on this network"
 SPEND_FRACTION = 0.95  # of the budget planned: the training time is a projection, and a price a fit
 FINAL_RESERVE = 0.02  # of the budget kept back at the final evaluation: the training time is known by then
 AIM_RESERVE_SHARE = 0.5  # of the reserve a middle evaluation may plan with to reach AIM_PROBES (exact Grams)
+# ... and before the fit's first epoch has ended, the whole reserve, for the final's keep-back too: the training time
+# projected then lacks every epoch's end (validation, checkpoints: 5-9% of the default run's training time)
 AIM_PROBES = 8  # an evaluation's aim: per-sample leakage varies widely across samples, so fewer is a noisy figure
 SKETCH_RANKS = (32, 16, 8)  # the middle evaluations' Nyström ranks, the largest that fits first
 SKETCH_RESIDUAL = 8  # Hutchinson vectors per probe for the sketch's residual (its stated bounds)
@@ -127,12 +129,14 @@ class EvaluationPlanner:
         self.sketch_cost = ProductCost()  # a sketch's seconds over its probe-vectors (probes × (rank + residual))
         self.final_logging = 0.0  # seconds the final evaluation's logging will take (the caller's estimate)
         self.overhead = 0.0  # seconds an evaluation takes beside its estimate (planning, logging): the latest seen
+        self.epoch_ended = False  # whether this fit has ended an epoch (its projection then holds the epoch's end)
 
     # -- the fit's training time --------------------------------------------------------------------------
     def start_fit(self, step: int, total_steps: int | None) -> None:
         """A fit begins at ``step`` and ends at ``total_steps`` (None: unknown): a fresh budget for it."""
         self.budget = OverheadBudget(self.max_overhead, self.schedule, total_steps)
         self._started, self._start_step, self._rate_origin = self.clock(), step, None
+        self.epoch_ended = False
 
     def record_training(self, step: int) -> None:
         """Training reached ``step``: seconds per step from the end of the fit's first step on; the first step's
@@ -150,6 +154,10 @@ class EvaluationPlanner:
 
     def charge(self, seconds: float) -> None:
         self.budget.charge(seconds)
+
+    def note_epoch_end(self) -> None:
+        """The fit ended an epoch: the training time projected from here on holds its validation and checkpoints."""
+        self.epoch_ended = True
 
     def note_overhead(self, seconds: float) -> None:
         """An evaluation took ``seconds`` beside its estimate (its planning, logging, console line): every later
@@ -310,8 +318,9 @@ class EvaluationPlanner:
         final's share (from what the final will have, :meth:`_final_release`) and, where that still fits, one probe
         more (evaluations late in a run may cost more than the fit predicts): the most probes whose price over the
         middle ones still scheduled leaves it; ``AIM_PROBES`` where the middle ones' own pool falls short of it by no
-        more than ``AIM_RESERVE_SHARE`` of the reserve and the final's share still fits (a training time projected
-        before the first epoch has ended lacks the epoch-end work — validation, checkpoints)."""
+        more than ``AIM_RESERVE_SHARE`` of the reserve and the final's share still fits; before the fit's first epoch
+        has ended (:attr:`epoch_ended`), where both fit with the whole reserve: the training time projected then lacks
+        the epoch-end work (validation, checkpoints), which the later projections hold."""
         evaluations, left = self.budget.remaining(step), self._left() + self._final_release()
         if self.budget.total_steps is None or evaluations < 2:
             return even
@@ -322,15 +331,17 @@ class EvaluationPlanner:
             return max(even, end)
         pool = self._left()  # the middle evaluations spend their own pool, never the final's reserve
 
-        def fits(count: int, pool: float, slack: int) -> bool:
+        def fits(count: int, pool: float, slack: int, final_extra: float = 0.0) -> bool:
             spent = self.price(count) * (evaluations - 1)
-            return spent <= pool and spent + self.price(max(count, end) + slack) <= left
+            return spent <= pool and spent + self.price(max(count, end) + slack) <= left + final_extra
 
         # a probe of slack for the final (against cost drift: it keeps its own reserve unspent), dropped only where
         # nothing fits with it; the aim from part of the reserve (a projection early in a run misses epoch-end work)
-        # where the final's share still fits: the ends come first
+        # where the final's share still fits: the ends come first — before the first epoch's end, from all of it
         count = next((c for c in range(probes, 0, -1) if fits(c, pool, 1)), 0)
-        if count < aim and fits(aim, pool + AIM_RESERVE_SHARE * (1 - SPEND_FRACTION) * self.budget.total(), 1):
+        reserve = (1 - SPEND_FRACTION) * self.budget.total()
+        if count < aim and (fits(aim, pool + AIM_RESERVE_SHARE * reserve, 1) or
+                            (not self.epoch_ended and fits(aim, pool + reserve, 0, reserve))):
             return aim
         return count or next((c for c in range(probes, 0, -1) if fits(c, pool, 0)), 0) or even
 

@@ -748,27 +748,48 @@ def test_the_final_evaluation_spends_the_reserve_the_middle_ones_keep():
     assert planner_with(0.06, final_logging=0.1).probes_for(1200, 200, final=True) == final - 10
 
 
+def _planned_short_of_the_aim(monkeypatch, share: float, epoch_ended: bool, final_logging: float = 0.0) -> int:
+    """The probes of a middle evaluation at step 900 of 1,200 whose own pool (0.225 s for 3 middle evaluations at
+    0.01 s a probe) falls a little short of AIM_PROBES each; ``final_logging`` shrinks what the final will have."""
+    from pl_i2f import monitoring
+    from pl_i2f.monitoring import SPEND_FRACTION, EvaluationPlanner
+
+    monkeypatch.setattr(monitoring, "AIM_RESERVE_SHARE", share)
+    clock = FakeClock()
+    planner = EvaluationPlanner(0.1, DenseEarlySchedule(), clock=clock)
+    planner.start_fit(0, 1200)
+    for step in (1, 900):  # 0.1 s a step: a 12 s budget
+        clock.now = 0.1 * step
+        planner.record_training(step)
+    if epoch_ended:
+        planner.note_epoch_end()
+    planner.observe(1, 0.01)
+    planner.observe(2, 0.02)  # 0.01 s a probe
+    planner.final_logging = final_logging
+    planner.charge(12.0 - (1 - SPEND_FRACTION) * 12.0 - 0.225)  # a pool of 0.225 s for 3 middle evaluations
+    return planner.plan(900, 32, final=False, dim=64).count
+
+
 def test_a_middle_evaluation_short_of_the_aim_reaches_it_from_part_of_the_reserve(monkeypatch):
     """Exact Grams, the middle evaluations' pool a little short of AIM_PROBES each: the aim, planned from part of
     the reserve (a projection made before the first epoch's end lacks its validation and checkpoints); without
     that share, one probe fewer."""
-    from pl_i2f import monitoring
-    from pl_i2f.monitoring import SPEND_FRACTION, EvaluationPlanner
+    assert _planned_short_of_the_aim(monkeypatch, 0.5, epoch_ended=True) == 8
+    assert _planned_short_of_the_aim(monkeypatch, 0.0, epoch_ended=True) == 7
 
-    def planned(share: float) -> int:
-        monkeypatch.setattr(monitoring, "AIM_RESERVE_SHARE", share)
-        clock = FakeClock()
-        planner = EvaluationPlanner(0.1, DenseEarlySchedule(), clock=clock)
-        planner.start_fit(0, 1200)
-        for step in (1, 900):  # 0.1 s a step: a 12 s budget
-            clock.now = 0.1 * step
-            planner.record_training(step)
-        planner.observe(1, 0.01)
-        planner.observe(2, 0.02)  # 0.01 s a probe
-        planner.charge(12.0 - (1 - SPEND_FRACTION) * 12.0 - 0.225)  # a pool of 0.225 s for 3 middle evaluations
-        return planner.plan(900, 32, final=False, dim=64).count
 
-    assert planned(0.5) == 8 and planned(0.0) == 7
+def test_before_the_first_epoch_ends_the_aim_may_take_the_whole_reserve(monkeypatch):
+    """The final's keep-back short too (its tables leave it little of the reserve): after an epoch has ended the
+    middle evaluation keeps it and falls below the aim; before, when the projected training time still lacks every
+    epoch's end, the aim is planned with the whole reserve for both; a fresh fit starts without an epoch ended."""
+    assert _planned_short_of_the_aim(monkeypatch, 0.5, epoch_ended=True, final_logging=0.3) < 8
+    assert _planned_short_of_the_aim(monkeypatch, 0.5, epoch_ended=False, final_logging=0.3) == 8
+    from pl_i2f.monitoring import EvaluationPlanner
+
+    planner = EvaluationPlanner(0.1, DenseEarlySchedule())
+    planner.note_epoch_end()
+    planner.start_fit(0, 1200)
+    assert not planner.epoch_ended
 
 
 def test_an_evaluations_price_includes_its_overhead():
