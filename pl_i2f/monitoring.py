@@ -58,7 +58,7 @@ class Plan:
 
     count: int
     route: str | None = "exact"  # None: the estimator's own choice (exact up to its exact_max_dim, a sketch beyond)
-    rank: int = 0
+    rank: int = 0  # a sketch's rank (route None: 0 is the estimator's own, NYSTROM_RANK)
     residual: int = 0
     note: str = ""
     what_if: bool = True  # the clipped spectrum for DP-SGD's noise multiplier (the ends' and unlimited runs' only)
@@ -70,10 +70,11 @@ class Plan:
         a tenth of an evaluation): the first and final evaluations report it, and a run without a budget."""
         if self.route == "sketch":
             return {"route": "sketch", "rank": self.rank, "probes": self.residual, "clip_for_target": False}
-        return {"route": self.route, "clip_for_target": self.what_if}
+        ranked = {"rank": self.rank, "probes": self.residual} if self.route is None and self.rank else {}
+        return {"route": self.route, "clip_for_target": self.what_if, **ranked}
 
     def describe(self) -> str:
-        if self.route == "sketch":
+        if self.route == "sketch" or (self.route is None and self.rank):
             return f"rank-{self.rank} Nyström sketch"
         return ("exact Grams" if self.route == "exact" else "calibrated estimate") + (
             f"; {self.note}" if self.note else "")
@@ -275,8 +276,10 @@ class EvaluationPlanner:
                 count = self._ends_first(step, probes, count, first)
             fallback = not (sketch or final or self.needs_pricing or self.budget.unlimited) and dim > 0
             fallback = fallback and count < min(AIM_PROBES, probes)
-            return Plan(count, "exact" if dim > 0 else None, note=no_sketch if fallback else "",
-                        what_if=self.budget.unlimited or not self.cost.known or final or first)
+            what_if = self.budget.unlimited or not self.cost.known or final or first
+            if dim < 1:  # inputs beyond the exact range, every evaluation sketched (see first_plan)
+                return self.first_plan(count, None, what_if=what_if)
+            return Plan(count, "exact", note=no_sketch if fallback else "", what_if=what_if)
         aim, evaluations, left = min(AIM_PROBES, probes), self.budget.remaining(step), self._left()
         least = self.sketch_price(1, SKETCH_RANKS[-1], dim)  # the least sketch a middle evaluation can be
         middle = max(evaluations - 1, 1)  # this one and the others before the final
@@ -310,6 +313,16 @@ class EvaluationPlanner:
         if not self._spread(left, evaluations, min(one, least)):
             return Plan(0)
         return Plan(1, what_if=False) if one <= least else Plan(aim, "sketch", SKETCH_RANKS[-1], SKETCH_RESIDUAL)
+
+    def first_plan(self, count: int, route: str | None, *, what_if: bool = True) -> Plan:
+        """The plan of an evaluation by ``route`` outside the planner's choice of route (the first evaluation's price,
+        or inputs beyond the exact range: ``route`` None). Under a budget, inputs beyond the exact range are
+        sketched at the smallest rank (``SKETCH_RANKS[-1]``, its stated bounds logged): the estimator's own rank
+        (``NYSTROM_RANK``) costs several times as much (a ResNet-18 probe on a CPU: ≈ 22 s against ≈ 4), every
+        evaluation at one rank keeps their prices comparable; without a budget, the estimator's own."""
+        if route is None and not self.budget.unlimited:
+            return Plan(count, None, SKETCH_RANKS[-1], SKETCH_RESIDUAL, what_if=what_if)
+        return Plan(count, route, what_if=what_if)
 
     def _ends_first(self, step: int, probes: int, even: int, first: bool) -> int:
         """Exact evaluations only: the first and final evaluations get up to ``AIM_PROBES`` probes (their spectra

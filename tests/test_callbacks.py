@@ -439,3 +439,25 @@ def test_a_chain_network_is_never_sketched_where_another_would_be(make_cfg, monk
         assert not sketched and any(NO_SKETCH_FOR_CHAIN in p.describe() for p in plans), plans
     else:
         assert sketched, plans
+
+
+def test_inputs_beyond_the_exact_range_are_sketched_at_the_smallest_rank_in_a_run(make_cfg, monkeypatch):
+    """3 × 20 × 20 inputs (1,200 values: beyond the exact range) under a budget: every evaluation, the first price
+    included, is a rank-8 sketch (the logged ``sketch_rank``), not the estimator's own rank 64."""
+    measure, plans = I2FMonitor.measure, []
+
+    def recorded(self, *args, plan=None, **kwargs):
+        plans.append(plan)
+        return measure(self, *args, plan=plan, **kwargs)
+
+    monkeypatch.setattr(I2FMonitor, "measure", recorded)
+    cfg = make_cfg(["data=fake", "data.input_shape=[3,20,20]", "data.num_samples=60", "data.batch_size=20",
+                    "data.probe_size=2", "model=mlp", "model.hidden=[8]", "trainer.max_epochs=2",
+                    "defense=gaussian", "callbacks=audit", "~callbacks.progress_bar",
+                    "~callbacks.model_checkpoint", "~callbacks.attack_audit", "callbacks.i2f_monitor.max_overhead=1000",
+                    "callbacks.i2f_monitor.warmup_steps=1",
+                    "callbacks.i2f_monitor.log_per_sample_media=false"])
+    _, trainer = final_weights(cfg)
+    monitor = next(cb for cb in trainer.callbacks if isinstance(cb, I2FMonitor))
+    assert plans and all(p.route is None and p.rank == 8 for p in plans), plans
+    assert monitor.history and all(h["sketch_rank"] == 8 for h in monitor.history), monitor.history

@@ -705,6 +705,37 @@ def test_the_clipped_what_if_spectrum_is_computed_at_the_ends_only():
     assert Plan(8, "sketch", 8, 8).estimator_options()["clip_for_target"] is False
 
 
+def test_inputs_beyond_the_exact_range_are_sketched_at_the_smallest_rank_under_a_budget():
+    """Inputs of more than EXACT_MAX_DIM values (no exact route: ``dim`` 0): under a budget the first price and
+    every evaluation are rank-SKETCH_RANKS[-1] sketches (the estimator's own rank 64 costs several times as much),
+    their prices comparable; without a budget the estimator's own rank."""
+    from pl_i2f.monitoring import SKETCH_RANKS, SKETCH_RESIDUAL, EvaluationPlanner, Plan
+
+    clock = FakeClock()
+    planner = EvaluationPlanner(0.1, DenseEarlySchedule(), clock=clock)
+    planner.start_fit(0, 1200)
+    first = planner.first_plan(1, None)
+    assert (first.route, first.rank, first.residual) == (None, SKETCH_RANKS[-1], SKETCH_RESIDUAL)
+    assert first.estimator_options() == {"route": None, "clip_for_target": True, "rank": SKETCH_RANKS[-1],
+                                         "probes": SKETCH_RESIDUAL}
+    assert "rank-8 Nyström sketch" in first.describe()
+    for step in (1, 900):  # 0.1 s a step: a 12 s budget
+        clock.now = 0.1 * step
+        planner.record_training(step)
+    planner.observe(1, 0.01, first)
+    planner.observe(2, 0.02, first)
+    middle = planner.plan(900, 32, final=False, dim=0, sketch=False)
+    final = planner.plan(1200, 32, final=True, dim=0, sketch=False)
+    for plan in (middle, final):
+        assert plan.count >= 1 and (plan.route, plan.rank) == (None, SKETCH_RANKS[-1]), plan
+    assert not middle.estimator_options()["clip_for_target"] and final.estimator_options()["clip_for_target"]
+    assert planner.first_plan(1, "exact") == Plan(1, "exact")
+    unlimited = EvaluationPlanner(None, DenseEarlySchedule())
+    unlimited.start_fit(0, 1200)
+    own = unlimited.plan(300, 32, final=False, dim=0)
+    assert (own.count, own.route, own.rank) == (32, None, 0) and "rank" not in own.estimator_options()
+
+
 def test_sketched_runs_keep_the_final_evaluation_at_least_the_middle_ones():
     """With a sketch allowed: exact Grams cheap enough for every evaluation give the final weights at least as
     many probes as any middle one; dearer ones leave the final its 8 exact probes beside sketched middles."""
