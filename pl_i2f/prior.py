@@ -120,7 +120,8 @@ def covariance_prior(mean: Tensor, covariance: Tensor, rank: int | None = None) 
 def estimate_prior(samples: Tensor, *, full: bool | None = None, rank: int = PRIOR_RANK) -> GaussianPrior:
     """The Gaussian prior of a tensor of inputs (n, …) in the model's input space: their mean and covariance.
 
-    ``full`` (default: d ≤ :data:`FULL_COVARIANCE_MAX_DIM`) keeps the full sample covariance; otherwise
+    ``full`` (default: d ≤ :data:`FULL_COVARIANCE_MAX_DIM`) keeps the full sample covariance (from fewer samples
+    than values, as the directions they span: the same covariance, exactly); otherwise
     probabilistic PCA with ``rank`` directions (from a thin SVD of the centred samples, never a d × d matrix)
     and the mean of the remaining variance; ``full=False`` with ``rank=0`` gives τ²I.
     """
@@ -131,6 +132,9 @@ def estimate_prior(samples: Tensor, *, full: bool | None = None, rank: int = PRI
     mean = x.mean(0)
     xc = x - mean
     full = d <= FULL_COVARIANCE_MAX_DIM if full is None else full
+    if full and n <= d:  # rank < n: the samples' thin SVD is the whole covariance (n²d work, not a d × d eigh)
+        _, sv, vh = torch.linalg.svd(xc, full_matrices=False)
+        return GaussianPrior(mean=mean, basis=vh.T.contiguous(), eigenvalues=sv.pow(2) / (n - 1))
     if full:
         return covariance_prior(mean, xc.T @ xc / (n - 1))
     total = float(xc.pow(2).sum()) / (n - 1)
@@ -162,9 +166,9 @@ def prior_from_dataset(dataset: torch.utils.data.Dataset, *, max_samples: int | 
         batches = [(in_memory[s: s + batch_size],) for s in range(0, n, batch_size)]
     else:
         batches = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size)
-    if not full:
+    if not full or n <= d:  # PPCA, or fewer samples than values (a d × d covariance would be mostly zeros)
         xs = torch.cat([batch[0].reshape(batch[0].shape[0], -1).to(DTYPE) for batch in batches])
-        return estimate_prior(xs, full=False, rank=rank)
+        return estimate_prior(xs, full=full, rank=rank)
     if n < 2:
         raise ConfigError(f"a data prior needs at least 2 samples, the dataset has {n}")
     total = torch.zeros(d, dtype=DTYPE)

@@ -313,6 +313,20 @@ def test_prior_from_dataset_streams_the_same_covariance():
     assert ppca.basis.shape == (9, 2) and ppca.trace == pytest.approx(direct.trace, rel=1e-9)
 
 
+def test_a_full_prior_from_fewer_samples_than_values_is_the_same_covariance():
+    """Fewer samples than values (as generated CIFAR-size data: 512 of 3,072): the samples' thin SVD, never a d × d
+    matrix, gives the sample covariance exactly, and the same data span."""
+    gen = torch.Generator().manual_seed(24)
+    x = torch.rand(40, 2, 6, 6, generator=gen, dtype=D)  # 40 samples of 72 values
+    ds = torch.utils.data.TensorDataset(x, torch.zeros(40, dtype=torch.long))
+    for prior in (cal.estimate_prior(x, full=True), cal.prior_from_dataset(ds, full=True, batch_size=16)):
+        assert prior.basis.shape == (72, 40) and prior.rest == 0
+        torch.testing.assert_close(prior.covariance(), torch.cov(x.reshape(40, -1).T), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(prior.sqrt() @ prior.sqrt(), prior.covariance(), rtol=1e-9, atol=1e-12)
+        dense = cal.covariance_prior(prior.mean, torch.cov(x.reshape(40, -1).T))
+        assert cal.prior_support(prior)[1].numel() == cal.prior_support(dense)[1].numel() == 39
+
+
 class _Items(torch.utils.data.Dataset):
     """A dataset read item by item (no tensors to take at once), over the same samples."""
 
