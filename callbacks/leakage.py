@@ -49,8 +49,8 @@ class I2FMonitor(Callback):
     anisotropic its covariance; ``batch_of_one``: DLG's setting): the keys of :data:`pl_i2f.leakage.LEAKAGE_KEYS`
     under ``leakage/``, headline ``expected_attack_psnr`` (:class:`pl_i2f.leakage.Calibrated`: exact for inputs of
     up to 1,024 values, with λ_min and the condition number; a Nyström sketch beyond — rank 8 under a budget — and
-    where the budget needs it). With W&B and ``log_per_sample_media``: a per-sample histogram at every evaluation, per-class table, bar
-    chart and the worst samples' images at the first and last.
+    where the budget needs it). With W&B and ``log_per_sample_media``: a per-sample histogram at every evaluation,
+    per-class table, bar chart and the worst samples' images at the first and last.
 
     **Budget** (``max_overhead`` × the training time; ``None``: no limit; every second of the monitor's hooks counts
     against it — set-up, evaluations, logging, console lines): :class:`pl_i2f.monitoring.EvaluationPlanner`
