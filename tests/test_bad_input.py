@@ -8,6 +8,7 @@ subprocesses to pin the exit code and stderr of the command line.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import runpy
 import subprocess
@@ -106,14 +107,29 @@ def _cli_in_process(tmp_path: Path, overrides: list[str], monkeypatch, capsys) -
     argv = [str(ROOT / "train.py"), f"paths.log_dir={tmp_path / 'logs'}", *BASE, *rows]
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.chdir(ROOT)
-    with pytest.raises(SystemExit) as info:
-        runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
-    GlobalHydra.instance().clear()
+    try:
+        with pytest.raises(SystemExit) as info:
+            runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+    finally:
+        GlobalHydra.instance().clear()
+        _drop_file_handlers(tmp_path)
     return info.value.code, capsys.readouterr().err
+
+
+def _drop_file_handlers(tmp_path: Path) -> None:
+    """Close the log-file handlers Hydra's job logging left on the root logger under ``tmp_path``: a later test's
+    logging would reopen a closed one, and fail once pytest (another session's, too) has removed the directory."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and handler.baseFilename.startswith(str(tmp_path)):
+            root.removeHandler(handler)
+            handler.close()
 
 
 def _assert_no_run_left(tmp_path: Path) -> None:
     assert not list(tmp_path.rglob("summary.json"))
+    assert not [h for h in logging.getLogger().handlers  # nor a log file left open (see _drop_file_handlers)
+                if isinstance(h, logging.FileHandler) and h.baseFilename.startswith(str(tmp_path))]
     runs = tmp_path / "logs" / "train" / "runs"
     assert not runs.exists() or not any(runs.iterdir()), sorted(runs.iterdir())
 
