@@ -256,11 +256,11 @@ class I2FMonitor(Callback):
             start = planner.clock(), lk.warm_up_transforms(snapshot.model, *self._probe, route=route or "sketch",
                                                            loss_fn=self._sources.loss, prior=prior, reserve=1)
             self._spend(planner.clock() - start[0])
-            report = self._run(pl_module, snapshot, mon.Coverage(self.cursor, 1, total), planner.first_plan(1, route))
+            report = self._run(pl_module, snapshot, mon.Coverage(self.cursor, 1, total), planner.route_plan(1, route))
         replan = functools.partial(planner.plan, snapshot.step, total, final=final, first=self.evaluations == 0,
                                    dim=dim, sketch=sketch, no_sketch=no_sketch)
         if (plan := replan()).count <= 1 and report is not None and total > 1 and planner.wants_second_price():
-            report = self._run(pl_module, snapshot, mon.Coverage(self.cursor, 2, total), planner.first_plan(2, route))
+            report = self._run(pl_module, snapshot, mon.Coverage(self.cursor, 2, total), planner.route_plan(2, route))
             plan = replan()  # two sizes priced: the evaluation's fixed part told from its part per probe
         if report is not None and plan.count <= report.coverage.count:
             return self._finish(pl_module.trainer, report, final)

@@ -41,9 +41,10 @@ NO_SKETCH_FOR_CHAIN = "a sketch costs more on this network"
 
 SPEND_FRACTION = 0.95  # of the budget planned: the training time is a projection, and a price a fit
 FINAL_RESERVE = 0.02  # of the budget kept back at the final evaluation: the training time is known by then
-AIM_RESERVE_SHARE = 0.5  # of the reserve a middle evaluation may plan with to reach AIM_PROBES (exact Grams)
-# ... and before the fit's first epoch has ended, the whole reserve, for the final's keep-back too: the training time
-# projected then lacks every epoch's end (validation, checkpoints: 5-9% of the default run's training time)
+# of the reserve a middle evaluation may plan with to reach AIM_PROBES (exact Grams); before the fit's first epoch has
+# ended, all of it, for the final's keep-back too: the training time projected then lacks every epoch's end
+# (validation, checkpoints: 5-9% of the default run's training time)
+AIM_RESERVE_SHARE = 0.5
 AIM_PROBES = 8  # an evaluation's aim: per-sample leakage varies widely across samples, so fewer is a noisy figure
 SKETCH_RANKS = (32, 16, 8)  # the middle evaluations' Nyström ranks, the largest that fits first
 SKETCH_RESIDUAL = 8  # Hutchinson vectors per probe for the sketch's residual (its stated bounds)
@@ -277,8 +278,8 @@ class EvaluationPlanner:
             fallback = not (sketch or final or self.needs_pricing or self.budget.unlimited) and dim > 0
             fallback = fallback and count < min(AIM_PROBES, probes)
             what_if = self.budget.unlimited or not self.cost.known or final or first
-            if dim < 1:  # inputs beyond the exact range, every evaluation sketched (see first_plan)
-                return self.first_plan(count, None, what_if=what_if)
+            if dim < 1:  # inputs beyond the exact range, every evaluation sketched (see route_plan)
+                return self.route_plan(count, None, what_if=what_if)
             return Plan(count, "exact", note=no_sketch if fallback else "", what_if=what_if)
         aim, evaluations, left = min(AIM_PROBES, probes), self.budget.remaining(step), self._left()
         least = self.sketch_price(1, SKETCH_RANKS[-1], dim)  # the least sketch a middle evaluation can be
@@ -314,9 +315,9 @@ class EvaluationPlanner:
             return Plan(0)
         return Plan(1, what_if=False) if one <= least else Plan(aim, "sketch", SKETCH_RANKS[-1], SKETCH_RESIDUAL)
 
-    def first_plan(self, count: int, route: str | None, *, what_if: bool = True) -> Plan:
-        """The plan of an evaluation by ``route`` outside the planner's choice of route (the first evaluation's price,
-        or inputs beyond the exact range: ``route`` None). Under a budget, inputs beyond the exact range are
+    def route_plan(self, count: int, route: str | None, *, what_if: bool = True) -> Plan:
+        """The plan of an evaluation by a ``route`` the planner does not choose (the first evaluation's price, or
+        inputs beyond the exact range: ``route`` None). Under a budget, inputs beyond the exact range are
         sketched at the smallest rank (``SKETCH_RANKS[-1]``, its stated bounds logged): the estimator's own rank
         (``NYSTROM_RANK``) costs several times as much (a ResNet-18 probe on a CPU: ≈ 22 s against ≈ 4), every
         evaluation at one rank keeps their prices comparable; without a budget, the estimator's own."""

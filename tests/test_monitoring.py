@@ -714,7 +714,7 @@ def test_inputs_beyond_the_exact_range_are_sketched_at_the_smallest_rank_under_a
     clock = FakeClock()
     planner = EvaluationPlanner(0.1, DenseEarlySchedule(), clock=clock)
     planner.start_fit(0, 1200)
-    first = planner.first_plan(1, None)
+    first = planner.route_plan(1, None)
     assert (first.route, first.rank, first.residual) == (None, SKETCH_RANKS[-1], SKETCH_RESIDUAL)
     assert first.estimator_options() == {"route": None, "clip_for_target": True, "rank": SKETCH_RANKS[-1],
                                          "probes": SKETCH_RESIDUAL}
@@ -729,7 +729,7 @@ def test_inputs_beyond_the_exact_range_are_sketched_at_the_smallest_rank_under_a
     for plan in (middle, final):
         assert plan.count >= 1 and (plan.route, plan.rank) == (None, SKETCH_RANKS[-1]), plan
     assert not middle.estimator_options()["clip_for_target"] and final.estimator_options()["clip_for_target"]
-    assert planner.first_plan(1, "exact") == Plan(1, "exact")
+    assert planner.route_plan(1, "exact") == Plan(1, "exact")
     unlimited = EvaluationPlanner(None, DenseEarlySchedule())
     unlimited.start_fit(0, 1200)
     own = unlimited.plan(300, 32, final=False, dim=0)
