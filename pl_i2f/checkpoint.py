@@ -40,8 +40,12 @@ def _describe_load_failure(path: Path, exc: BaseException) -> str:
     with open(path, "rb") as f:
         head = f.read(64)
     looks_like_torch = head[:4] in (b"PK\x03\x04", b"\x80\x02\x8a\x0a")  # zip archive / legacy format
-    first = head.decode(errors="replace").strip().splitlines()[0][:40] if head.strip() else ""
-    if not looks_like_torch and first and first.isprintable() and "\ufffd" not in first:  # notes, a config, a log …
+    decoded = head.decode(errors="replace")
+    body = decoded[:-3] if len(head) == 64 else decoded  # (a character cut at the 64th byte is no evidence)
+    # text where every character read is (random bytes whose first line happens to be printable are not)
+    textual = "\ufffd" not in body and all(c.isprintable() or c.isspace() for c in body)
+    first = decoded.strip().splitlines()[0][:40] if head.strip() else ""
+    if not looks_like_torch and first and textual:  # notes, a config, a log …
         return (f"ckpt_path {path} is not a checkpoint (a text file starting {first!r}); give a .ckpt from a "
                 "run's checkpoints/ directory")
     if looks_like_torch or isinstance(exc, (EOFError, zipfile.BadZipFile)) or any(

@@ -52,6 +52,9 @@ def test_binary_garbage_as_ckpt_path_is_not_a_checkpoint(tmp_path):
     junk.write_bytes(bytes(range(7, 40)))  # not text: the unpickler's own complaint, on one line
     with pytest.raises(CheckpointError, match=r"cannot be read as a PyTorch checkpoint \(UnpicklingError"):
         load_checkpoint(junk)
+    junk.write_bytes(b"'\n" + bytes(range(128, 256)))  # a printable first line, binary after it: still not text
+    with pytest.raises(CheckpointError, match=r"cannot be read as a PyTorch checkpoint"):
+        load_checkpoint(junk)
     blank = tmp_path / "blank.ckpt"
     blank.write_text("\n\n  \n")
     with pytest.raises(CheckpointError) as info:
