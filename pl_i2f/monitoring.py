@@ -41,6 +41,9 @@ NO_SKETCH_FOR_CHAIN = "a sketch costs more on this network"
 
 SPEND_FRACTION = 0.95  # of the budget planned: the training time is a projection, and a price a fit
 FINAL_RESERVE = 0.02  # of the budget kept back at the final evaluation: the training time is known by then
+# ... and at least this share of the final's least evaluation (one probe and its tables): in a budget of tens of ms
+# (the DP-SGD recipe's 15 steps) an evaluation's price and its media writes vary by more than FINAL_RESERVE
+FINAL_PRICE_SHARE = 0.25
 # of the reserve a middle evaluation may plan with to reach AIM_PROBES (exact Grams); before the fit's first epoch has
 # ended, all of it, for the final's keep-back too: the training time projected then lacks every epoch's end
 # (validation, checkpoints: 5-9% of the default run's training time)
@@ -239,10 +242,17 @@ class EvaluationPlanner:
     def _left(self, final: bool = False) -> float:
         """Seconds to plan with: the budget left but for a reserve against a projected training time and fitted
         prices (``SPEND_FRACTION``). At the final evaluation the training time is measured, not projected, and no
-        later price can be off: only ``FINAL_RESERVE`` is kept, and the final's logging (``final_logging``)."""
+        later price can be off: only its reserve is kept (:meth:`_final_reserve`), and the final's logging
+        (``final_logging``)."""
         if final:
-            return self.budget.left() - FINAL_RESERVE * self.budget.total() - self._tables()
+            return self.budget.left() - self._final_reserve() - self._tables()
         return self.budget.left() - (1 - SPEND_FRACTION) * self.budget.total()
+
+    def _final_reserve(self) -> float:
+        """What the final evaluation keeps back: ``FINAL_RESERVE`` of the budget, or ``FINAL_PRICE_SHARE`` of its least
+        evaluation where more (a small budget: a few milliseconds of jitter are a share of it)."""
+        least = self.price(1) + self._tables() if self.cost.known else 0.0
+        return max(FINAL_RESERVE * self.budget.total(), FINAL_PRICE_SHARE * least)
 
     def _tables(self) -> float:
         """What the final evaluation's logging takes beyond an evaluation's usual overhead (already in its price)."""
@@ -250,10 +260,11 @@ class EvaluationPlanner:
 
     def _final_release(self) -> float:
         """What the final evaluation will have beyond :meth:`_left` of now: the reserve it no longer needs (it keeps
-        ``FINAL_RESERVE``), less its logging. The middle evaluations keep back the final's probes from both."""
+        its own, :meth:`_final_reserve`), less its logging. The middle evaluations keep back the final's probes from
+        both."""
         if self.budget.total_steps is None:
             return 0.0
-        return (1 - SPEND_FRACTION - FINAL_RESERVE) * self.budget.total() - self._tables()
+        return (1 - SPEND_FRACTION) * self.budget.total() - self._final_reserve() - self._tables()
 
     def plan(self, step: int, probes: int, *, final: bool, first: bool = False, dim: int = 0,
              sketch: bool = False, no_sketch: str = NO_SKETCH_FOR_NOISE) -> Plan:

@@ -779,6 +779,33 @@ def test_the_final_evaluation_spends_the_reserve_the_middle_ones_keep():
     assert planner_with(0.06, final_logging=0.1).probes_for(1200, 200, final=True) == final - 10
 
 
+def test_a_small_budget_keeps_a_share_of_the_final_evaluations_own_cost_back():
+    """A budget of tens of milliseconds (15 steps), one-probe evaluations of 9 ms and 10 ms of tables at the end:
+    2% of the budget is about a millisecond, less than such an evaluation varies by, so the final keeps back a
+    quarter of its least evaluation and a middle one that would leave it less is not run; a large budget keeps 2%."""
+    from pl_i2f.monitoring import FINAL_PRICE_SHARE, FINAL_RESERVE, EvaluationPlanner
+
+    def planner_with(left: float, seconds_per_step: float, total: int) -> EvaluationPlanner:
+        clock = FakeClock()
+        planner = EvaluationPlanner(0.1, DenseEarlySchedule(), clock=clock)
+        planner.start_fit(0, total)
+        for step in (1, 10):
+            clock.now = seconds_per_step * step
+            planner.record_training(step)
+        planner.observe(1, 0.009)
+        planner.final_logging = 0.010  # its tables
+        planner.charge(planner.budget.total() - left)
+        return planner
+
+    small = planner_with(0.031, 0.04, 15)  # a 60 ms budget, 31 ms of it left: the middle one and the final
+    assert small._final_reserve() == pytest.approx(FINAL_PRICE_SHARE * 0.019)
+    assert small._final_reserve() > FINAL_RESERVE * small.budget.total()
+    assert small.probes_for(10, 32, final=False) == 0  # 9 ms each leaves the final less than its own reserve
+    assert small.probes_for(15, 32, final=True) == 1
+    large = planner_with(5.0, 0.04, 12000)
+    assert large._final_reserve() == pytest.approx(FINAL_RESERVE * large.budget.total())
+
+
 def _planned_short_of_the_aim(monkeypatch, share: float, epoch_ended: bool, final_logging: float = 0.0) -> int:
     """The probes of a middle evaluation at step 900 of 1,200 whose own pool (0.225 s for 3 middle evaluations at
     0.01 s a probe) falls a little short of AIM_PROBES each; ``final_logging`` shrinks what the final will have."""
