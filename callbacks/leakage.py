@@ -176,6 +176,12 @@ class I2FMonitor(Callback):
         self.seconds += seconds
         self.planner.charge(seconds)
 
+    def _spend_on(self, work: Any, *args: Any, **kwargs: Any) -> None:
+        """Run ``work`` and charge its seconds now (the plan that follows it in the same hook sees them spent)."""
+        start = self.planner.clock()
+        work(*args, **kwargs)
+        self._spend(self.planner.clock() - start)
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         step = trainer.global_step
@@ -253,9 +259,8 @@ class I2FMonitor(Callback):
         if sketch and lk.Calibrated.exact_by_chain(snapshot.model, *self._probe, loss_fn=self._sources.loss):
             sketch, no_sketch = False, mon.NO_SKETCH_FOR_CHAIN
         if planner.needs_pricing:  # the first evaluation prices itself on one probe (one-off set-ups charged, unpriced)
-            start = planner.clock(), lk.warm_up_transforms(snapshot.model, *self._probe, route=route or "sketch",
-                                                           loss_fn=self._sources.loss, prior=prior, reserve=1)
-            self._spend(planner.clock() - start[0])
+            self._spend_on(lk.warm_up_transforms, snapshot.model, *self._probe, route=route or "sketch",
+                           loss_fn=self._sources.loss, prior=prior, reserve=1)
             report = self._run(pl_module, snapshot, mon.Coverage(self.cursor, 1, total), planner.route_plan(1, route))
         replan = functools.partial(planner.plan, snapshot.step, total, final=final, first=self.evaluations == 0,
                                    dim=dim, sketch=sketch, no_sketch=no_sketch)
@@ -271,9 +276,8 @@ class I2FMonitor(Callback):
             return None
         if report is not None and route == "exact":  # the buffers of the first evaluation and of the ends' aim (the
             # final's), touched apart from their prices (a run that can afford one probe at step 0 never gets here)
-            start = planner.clock(), lk.reserve_buffers(snapshot.model, *self._probe, self._sources.loss, prior=prior,
-                                                        probes=max(count, min(mon.AIM_PROBES, total)))
-            self._spend(planner.clock() - start[0])
+            self._spend_on(lk.reserve_buffers, snapshot.model, *self._probe, self._sources.loss, prior=prior,
+                           probes=max(count, min(mon.AIM_PROBES, total)))
         coverage = mon.Coverage(0 if count >= total else self.cursor, count, total)
         return self._finish(pl_module.trainer, self._run(pl_module, snapshot, coverage, plan), final)
 

@@ -10,6 +10,11 @@ import numpy as np
 PRICE_DECAY = 0.7  # the weight of a price observation's fixed part relative to the next one (ProductCost)
 
 
+def _decay_weights(count: int) -> list[float]:
+    """``PRICE_DECAY`` to the power of each observation's age: the latest of ``count`` weighs 1."""
+    return [PRICE_DECAY ** (count - 1 - i) for i in range(count)]
+
+
 def _weighted_line(obs: list[tuple[float, float, float]], w: list[float]) -> tuple[float, float]:
     """(a, b) >= 0 minimising Σ w·(a·c + b·v − s)² over observations (c, v, s) (2×2 normal equations, clipped)."""
     scc = sum(k * c * c for k, (c, _, _) in zip(w, obs))
@@ -65,7 +70,7 @@ class ProductCost:
         noisy slope of 0 would price every probe set alike); the fixed part from the latest: the median of what
         each call left over, weighted by ``PRICE_DECAY`` (what drifts along a run is mostly the level, and one call
         slowed by a passing load should not price the next ones as dear)."""
-        w = [PRICE_DECAY ** (len(obs) - 1 - i) for i in range(len(obs))]  # the latest weighs 1
+        w = _decay_weights(len(obs))
         if len({round(v / c, 6) for c, v, _ in obs}) == 1:
             return 0.0, sum(k * s for k, (*_, s) in zip(w, obs)) / sum(k * v for k, (_, v, _) in zip(w, obs))
         _, b = _weighted_line(obs, [1.0] * len(obs))
@@ -84,7 +89,7 @@ class ProductCost:
         a, b = self.coefficients()
         fitted = a * calls + b * vectors
         if self._latest is None:  # (the largest call's size, and the line fitted on the latest)
-            w = [PRICE_DECAY ** (len(self.observations) - 1 - i) for i in range(len(self.observations))]
+            w = _decay_weights(len(self.observations))
             self._latest = (max(v / c for c, v, _ in self.observations), *_weighted_line(self.observations, w))
         largest, a_latest, b_latest = self._latest
         if vectors / calls <= largest + 1e-9:
